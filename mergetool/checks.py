@@ -1,0 +1,64 @@
+"""Checks of a recipe beyond its schema: the merge method, the data files and the models.
+
+`check_recipe` runs them all and reports every problem at once (MultiError), one line each.
+"""
+
+from __future__ import annotations
+
+from mergetool.errors import MergetoolError, MultiError
+from mergetool.evaluation.data import read_split
+from mergetool.plan import Plan, build_plan
+from mergetool.recipe.schema import Recipe
+
+SPLITS = ("validation", "test", "router")
+
+
+def check_method(recipe: Recipe) -> list[MergetoolError]:
+    from mergetool.merging import check_method as check
+
+    params = dict(recipe.merge.parameters)
+    weights = [m.parameters.get("weight", 1.0) for m in recipe.models]
+    if any(m.parameters for m in recipe.models):
+        params.setdefault("weight", weights)
+    try:
+        check(recipe.merge.method, params, len(recipe.models))
+    except MergetoolError as e:
+        key = ("merge", "method") if e.key in (None, "method") else ("merge", "parameters", e.key)
+        return [recipe.error(e.message, key, e.fix)]
+    return []
+
+
+def check_data(recipe: Recipe) -> list[MergetoolError]:
+    """Every split named in the recipe exists, is readable, non-empty and has its columns."""
+    errors: list[MergetoolError] = []
+    for task, cfg in recipe.tasks.items():
+        for split_name in SPLITS:
+            split = getattr(cfg, split_name)
+            if split is None:
+                continue
+            key = ("tasks", task, split_name)
+            try:
+                read_split(split, limit=None)
+            except MergetoolError as e:
+                located = recipe.error(e.message, key + ("path",), e.fix, cls=type(e))
+                located.file = e.file or located.file
+                located.line, located.col = (e.line, None) if e.line else (located.line, located.col)
+                located.key = ".".join(str(k) for k in key)
+                errors.append(located)
+    return errors
+
+
+def check_recipe(recipe: Recipe, *, check_values: bool = True) -> Plan:
+    """All checks; returns the plan, or raises MultiError listing every problem."""
+    errors = check_method(recipe) + check_data(recipe)
+    try:
+        plan = build_plan(recipe, check_values=check_values)
+    except MultiError as e:
+        errors.extend(e.errors)
+        plan = None
+    except MergetoolError as e:
+        errors.append(e)
+        plan = None
+    if errors:
+        raise MultiError(errors)
+    return plan

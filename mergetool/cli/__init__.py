@@ -1,0 +1,1 @@
+"""The `mergetool` command line (Typer): one module per command group."""

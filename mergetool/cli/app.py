@@ -1,0 +1,42 @@
+"""The Typer application: global options, then the command groups."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mergetool import __version__
+from mergetool.cli import recipe_cmds, stubs
+from mergetool.cli._errors import set_debug
+
+app = typer.Typer(
+    name="mergetool",
+    help="Component-wise model merging (MERGE): plan, search, export expert libraries, route and predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mergetool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for known errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    set_debug(debug)
+
+
+recipe_cmds.register(app)
+stubs.register(app)
+
+
+def main() -> None:
+    app()

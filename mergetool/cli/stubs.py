@@ -1,0 +1,29 @@
+"""Commands whose issues have not landed yet: listed in --help, exit 2 when called."""
+
+from __future__ import annotations
+
+import typer
+
+PENDING = {
+    "search": "Search Pareto-optimal groupings (surrogate-assisted NSGA-II).",
+    "export": "Export an expert library under a storage budget.",
+    "inspect": "Show an expert library: tasks, groups, chains, storage.",
+    "predict": "Route inputs and predict with an expert library.",
+    "baselines": "Score static and dynamic merging baselines.",
+    "push": "Push an expert library to the Hugging Face Hub.",
+    "pull": "Pull and verify an expert library from the Hub.",
+}
+
+
+def _stub(name: str):
+    def command(ctx: typer.Context) -> None:
+        typer.echo(f"error: `mergetool {name}` is not implemented yet", err=True)
+        raise typer.Exit(2)
+
+    command.__doc__ = PENDING[name] + " (not implemented yet)"
+    return command
+
+
+def register(app: typer.Typer) -> None:
+    for name in PENDING:
+        app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_stub(name))

@@ -1,0 +1,1 @@
+"""Evaluation: task data, metrics, evaluators and caches."""
