@@ -146,9 +146,6 @@ def build_plan(recipe: Recipe, *, check_values: bool = True,
         if lacking:
             fail(f"tensor {n!r} is missing in {', '.join(lacking)}", "models",
                  f"add a regex matching it to components.task_specific if it is a per-task head")
-        elif not adapters and n not in base:
-            fail(f"tensor {n!r} is in every task model but not in the base model", "base_model",
-                 "check base_model, or mark the tensor task_specific")
     if errors:
         raise MultiError(errors[:20])
 
@@ -157,12 +154,15 @@ def build_plan(recipe: Recipe, *, check_values: bool = True,
         metas = [(t, s.meta(n)) for t, s in zip(names, tasks)]
         if adapters and n.endswith((".lora_A.weight", ".lora_B.weight")):
             continue  # LoRA ranks may differ; the merge works on B@A
-        if not adapters:
+        if not adapters and n in base:
             metas.insert(0, ("base", base.meta(n)))
         if len({m.shape for _, m in metas}) > 1:
             listing = ", ".join(f"{list(m.shape)} in {t}" for t, m in metas)
             fail(f"tensor {n!r} has different shapes: {listing}", "components.task_specific",
                  f"add '^{re.escape(n.rsplit('.', 1)[0])}\\.' to components.task_specific")
+        elif not adapters and n not in base:
+            fail(f"tensor {n!r} is in every task model but not in the base model", "base_model",
+                 "check base_model, or add it to components.task_specific if it is a head")
         elif len({m.is_float for _, m in metas}) > 1:
             fail(f"tensor {n!r} is floating point in some models and not in others", "models")
 
@@ -179,6 +179,11 @@ def build_plan(recipe: Recipe, *, check_values: bool = True,
         slot = classify.slot(target) if target else None
         if slot is None:
             uncovered.append(n)
+            continue
+        if adapters and not _adapter_fits(n, target, base, tasks):
+            fail(f"adapter tensor {n!r} does not fit the base weight {target!r} "
+                 f"({list(base.meta(target).shape) if target in base else 'missing'})", "models",
+                 "the adapters must be trained on this base_model")
             continue
         cname, kind, layer, stack = coarsen(slot, recipe.components.granularity)
         g = groups.setdefault(cname, {"kind": kind, "layer": layer, "stack": stack, "tensors": []})
@@ -214,6 +219,22 @@ def build_plan(recipe: Recipe, *, check_values: bool = True,
                 base_only=base_only, d=d, base_bits=base_bits, preset=preset,
                 granularity=recipe.components.granularity, model_type=base.model_type,
                 adapter=adapter_info, shapes=shapes)
+
+
+def _adapter_fits(name: str, target: str, base: ModelSource, tasks: list[ModelSource]) -> bool:
+    """A LoRA A/B pair must multiply out to the base weight's shape; IA3 scales one of its dims."""
+    if target not in base:
+        return False
+    out_dim, in_dim = (tuple(base.meta(target).shape) + (1,))[:2]
+    for src in tasks:
+        shape = src.meta(name).shape
+        if name.endswith(".lora_A.weight") and shape[-1] != in_dim:
+            return False
+        if name.endswith(".lora_B.weight") and shape[0] != out_dim:
+            return False
+        if name.endswith(".ia3_l") and max(shape) not in (out_dim, in_dim):
+            return False
+    return True
 
 
 def _check_architecture(recipe: Recipe, base: ModelSource, tasks: list[ModelSource], fail) -> str:

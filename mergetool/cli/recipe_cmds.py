@@ -33,10 +33,10 @@ def plan(
     values: Annotated[bool, typer.Option(help="Scan every tensor for NaN/Inf and unequal buffers.")] = True,
 ) -> None:
     """Show the component plan: components, task-specific tensors, T, L, d and the search-space size."""
-    from mergetool.plan import build_plan
+    from mergetool.checks import check_recipe
     from mergetool.recipe import load_recipe
 
-    p = build_plan(load_recipe(recipe), check_values=values)
+    p = check_recipe(load_recipe(recipe), check_values=values)
     if as_json:
         typer.echo(json.dumps(p.to_json(), indent=2))
         return

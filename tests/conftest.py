@@ -1,0 +1,41 @@
+"""Shared fixtures: offline environment, tiny model zoos (built once per session), data files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+from tiny_models import make_lora_zoo, make_zoo, write_jsonl  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def zoo_factory(tmp_path_factory):
+    """zoo_factory(arch) -> (base_dir, [task_dirs]); each architecture is built once."""
+    cache: dict = {}
+
+    def get(arch: str, **kwargs):
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"zoo-{arch}")
+            cache[key] = make_lora_zoo(root, **kwargs) if arch == "lora" else make_zoo(root, arch, **kwargs)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory):
+    """Two small labelled jsonl files."""
+    root = tmp_path_factory.mktemp("data")
+    rows = [{"text": f"example {i}", "label": i % 2} for i in range(8)]
+    return [write_jsonl(root / f"t{i}.jsonl", rows) for i in range(2)]

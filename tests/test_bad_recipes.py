@@ -1,0 +1,198 @@
+"""Bad input: every broken recipe exits 2 with one located line per problem, no traceback, no files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mergetool.cli.app import app
+from tiny_models import write_jsonl
+
+runner = CliRunner()
+
+
+def good(base, tasks, data, *, names=("t0", "t1"), extra: str = "") -> str:
+    models = "\n".join(f"  - {{name: {n}, model: {p}}}" for n, p in zip(names, tasks))
+    task_lines = "\n".join(f"  {n}: {{validation: {{path: {d}}}}}" for n, d in zip(names, data))
+    return f"name: bad\nbase_model: {base}\nmodels:\n{models}\ntasks:\n{task_lines}\n{extra}"
+
+
+def nan_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    f = dst / "model.safetensors"
+    sd = load_file(f)
+    key = next(k for k in sd if k.endswith("query.weight"))
+    sd[key][0, 0] = float("nan")
+    save_file(sd, f, metadata={"format": "pt"})
+    return dst
+
+
+def cases(base, tasks, data, root: Path, zoo_factory):
+    """id -> (recipe text, a substring the error must contain)."""
+    t0, t1 = tasks
+    d0, d1 = data
+    gpt_base, gpt_tasks = zoo_factory("gpt2")
+    lora_base, lora_tasks = zoo_factory("lora")
+    b3, tasks3 = zoo_factory("bert", n_tasks=3)
+    no_label = write_jsonl(root / "nolabel.jsonl", [{"text": "a", "target": 1}])
+    not_json = root / "notjson.jsonl"
+    not_json.write_text('{"text": "a", "label": 0}\n{oops\n')
+    empty = root / "empty.jsonl"
+    empty.write_text("")
+    txt = root / "data.txt"
+    txt.write_text("hello")
+    return {
+        "broken_yaml": ("name: [unclosed\nbase_model: x\n", "broken YAML"),
+        "not_a_mapping": ("- a\n- b\n", "YAML mapping"),
+        "duplicate_yaml_key": (good(base, tasks, data) + "name: again\n", "duplicate key"),
+        "unknown_key": (good(base, tasks, data, extra="serch: {population: 4}\n"), "did you mean 'search'"),
+        "unknown_nested_key": (good(base, tasks, data, extra="quantization: {bitz: 4}\n"), "did you mean 'bits'"),
+        "wrong_type": (good(base, tasks, data, extra="search: {population: many}\n"), "population"),
+        "missing_model_path": (good(base, [t0, root / "nope"], data), "does not exist"),
+        "hub_id_offline": (good(base, [t0, "someorg/not-cached-model"], data), "not in the local cache"),
+        "missing_package": (good("pkg:no_such_pkg_xyz", tasks, data), "not installed"),
+        "duplicate_task": (good(base, tasks, [d0, d0], names=("t0", "t0")), "duplicate"),
+        "no_validation": (good(base, tasks, data).replace(f"  t1: {{validation: {{path: {d1}}}}}",
+                                                          "  t1: {metric: accuracy}"), "validation"),
+        "task_without_model": (good(base, tasks, data) .replace("tasks:\n", "tasks:\n  t9: {validation: {path: x}}\n"),
+                               "no model"),
+        "label_column_missing": (good(base, tasks, [d0, no_label]), "no column 'label'"),
+        "data_not_found": (good(base, tasks, [d0, root / "missing.jsonl"]), "data file not found"),
+        "data_not_json": (good(base, tasks, [d0, not_json]), "line 2 is not JSON"),
+        "data_empty": (good(base, tasks, [d0, empty]), "empty"),
+        "data_format": (good(base, tasks, [d0, txt]), "unsupported data format"),
+        "bad_regex": (good(base, tasks, data, extra="components: {task_specific: ['(oops']}\n"), "does not compile"),
+        "preset_mismatch": (good(base, tasks, data, extra="components: {preset: gpt2}\n"), "does not match"),
+        "uncovered": (good(base, tasks, data, extra=(
+            "components:\n  preset: custom\n  rules: [{name: emb, pattern: '^embeddings\\.'}]\n")), "not covered"),
+        "custom_without_rules": (good(base, tasks, data, extra="components: {preset: custom}\n"), "rules"),
+        "shape_mismatch": (good(base, tasks, data, extra="components: {task_specific: []}\n"), "different shapes"),
+        "nan_weights": (good(base, [t0, nan_copy(t1, root / "nan-task")], data), "NaN"),
+        "architecture_mismatch": (good(base, [t0, gpt_tasks[0]], data), "differs from the base"),
+        "adapter_and_full_mix": (good(lora_base, [lora_tasks[0], t1], data), "mix full fine-tunes"),
+        "unknown_method": (good(base, tasks, data, extra="merge: {method: tie}\n"), "merge.method"),
+        "fixed_arity_method": (good(b3, tasks3, [d0, d1, d0], names=("a", "b", "c"),
+                                    extra="merge: {method: slerp, parameters: {t: 0.5}}\n"), "slerp"),
+        "unknown_merge_parameter": (good(base, tasks, data, extra="merge: {method: ties, parameters: {densty: 0.5}}\n"),
+                                    "densty"),
+        "bits_out_of_range": (good(base, tasks, data, extra="quantization: {bits: 1}\n"), "bits"),
+        "budget_below_population": (good(base, tasks, data, extra="search: {population: 20, evaluations: 5}\n"),
+                                    "smaller than population"),
+        "unknown_literal": (good(base, tasks, data, extra="search: {surrogate: random_forrest}\n"),
+                            "did you mean 'random_forest'"),
+        "router_hidden": (good(base, tasks, data, extra="router: {hidden: [256]}\n"), "3-layer"),
+        "unset_env_var": (good("${MERGETOOL_TEST_UNSET_VAR}", tasks, data), "MERGETOOL_TEST_UNSET_VAR"),
+        "bad_task_name": (good(base, tasks, data, names=("t0", "bad name!")), "task names"),
+        "custom_without_evaluator": (good(base, tasks, data).replace(
+            f"  t1: {{validation: {{path: {d1}}}}}", f"  t1: {{kind: custom, validation: {{path: {d1}}}}}"),
+            "evaluator"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_cases(zoo_factory, data_files, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    base, tasks = zoo_factory("bert")
+    return cases(base, tasks, data_files, root, zoo_factory)
+
+
+CASE_IDS = [
+    "broken_yaml", "not_a_mapping", "duplicate_yaml_key", "unknown_key", "unknown_nested_key", "wrong_type",
+    "missing_model_path", "hub_id_offline", "missing_package", "duplicate_task", "no_validation",
+    "task_without_model", "label_column_missing", "data_not_found", "data_not_json", "data_empty", "data_format",
+    "bad_regex", "preset_mismatch", "uncovered", "custom_without_rules", "shape_mismatch", "nan_weights",
+    "architecture_mismatch", "adapter_and_full_mix", "unknown_method", "fixed_arity_method",
+    "unknown_merge_parameter", "bits_out_of_range", "budget_below_population", "unknown_literal",
+    "router_hidden", "unset_env_var", "bad_task_name", "custom_without_evaluator",
+]
+
+
+def snapshot(root: Path) -> set:
+    return {(str(p), p.stat().st_size) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+@pytest.mark.parametrize("command", ["validate", "plan"])
+def test_bad_recipe(case, command, bad_cases, tmp_path):
+    os.environ.pop("MERGETOOL_TEST_UNSET_VAR", None)
+    text, expected = bad_cases[case]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    before = snapshot(tmp_path)
+    result = runner.invoke(app, [command, str(recipe)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), result.stderr
+    assert "Traceback" not in result.output
+    assert expected in result.stderr, result.stderr
+    located = [line for line in lines if str(recipe) in line or ".jsonl" in line or ".txt" in line]
+    assert located, f"no line names the file: {result.stderr}"
+    assert snapshot(tmp_path) == before  # nothing written
+
+
+def test_all_cases_listed(bad_cases):
+    assert sorted(CASE_IDS) == sorted(bad_cases) and len(CASE_IDS) >= 20
+
+
+def test_errors_name_line_and_fix(bad_cases, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(bad_cases["unknown_nested_key"][0])
+    result = runner.invoke(app, ["validate", str(recipe)])
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{recipe}:" in line and "quantization.bitz" in line and "fix:" in line
+    n = text_line(bad_cases["unknown_nested_key"][0], "bitz")
+    assert f"{recipe}:{n}:" in line
+
+
+def text_line(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def test_debug_shows_traceback(bad_cases, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(bad_cases["missing_model_path"][0])
+    result = runner.invoke(app, ["--debug", "validate", str(recipe)])
+    assert result.exit_code == 2 and "Traceback" in result.stderr
+
+
+def test_recipe_file_missing(tmp_path):
+    result = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "recipe file not found" in result.stderr
+
+
+def test_good_recipe_validates(zoo_factory, data_files, tmp_path):
+    base, tasks = zoo_factory("bert")
+    recipe = tmp_path / "ok.yaml"
+    recipe.write_text(good(base, tasks, data_files, extra="merge: {method: ta, parameters: {lambda: 0.3}}\n"))
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "T=2 tasks, L=8 components" in result.stdout
+    result = runner.invoke(app, ["plan", str(recipe), "--json"])
+    plan = json.loads(result.stdout)
+    assert set(plan) >= {"tasks", "components", "task_specific", "uncovered", "total_params", "search_space_log10"}
+    assert plan["uncovered"] == [] and plan["tasks"] == ["t0", "t1"]
+    assert plan["search_space_log10"] == pytest.approx(8 * 0.30103, abs=1e-4)  # Bell(2) = 2
+    assert {"name", "kind", "layer", "tensors", "params"} <= set(plan["components"][0])
+
+
+def test_schema_command():
+    result = runner.invoke(app, ["schema"])
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "mergetool recipe"
+    assert {"base_model", "models", "tasks", "search", "router"} <= set(schema["properties"])
+
+
+def test_stubs_listed_and_exit_2():
+    help_text = runner.invoke(app, ["--help"]).stdout
+    for name in ("search", "export", "inspect", "predict", "baselines", "push", "pull"):
+        assert name in help_text
+
+
+assert torch  # keeps the import used for nan_copy's tensors
