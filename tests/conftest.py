@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 
-from tiny_models import make_lora_zoo, make_zoo, write_jsonl  # noqa: E402
+from mergetool.toy import make_lora_zoo, make_zoo, write_jsonl  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -9,7 +9,7 @@ import pytest
 from mergetool.models import ModelSource
 from mergetool.plan import build_plan
 from mergetool.recipe import parse_recipe
-from tiny_models import recipe_text
+from mergetool.toy import recipe_text
 
 # 2-layer tiny models: components per kind, and what lands outside the components
 EXPECTED = {

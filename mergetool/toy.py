@@ -1,4 +1,4 @@
-"""Tiny random models built offline, in the way of mergekit's make_picollama.
+"""Tiny offline model zoos for tests and the quick example, in the way of mergekit's make_picollama.
 
 `make_zoo(root, arch)` writes a base model and `n_tasks` fine-tunes (the base's weights plus a small
 perturbation, with their own heads) as Hugging Face folders, and returns their paths.

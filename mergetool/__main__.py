@@ -1,0 +1,3 @@
+from mergetool.cli.app import main
+
+main()
