@@ -1,0 +1,349 @@
+"""The intra-group merge F of MERGE (paper Sec. III-B, Eq. 5), as plain tensor functions.
+
+Every method is delegated to mergekit's in-memory API (`merge_tensors`); mergekit is imported
+lazily because its import takes seconds. mergekit's from-disk `run_merge` path is never used.
+
+Conventions:
+- A group with one member is not merged: the member's own tensor is returned (|Θ| ≥ 2 rule).
+- Methods whose contract uses a base get θ_pre as the base; methods that ignore it (linear =
+  WA, karcher) get the members only, so WA is the plain (weighted) average of the task models.
+- Pairwise methods whose "base" is just one end of an interpolation (slerp, nearswap,
+  arcee_fusion: base required, exactly two inputs) merge exactly two task models, with the
+  first member as mergekit's base. nuslerp takes θ_pre as base and exactly two tasks.
+- Task arithmetic follows Eq. 5 exactly: θ_pre + λ·Σ_t (θ_t − θ_pre). mergekit's
+  task_arithmetic computes base + λ·Σ_t w_t·(θ_t − base), divided by Σ w_t only when
+  `normalize` is true. Its default is already false; we pin it to false (unless the recipe sets
+  it) so a change of default upstream cannot silently turn TA into an average.
+- The per-model `weight` defaults to 1.0 for every method that takes one.
+- Methods that draw random numbers are seeded from `seed_key` with a stable hash, inside
+  `torch.random.fork_rng()`, so results are reproducible and the global RNG is untouched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from mergetool.errors import MergetoolError
+
+METHOD_ALIASES = {"wa": "linear", "ta": "task_arithmetic", "tm": "ties", "bc": "breadcrumbs"}
+
+# Defaults we pin on top of mergekit's (see module docstring).
+_PINNED_DEFAULTS: dict[str, dict[str, Any]] = {"task_arithmetic": {"normalize": False}}
+# Methods that sample at random outside the sparsifiers (arcee_fusion samples quantiles).
+_RANDOM_METHODS = {"arcee_fusion"}
+_BASE_ID = "base"
+
+
+def _mergekit():
+    from mergekit import merge_methods
+
+    return merge_methods
+
+
+def _method_names() -> list[str]:
+    return sorted(m.spec.name for m in _mergekit().registered_methods())
+
+
+def resolve_method(name: str) -> str:
+    """Alias or mergekit name → canonical mergekit method name."""
+    key = str(name).strip().lower()
+    key = METHOD_ALIASES.get(key, key)
+    names = _method_names()
+    if key in names:
+        return key
+    choices = names + sorted(METHOD_ALIASES)
+    raise MergetoolError(
+        f"unknown merge method {name!r}",
+        key="method",
+        fix=f"{_did_you_mean(key, choices)}known methods: {', '.join(choices)}",
+    )
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(close)}? " if close else ""
+
+
+def _spec(method: str):
+    return _mergekit().get(method).spec
+
+
+def _is_pairwise(spec) -> bool:
+    """True when mergekit's 'base' is one end of a two-model interpolation (slerp, ...)."""
+    from mergekit.merge_methods.base import BasePolicy
+
+    c = spec.contract
+    return c.base == BasePolicy.REQUIRED and c.max_inputs == 2
+
+
+def _layout(spec, n_tasks: int) -> tuple[list[Hashable], Optional[int], bool]:
+    """(input ids, base index, whether θ_pre is passed) for a group of n_tasks members."""
+    from mergekit.merge_methods.base import BasePolicy
+
+    if _is_pairwise(spec):
+        return list(range(n_tasks)), 0, False
+    if spec.contract.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL):
+        return [_BASE_ID, *range(n_tasks)], 0, True
+    return list(range(n_tasks)), None, False
+
+
+def _check_arity(method: str, spec, n_tasks: int) -> None:
+    ids, base_index, _ = _layout(spec, n_tasks)
+    base_id = ids[base_index] if base_index is not None else None
+    try:
+        spec.contract.validate_ids(ids, base_id)
+    except ValueError as e:
+        c = spec.contract
+        raise MergetoolError(
+            f"merge method {method!r} cannot merge a group of {n_tasks} tasks ({e})",
+            key="method",
+            fix=f"use a method that accepts {n_tasks} inputs (e.g. task_arithmetic), or "
+            f"constrain groups for {method} (contract: base={c.base.value}, "
+            f"inputs {c.min_inputs}..{c.max_inputs or 'any'})",
+        ) from None
+
+
+def _per_input_values(value: Any) -> list[Any]:
+    if isinstance(value, Mapping):
+        return list(value.values())
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return list(value)
+    return [value]
+
+
+def check_method(name: str, parameters: Mapping, n_tasks: int) -> None:
+    """Refuse an unknown method, a group size it cannot take, or unknown/invalid parameters.
+
+    A group of one task is never merged, so arity is only checked for n_tasks ≥ 2.
+    """
+    from mergekit.merge_methods.base import ParameterScope
+
+    method = resolve_method(name)
+    spec = _spec(method)
+    known = {p.name: p for p in spec.parameters}
+    allowed = sorted(set(known) | {"weight"})
+    for key, value in (parameters or {}).items():
+        if key not in allowed:
+            raise MergetoolError(
+                f"unknown parameter {key!r} for merge method {method!r}",
+                key=str(key),
+                fix=f"{_did_you_mean(str(key), allowed)}parameters of {method}: {', '.join(allowed)}",
+            )
+        p = known.get(key)
+        per_input = p is None or p.scope != ParameterScope.SHARED
+        values = _per_input_values(value) if per_input else [value]
+        if per_input and len(values) > 1 and len(values) != n_tasks:
+            raise MergetoolError(
+                f"parameter {key!r} has {len(values)} per-model values for {n_tasks} tasks",
+                key=str(key),
+                fix="give one value, or one per task in the group",
+            )
+        for v in values:
+            try:
+                if p is None:
+                    float(v)
+                else:
+                    p.validate(v)
+            except (TypeError, ValueError):  # pydantic ValidationError is a ValueError
+                raise MergetoolError(
+                    f"invalid value {v!r} for parameter {key!r} of {method!r}",
+                    key=str(key),
+                    fix=f"give a value of type {_type_name(p)}",
+                ) from None
+    for p in spec.parameters:
+        if p.required and p.name != "weight" and p.name not in (parameters or {}):
+            raise MergetoolError(
+                f"merge method {method!r} needs parameter {p.name!r}",
+                key=p.name,
+                fix=f"add {p.name}: <value> to the method's parameters",
+            )
+    if n_tasks >= 2:
+        _check_arity(method, spec, n_tasks)
+
+
+def _type_name(p) -> str:
+    t = p.value_type if p is not None else float
+    return getattr(t, "__name__", str(t))
+
+
+def uses_randomness(method: str) -> bool:
+    """True for methods that sample (dare_*, della*, arcee_fusion on large tensors)."""
+    from mergekit.merge_methods.generalized_task_arithmetic import (
+        GeneralizedTaskArithmeticMerge,
+    )
+    from mergekit.sparsify import SparsificationMethod
+
+    canonical = resolve_method(method)
+    if canonical in _RANDOM_METHODS:
+        return True
+    m = _mergekit().get(canonical)
+    return isinstance(m, GeneralizedTaskArithmeticMerge) and m.sparsification_method in (
+        SparsificationMethod.random,
+        SparsificationMethod.della_magprune,
+    )
+
+
+def stable_seed(key: str) -> int:
+    """A 63-bit seed from a string, identical across processes and Python versions."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _bind(spec, parameters: Mapping, ids: list[Hashable], n_tasks: int) -> dict[str, Any]:
+    """Recipe parameters → mergekit parameters (per-model lists → {member index: value})."""
+    from mergekit.merge_methods.base import ParameterScope
+
+    out = dict(_PINNED_DEFAULTS.get(spec.name, {}))
+    specs = {p.name: p for p in spec.parameters}
+    given = dict(parameters or {})
+    if "weight" in specs:
+        given.setdefault("weight", 1.0)
+    else:
+        given.pop("weight", None)  # per-model weight is accepted for every method
+    for key, value in given.items():
+        p = specs.get(key)
+        if p is not None and p.scope != ParameterScope.SHARED:
+            if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+                if len(value) != n_tasks:
+                    raise MergetoolError(
+                        f"parameter {key!r} has {len(value)} per-model values for {n_tasks} tasks",
+                        key=key,
+                        fix="give one value, or one per task in the group",
+                    )
+                value = dict(enumerate(value))
+            if isinstance(value, Mapping) and p.scope == ParameterScope.INPUT and _BASE_ID in ids:
+                value = {_BASE_ID: 1.0 if p.required else p.default, **value}
+        out[key] = value
+    return out
+
+
+def merge_group(
+    base: Optional[Tensor],
+    members: Sequence[Tensor],
+    method: str,
+    parameters: Mapping,
+    *,
+    seed_key: Optional[str] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """F(θ_pre, Θ) for one tensor. A singleton returns the member's own tensor (not a copy).
+
+    16-bit inputs are merged in float32; the result has `out_dtype` (default: the members'
+    dtype). Non-float tensors must be equal across inputs and are passed through.
+    """
+    if not members:
+        raise ValueError("merge_group needs at least one member")
+    if len(members) == 1:
+        t = members[0]
+        return t if out_dtype is None else t.to(out_dtype)
+    first = members[0]
+    if not first.is_floating_point():
+        others = [*members[1:]] + ([base] if base is not None else [])
+        if any(not torch.equal(first, t) for t in others):
+            raise MergetoolError(
+                f"non-float tensor {seed_key or ''} differs between models",
+                key=seed_key,
+                fix="non-float buffers cannot be merged; they must be identical",
+            )
+        return first
+
+    canonical = resolve_method(method)
+    spec = _spec(canonical)
+    _check_arity(canonical, spec, len(members))
+    ids, base_index, with_base = _layout(spec, len(members))
+    if with_base and base is None:
+        raise MergetoolError(
+            f"merge method {canonical!r} needs the base model's tensor {seed_key or ''}",
+            key=seed_key,
+            fix="the base model must contain every tensor of a merged component",
+        )
+    tensors = [base, *members] if with_base else list(members)
+    kwargs = _bind(spec, parameters, ids, len(members))
+    half = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    dtype = torch.float32 if half else None
+    out_dtype = out_dtype or first.dtype
+
+    def run() -> Tensor:
+        return _mergekit().merge_tensors(
+            tensors, canonical, parameters=kwargs, ids=ids, base_index=base_index,
+            name=seed_key, dtype=dtype, out_dtype=out_dtype,
+        )
+
+    try:
+        if not uses_randomness(canonical):
+            return run()
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(stable_seed(seed_key or ""))
+            return run()
+    except (TypeError, ValueError) as e:
+        raise MergetoolError(
+            f"merge method {canonical!r} failed{' on ' + seed_key if seed_key else ''}: {e}",
+            key=seed_key,
+            fix="check the method's parameters and that all models have equal shapes",
+        ) from None
+
+
+def merge_component(
+    base: Mapping[str, Tensor],
+    members: Sequence[Mapping[str, Tensor]],
+    method: str,
+    parameters: Mapping,
+    *,
+    seed_key: Optional[str] = None,
+) -> dict[str, Tensor]:
+    """F over every tensor of a component; tensor `name` is seeded with f"{seed_key}/{name}"."""
+    if not members:
+        raise ValueError("merge_component needs at least one member")
+    if len(members) == 1:
+        return dict(members[0])
+    names = list(members[0])
+    for i, m in enumerate(members[1:], start=1):
+        if set(m) != set(names):
+            diff = sorted(set(m) ^ set(names))
+            raise MergetoolError(
+                f"member {i} of group {seed_key or ''} has different tensors: {diff[:5]}",
+                key=seed_key,
+                fix="all task models must share the component's tensor names",
+            )
+    return {
+        name: merge_group(
+            base.get(name), [m[name] for m in members], method, parameters,
+            seed_key=f"{seed_key}/{name}" if seed_key is not None else name,
+        )
+        for name in names
+    }
+
+
+def lora_delta(A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """ΔW = scaling · B @ A for A (r × in) and B (out × r), computed in ≥ float32."""
+    dtype = torch.promote_types(A.dtype, B.dtype)
+    work = torch.promote_types(dtype, torch.float32)
+    return (scaling * (B.to(work) @ A.to(work))).to(dtype)
+
+
+def refactor_lora(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-r factorisation of delta (truncated SVD): (B', A') with B' @ A' ≈ delta.
+
+    Singular values are split as sqrt on both sides. If rank exceeds min(delta.shape) the
+    extra rows/columns are zero, so the shapes are always (out × rank) and (rank × in).
+    """
+    if delta.ndim != 2:
+        raise ValueError(f"refactor_lora needs a 2-D delta, got shape {tuple(delta.shape)}")
+    if rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    work = delta.to(torch.promote_types(delta.dtype, torch.float32))
+    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+    k = min(rank, S.numel())
+    root = S[:k].sqrt()
+    B = work.new_zeros(delta.shape[0], rank)
+    A = work.new_zeros(rank, delta.shape[1])
+    B[:, :k] = U[:, :k] * root
+    A[:k] = root[:, None] * Vh[:k]
+    return B.to(delta.dtype), A.to(delta.dtype)

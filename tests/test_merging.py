@@ -1,0 +1,171 @@
+"""F (mergetool.merging): expected values are computed by hand here, never by mergekit."""
+
+import pytest
+import torch
+
+from mergetool.errors import MergetoolError
+from mergetool.merging import (
+    METHOD_ALIASES,
+    check_method,
+    lora_delta,
+    merge_component,
+    merge_group,
+    refactor_lora,
+    resolve_method,
+    uses_randomness,
+)
+
+T = torch.tensor
+BASE = T([1.0, 1.0, 1.0, 1.0])
+
+
+def test_aliases_resolve():
+    assert {a: resolve_method(a) for a in METHOD_ALIASES} == METHOD_ALIASES
+    assert resolve_method("TIES") == "ties"
+    assert resolve_method("dare_ties") == "dare_ties"
+
+
+def test_wa_is_plain_average_of_task_models():
+    a, b = T([1.0, 2.0, 3.0, 4.0]), T([3.0, 2.0, 1.0, 0.0])
+    # The base is ignored: (a + b) / 2.
+    assert torch.equal(merge_group(BASE, [a, b], "wa", {}), T([2.0, 2.0, 2.0, 2.0]))
+    # Per-model weights: (1·a + 3·b) / 4.
+    out = merge_group(BASE, [a, b], "wa", {"weight": [1.0, 3.0]})
+    assert torch.equal(out, T([2.5, 2.0, 1.5, 1.0]))
+
+
+def test_ta_follows_eq5():
+    t1, t2 = T([2.0, 0.0, 1.0, 3.0]), T([1.0, 3.0, 1.0, -1.0])
+    # θ_pre + λ Σ (θ_t − θ_pre) = 1 + 0.5·([1,−1,0,2] + [0,2,0,−2]) = 1 + 0.5·[1,1,0,0]
+    out = merge_group(BASE, [t1, t2], "ta", {"lambda": 0.5})
+    assert torch.equal(out, T([1.5, 1.5, 1.0, 1.0]))
+    # λ = 1 by default: a sum of task vectors, not an average.
+    assert torch.equal(merge_group(BASE, [t1, t2], "ta", {}), T([2.0, 2.0, 1.0, 1.0]))
+
+
+def test_weight_defaults_to_one():
+    t1, t2 = T([2.0, 0.0, 1.0, 3.0]), T([1.0, 3.0, 1.0, -1.0])
+    explicit = merge_group(BASE, [t1, t2], "ta", {"lambda": 0.5, "weight": [1.0, 1.0]})
+    assert torch.equal(merge_group(BASE, [t1, t2], "ta", {"lambda": 0.5}), explicit)
+
+
+def test_ties_trim_elect_disjoint_mean():
+    # Task vectors τ_t = θ_t − θ_pre; density 0.5 of 4 values keeps the 2 largest |τ|.
+    #   τ1 = [ 4, −1,  2, −3]  → [4, 0,  0, −3]
+    #   τ2 = [−2,  5,  1, −1]  → [−2, 5, 0,  0]
+    #   τ3 = [ 3,  2, −4, .5]  → [3, 0, −4,  0]
+    # Elected sign = sign of the sum: [+5, +5, −4, −3] → [+, +, −, −].
+    # Disjoint mean over agreeing values: [(4+3)/2, 5, −4, −3] = [3.5, 5, −4, −3].
+    t1 = BASE + T([4.0, -1.0, 2.0, -3.0])
+    t2 = BASE + T([-2.0, 5.0, 1.0, -1.0])
+    t3 = BASE + T([3.0, 2.0, -4.0, 0.5])
+    out = merge_group(BASE, [t1, t2, t3], "tm", {"density": 0.5})
+    assert torch.equal(out, T([4.5, 6.0, -3.0, -2.0]))
+
+
+def test_breadcrumbs_drops_smallest_and_top_outliers():
+    # 4 values, density 0.5 → keep 2; gamma 0.25 → drop the 1 largest; so drop the smallest
+    # and the largest |τ| of each task and keep the middle two.
+    #   τ1 = [ 1, −4,   2,  3] → [0, 0, 2,    3]
+    #   τ2 = [−3, .5, 2.5, −1] → [0, 0, 2.5, −1]
+    # Sum (no sign election, no normalisation): [0, 0, 4.5, 2]; λ = 0.5 → [0, 0, 2.25, 1].
+    t1 = BASE + T([1.0, -4.0, 2.0, 3.0])
+    t2 = BASE + T([-3.0, 0.5, 2.5, -1.0])
+    params = {"density": 0.5, "gamma": 0.25}
+    assert torch.equal(merge_group(BASE, [t1, t2], "bc", params), T([1.0, 1.0, 5.5, 3.0]))
+    out = merge_group(BASE, [t1, t2], "bc", {**params, "lambda": 0.5})
+    assert torch.equal(out, T([1.0, 1.0, 3.25, 2.0]))
+
+
+def test_singleton_returns_member_unmerged():
+    member = T([5.0, -2.0, 7.0])
+    for method in ("ta", "ties", "wa", "slerp"):
+        out = merge_group(T([0.0, 0.0, 0.0]), [member], method, {"lambda": 0.3})
+        assert out is member
+    comp = {"w": member}
+    assert merge_component({"w": T([0.0, 0.0, 0.0])}, [comp], "ta", {})["w"] is member
+
+
+def test_bf16_inputs_keep_dtype():
+    t1 = T([2.0, 0.0, 1.0, 3.0]).bfloat16()
+    t2 = T([1.0, 3.0, 1.0, -1.0]).bfloat16()
+    out = merge_group(BASE.bfloat16(), [t1, t2], "ta", {"lambda": 0.5})
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.float(), T([1.5, 1.5, 1.0, 1.0]))
+
+
+def test_random_methods_are_seeded_and_leave_global_rng_alone():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(200, generator=g)
+    members = [base + torch.randn(200, generator=g) for _ in range(3)]
+    params = {"density": 0.5}
+    state = torch.get_rng_state()
+    a = merge_group(base, members, "dare_ties", params, seed_key="layer.3.mlp|{0,2}")
+    b = merge_group(base, members, "dare_ties", params, seed_key="layer.3.mlp|{0,2}")
+    c = merge_group(base, members, "dare_ties", params, seed_key="layer.4.mlp|{0,2}")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert uses_randomness("dare_ties") and uses_randomness("della")
+    assert not uses_randomness("ta") and not uses_randomness("ties")
+
+
+def test_merge_component_seeds_per_tensor_and_copies_buffers():
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(50, generator=g), "ids": torch.arange(4)}
+    members = [{"w": base["w"] + torch.randn(50, generator=g), "ids": torch.arange(4)} for _ in range(2)]
+    out = merge_component(base, members, "dare_linear", {"density": 0.5}, seed_key="c|{0,1}")
+    again = merge_group(base["w"], [m["w"] for m in members], "dare_linear", {"density": 0.5},
+                        seed_key="c|{0,1}/w")
+    assert torch.equal(out["w"], again)
+    assert torch.equal(out["ids"], torch.arange(4))
+    members[1]["ids"] = torch.arange(1, 5)
+    with pytest.raises(MergetoolError):
+        merge_component(base, members, "ta", {})
+
+
+def test_slerp_takes_exactly_two_tasks():
+    a, b = T([1.0, 0.0]), T([3.0, 0.0])
+    # Collinear rows fall back to linear interpolation: (a + b) / 2.
+    assert torch.equal(merge_group(None, [a, b], "slerp", {"t": 0.5}), T([2.0, 0.0]))
+    check_method("slerp", {"t": 0.5}, 2)
+    check_method("nuslerp", {}, 2)
+    with pytest.raises(MergetoolError, match="3 tasks"):
+        check_method("slerp", {"t": 0.5}, 3)
+    with pytest.raises(MergetoolError, match="3 tasks"):
+        merge_group(None, [a, b, a], "slerp", {"t": 0.5})
+
+
+def test_unknown_method_and_parameters():
+    with pytest.raises(MergetoolError, match="unknown merge method") as e:
+        resolve_method("tiez")
+    assert "did you mean ties" in str(e.value)
+    with pytest.raises(MergetoolError, match="unknown parameter 'densty'") as e:
+        check_method("ties", {"densty": 0.5}, 2)
+    assert "did you mean density" in str(e.value)
+    with pytest.raises(MergetoolError, match="needs parameter 't'"):
+        check_method("slerp", {}, 2)
+    with pytest.raises(MergetoolError, match="invalid value"):
+        check_method("ties", {"density": "lots"}, 2)
+    with pytest.raises(MergetoolError, match="per-model values"):
+        check_method("ta", {"weight": [1.0, 2.0, 3.0]}, 2)
+    # The per-model weight key is accepted for every method.
+    check_method("ta", {"lambda": 0.3, "weight": [1.0, 2.0]}, 2)
+    check_method("karcher", {"weight": 1.0}, 3)
+
+
+def test_lora_refactor_is_exact_for_rank_r_delta():
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    B = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    delta = lora_delta(A, B, 0.5)
+    assert torch.allclose(delta, 0.5 * B @ A)
+    B2, A2 = refactor_lora(delta, 3)
+    assert B2.shape == (8, 3) and A2.shape == (3, 10)
+    assert torch.allclose(B2 @ A2, delta, atol=1e-10)
+    # Sqrt split: both factors carry the same singular values.
+    assert torch.allclose(B2.norm(dim=0), A2.norm(dim=1), atol=1e-10)
+    # Rank 1 keeps exactly the top singular component.
+    s = torch.linalg.svdvals(delta)
+    B1, A1 = refactor_lora(delta, 1)
+    assert torch.allclose(torch.linalg.matrix_norm(delta - B1 @ A1), s[1:].norm(), atol=1e-10)
