@@ -1,0 +1,147 @@
+"""Executors run a generation's real evaluations: sequentially, or in parallel on Ray.
+
+`map(problem, items)` takes [(i, G), ...] and yields (i, result) as evaluations finish, in any
+order; the loop keys everything by i, so the search does not depend on completion order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from mergetool.errors import MergetoolError
+
+
+class LocalExecutor:
+    """Evaluate one after another in this process."""
+
+    name = "local"
+
+    def map(self, problem, items: Sequence[tuple[int, np.ndarray]]) -> Iterator[tuple[int, Any]]:
+        for i, G in items:
+            yield i, problem.evaluate(G)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise MergetoolError(
+            "the ray executor needs the 'ray' package, which is not installed",
+            key="search.executor",
+            fix="pip install 'mergetool[ray]' or use the local executor",
+        ) from None
+    return ray
+
+
+class RayExecutor:
+    """Evaluate in parallel on Ray workers (actors), each holding one copy of the problem.
+
+    The problem must be picklable; each worker keeps its own caches warm across generations.
+    Connects to `address` (e.g. "auto" or "ray://host:10001"), or starts a local Ray when None
+    and Ray is not initialised yet.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: Optional[str] = None, num_workers: int = 2, num_cpus_per_worker: float = 1,
+                 num_gpus_per_worker: float = 0):
+        if num_workers < 1:
+            raise MergetoolError("num_workers must be at least 1", key="search.executor.num_workers")
+        self.ray = _import_ray()
+        self.address = address
+        self.num_workers = num_workers
+        self.options = {"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker}
+        self._actors: list = []
+        self._problem_id: Optional[int] = None
+        self._started_ray = False
+
+    def _ensure(self, problem) -> None:
+        ray = self.ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            except Exception as e:  # connection errors come in many types
+                raise MergetoolError(
+                    f"cannot start or reach Ray at {self.address or 'a local instance'}: {e}",
+                    key="search.executor.address",
+                    fix="check the address (ray status) or use the local executor",
+                ) from None
+            self._started_ray = True
+        if self._actors and self._problem_id == id(problem):
+            return
+        self._kill_actors()
+        worker = ray.remote(**self.options)(_Worker)
+        ref = ray.put(problem)
+        self._actors = [worker.remote(ref) for _ in range(self.num_workers)]
+        self._problem_id = id(problem)
+
+    def map(self, problem, items: Sequence[tuple[int, np.ndarray]]) -> Iterator[tuple[int, Any]]:
+        items = list(items)
+        if not items:
+            return
+        self._ensure(problem)
+        ray = self.ray
+        queue = list(items)
+        pending: dict = {}
+        free = list(self._actors)
+        while queue or pending:
+            while queue and free:  # one task per worker at a time
+                actor = free.pop()
+                i, G = queue.pop(0)
+                pending[actor.evaluate.remote(i, np.asarray(G))] = actor
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                free.append(pending.pop(ref))
+                yield ray.get(ref)
+
+    def _kill_actors(self) -> None:
+        for a in self._actors:
+            try:
+                self.ray.kill(a)
+            except Exception:
+                pass
+        self._actors = []
+        self._problem_id = None
+
+    def close(self) -> None:
+        """Stop the workers (and Ray, if this executor started it)."""
+        self._kill_actors()
+        if self._started_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Worker:
+    """Ray actor body: one problem per worker process."""
+
+    def __init__(self, problem):
+        self.problem = problem
+
+    def evaluate(self, i: int, G: np.ndarray):
+        return i, self.problem.evaluate(G)
+
+
+def make_executor(kind: str = "local", address: Optional[str] = None, num_workers: int = 2):
+    """Executor by name: "local" or "ray"."""
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "ray":
+        return RayExecutor(address=address, num_workers=num_workers)
+    raise MergetoolError(f"unknown executor {kind!r}", key="search.executor", fix="use local or ray")

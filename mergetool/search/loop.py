@@ -1,0 +1,307 @@
+"""Algorithm 1: surrogate-assisted NSGA-II over grouping matrices, resumable from its journal.
+
+Determinism: the whole search is a function of (seed, settings, journal). Generation k draws
+from np.random.default_rng([seed, k, ...]); evaluation number i is the i-th planned candidate.
+On resume the loop runs again from the start and, for every planned i already in the journal,
+takes the recorded result instead of calling evaluate(). Live results are JSON round-tripped
+before use, so a replayed run sees bit-identical numbers and follows the same path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from mergetool import grouping
+from mergetool.errors import MergetoolError
+from mergetool.search import EvalResult, SearchResult, SearchSettings
+from mergetool.search.executors import LocalExecutor
+from mergetool.search.front import hv_curve, hv_reference, hypervolume, nondominated, objectives, pareto_front, write_artifacts
+from mergetool.search.init import initial_population
+from mergetool.search.journal import Journal, read_state, write_state
+from mergetool.search.surrogate import Surrogate, kendall_tau
+
+STATE_VERSION = 1
+Progress = Callable[[int, int, float, Optional[float], Optional[float]], None]
+
+
+def _pymoo():
+    from pymoo.algorithms.moo.nsga2 import binary_tournament
+    from pymoo.core.population import Population
+    from pymoo.core.problem import Problem
+    from pymoo.operators.selection.tournament import TournamentSelection
+    from pymoo.operators.survival.rank_and_crowding import RankAndCrowding
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    return SimpleNamespace(
+        Population=Population, problem=Problem(n_var=1, n_obj=2), survival=RankAndCrowding(),
+        selection=TournamentSelection(func_comp=binary_tournament), nds=NonDominatedSorting(),
+    )
+
+
+def _as_result(res: Any) -> EvalResult:
+    if isinstance(res, EvalResult):
+        return res
+    if isinstance(res, dict):
+        return EvalResult(**{k: res[k] for k in ("performance", "per_task", "storage_cost", "seconds", "cache") if k in res})
+    return EvalResult(res.performance, res.per_task, res.storage_cost, getattr(res, "seconds", 0.0), getattr(res, "cache", {}))
+
+
+def _seed_int(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+# ---- operators -------------------------------------------------------------------------------
+
+def crossover(A: np.ndarray, B: np.ndarray, rng: np.random.Generator, prob: float) -> list[np.ndarray]:
+    """Uniform crossover by component column (each column is a whole partition)."""
+    if rng.random() >= prob:
+        return [A.copy(), B.copy()]
+    mask = rng.random(A.shape[1]) < 0.5
+    c1, c2 = A.copy(), B.copy()
+    c1[:, mask], c2[:, mask] = B[:, mask], A[:, mask]
+    return [c1, c2]
+
+
+def mutate(G: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Move one task of one component to another existing group or a new one; 1+ moves (geometric)."""
+    T, L = G.shape
+    if T < 2:
+        return G
+    for _ in range(min(L, int(rng.geometric(0.5)))):
+        l, t = int(rng.integers(L)), int(rng.integers(T))
+        col = G[:, l]
+        labels = np.unique(col)
+        targets = [int(g) for g in labels if g != col[t]]
+        if np.sum(col == col[t]) > 1:  # leaving a shared group for a fresh one
+            targets.append(int(np.setdiff1d(np.arange(T), labels)[0]))
+        if targets:
+            G[t, l] = targets[int(rng.integers(len(targets)))]
+    return G
+
+
+# ---- the search ------------------------------------------------------------------------------
+
+class _Run:
+    """Bookkeeping shared by the generations: records in plan order, keys, counters, progress."""
+
+    def __init__(self, problem, settings: SearchSettings, journal: Journal, executor, progress: Optional[Progress],
+                 ref: tuple[float, float]):
+        self.problem, self.s, self.journal, self.executor = problem, settings, journal, executor
+        self.progress, self.ref = progress, ref
+        self.records: list[dict] = []
+        self.keys: set[str] = set()
+        self.evaluated_now = self.replayed = self.screened = 0
+        self._front: list[dict] = []
+        self._hv = 0.0
+        self._hits = self._misses = 0
+        self._costs: dict[str, float] = {}
+
+    @property
+    def n(self) -> int:
+        return len(self.records)
+
+    def cost(self, G: np.ndarray) -> float:
+        k = grouping.key(G)
+        if k not in self._costs:
+            self._costs[k] = float(self.problem.storage_cost(G))
+        return self._costs[k]
+
+    def _seen(self, rec: dict) -> None:
+        self._front = nondominated(self._front + [rec])
+        self._hv = hypervolume(self._front, self.ref)
+        for k, v in (rec.get("cache") or {}).items():  # every "*hits" / "*misses" counter the evaluator reports
+            if isinstance(v, (int, float)) and str(k).endswith("hits"):
+                self._hits += v
+            elif isinstance(v, (int, float)) and str(k).endswith("misses"):
+                self._misses += v
+
+    def _report(self, done: int) -> None:
+        if self.progress is None:
+            return
+        best = max((r["performance"] for r in self._front), default=None)
+        total = self._hits + self._misses
+        self.progress(done, self.s.evaluations, self._hv, best, self._hits / total if total else None)
+
+    def evaluate(self, Gs: Sequence[np.ndarray], preds: Optional[Sequence[float]], generation: int) -> list[dict]:
+        """Evaluate planned candidates i = n, n+1, ...: replay from the journal or run them."""
+        batch: list[dict] = []
+        todo: list[tuple[int, np.ndarray]] = []
+        planned: dict[int, tuple[np.ndarray, Optional[float]]] = {}
+        for j, G in enumerate(Gs):
+            i, pred = self.n + j, (None if preds is None else float(preds[j]))
+            rec = self.journal.get(i)
+            if rec is not None:
+                if grouping.key(rec["grouping"]) != grouping.key(G):
+                    raise MergetoolError(
+                        f"journal record i={i} holds a different grouping than this search plans; "
+                        "it was written with other settings, seed or problem",
+                        file=str(self.journal.path),
+                        fix="resume with the original settings and seed, or use a new run directory",
+                    )
+                batch.append(rec)
+                self.replayed += 1
+                self._seen(rec)
+            else:
+                todo.append((i, G))
+                planned[i] = (G, pred)
+        if batch:
+            self._report(self.n + len(batch))
+        for i, res in self.executor.map(self.problem, todo):
+            G, pred = planned[i]
+            rec = self.journal.append(self._record(i, G, _as_result(res), pred, generation))
+            self.evaluated_now += 1
+            batch.append(rec)
+            self._seen(rec)
+            self._report(self.n + len(batch))
+        batch.sort(key=lambda r: r["i"])
+        self.records.extend(batch)
+        self.keys.update(grouping.key(r["grouping"]) for r in batch)
+        return batch
+
+    def _record(self, i: int, G: np.ndarray, res: EvalResult, pred: Optional[float], generation: int) -> dict:
+        p = float(res.performance)
+        if not math.isfinite(p):
+            raise MergetoolError(
+                f"evaluation {i} returned a non-finite performance ({p})",
+                key="search",
+                fix="check the task metrics; every task must score a finite number",
+            )
+        return {
+            "i": i,
+            "grouping": grouping.canonical(G).tolist(),
+            "per_task": {str(k): float(v) for k, v in res.per_task.items()},
+            "performance": p,
+            "storage_cost": float(res.storage_cost),
+            "predicted_performance": pred,
+            "seconds": float(res.seconds),
+            "cache": dict(res.cache or {}),
+            "generation": generation,
+        }
+
+
+def _population(pm, recs: list[dict]):
+    """A pymoo Population over records (X = index into recs, F = (-P, C), feasible)."""
+    n = len(recs)
+    return pm.Population.new("X", np.arange(n)[:, None], "F", objectives(recs), "CV", np.zeros((n, 1)))
+
+
+def survive(pm, recs: list[dict], n: int, rng: np.random.Generator) -> tuple[list[dict], Any]:
+    """NSGA-II survival (rank + crowding) to n records; returns (records, pymoo Population with rank/crowding)."""
+    pop = pm.survival.do(pm.problem, _population(pm, recs), n_survive=min(n, len(recs)), random_state=rng)
+    kept = [recs[int(x)] for x in pop.get("X")[:, 0]]
+    pop.set("X", np.arange(len(kept))[:, None])
+    return kept, pop
+
+
+def offspring(pm, pop, pop_recs: list[dict], n: int, rng: np.random.Generator, seen: set[str],
+              crossover_prob: float) -> list[np.ndarray]:
+    """Up to n new canonical groupings from binary tournaments, crossover and mutation (deduped)."""
+    algo = SimpleNamespace(tournament_type="comp_by_dom_and_crowding", random_state=rng)
+    out: list[np.ndarray] = []
+    keys: set[str] = set()
+    for _ in range(20):  # bounded: a nearly exhausted space yields few new children
+        if len(out) >= n:
+            break
+        pairs = pm.selection.do(pm.problem, pop, max(1, math.ceil((n - len(out)) / 2)), n_parents=2,
+                                to_pop=False, algorithm=algo, random_state=rng)
+        for a, b in pairs:
+            A = np.asarray(pop_recs[int(a)]["grouping"], dtype=np.int64)
+            B = np.asarray(pop_recs[int(b)]["grouping"], dtype=np.int64)
+            for child in crossover(A, B, rng, crossover_prob):
+                G = grouping.canonical(mutate(child, rng))
+                k = grouping.key(G)
+                if k not in seen and k not in keys and len(out) < n:
+                    keys.add(k)
+                    out.append(G)
+    return out
+
+
+def screen(pm, run: _Run, cands: list[np.ndarray], cap: int, k: int, rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
+    """Train the RF on all real evaluations, predict P, take the predicted non-dominated set (capped by crowding)."""
+    sur = Surrogate(run.s.rf_trees, seed=_seed_int(run.s.seed, k, 7))
+    sur.fit([np.asarray(r["grouping"]) for r in run.records], [r["performance"] for r in run.records])
+    pred = sur.predict(cands)
+    run.screened += len(cands)
+    F = np.column_stack([-pred, [run.cost(G) for G in cands]])
+    front = np.asarray(pm.nds.do(F, only_non_dominated_front=True), dtype=int)
+    if len(front) > cap:
+        pop = pm.Population.new("X", front[:, None], "F", F[front], "CV", np.zeros((len(front), 1)))
+        front = pm.survival.do(pm.problem, pop, n_survive=cap, random_state=rng).get("X")[:, 0].astype(int)
+    return sorted(int(j) for j in front), pred
+
+
+def run_search(problem, settings: SearchSettings, journal_path, *, progress: Optional[Progress] = None,
+               executor=None) -> SearchResult:
+    """Run Algorithm 1 until `settings.evaluations` real evaluations; resume from the journal if present."""
+    T, L = int(problem.T), int(problem.L)
+    if T < 1 or L < 1:
+        raise MergetoolError(f"the search needs at least one task and one component (got T={T}, L={L})", key="search")
+    journal_path = Path(journal_path)
+    s, ref, pm = settings, hv_reference(T, settings.hv_ref), _pymoo()
+    executor = executor or LocalExecutor()
+    journal = Journal(journal_path)
+    try:
+        if len(journal) > s.evaluations:
+            raise MergetoolError(
+                f"the journal already holds {len(journal)} evaluations, more than the budget of {s.evaluations}",
+                file=str(journal_path), key="search.evaluations", fix=f"set evaluations to at least {len(journal)}",
+            )
+        fingerprint = {"version": STATE_VERSION, "T": T, "L": L, "settings": s.fingerprint()}
+        state = read_state(journal_path) or {}
+        if state and state.get("fingerprint") != fingerprint:
+            raise MergetoolError(
+                "this run directory holds a search with other settings (seed, population, surrogate, init or T x L)",
+                file=str(journal_path), fix="resume with the original settings or use a new run directory",
+            )
+        if "initial_population" in state:  # resume without recomputing K-means over the models
+            init, init_used = [np.asarray(G, dtype=np.int64) for G in state["initial_population"]], state["init_used"]
+        else:
+            init, init_used = initial_population(problem, s)
+        state = {"fingerprint": fingerprint, "initial_population": [G.tolist() for G in init], "init_used": init_used,
+                 "generation": 0, "evaluations": len(journal), "screened": 0, "complete": False}
+        write_state(journal_path, state)
+
+        run = _Run(problem, s, journal, executor, progress, ref)
+        run.evaluate([grouping.validate(G, T, L) for G in init[: s.evaluations]], None, 0)
+        pop_recs, pop = survive(pm, run.records, s.population, np.random.default_rng([s.seed, 0, 3]))
+        space = grouping.search_space_size(T, L)
+        k, stalls, stopped = 1, 0, "budget"
+        while run.n < s.evaluations:
+            if len(run.keys) >= space or stalls >= 3:
+                stopped = "exhausted"
+                break
+            rng = np.random.default_rng([s.seed, k])
+            cands = offspring(pm, pop, pop_recs, s.n_offspring, rng, run.keys, s.crossover_prob)
+            if not cands:
+                stalls, k = stalls + 1, k + 1
+                continue
+            stalls = 0
+            if s.surrogate == "random_forest":
+                chosen, pred = screen(pm, run, cands, s.per_generation, k, rng)
+                Gs, preds = [cands[j] for j in chosen], [float(pred[j]) for j in chosen]
+            else:
+                Gs, preds = cands[: s.per_generation], None
+            left = s.evaluations - run.n
+            new = run.evaluate(Gs[:left], None if preds is None else preds[:left], k)
+            pop_recs, pop = survive(pm, pop_recs + new, s.population, rng)
+            state.update(generation=k, evaluations=run.n, screened=run.screened)
+            write_state(journal_path, state)
+            k += 1
+        state.update(generation=k - 1, evaluations=run.n, screened=run.screened, complete=True, stopped=stopped)
+        write_state(journal_path, state)
+    finally:
+        journal.close()
+
+    records = run.records
+    artifacts = write_artifacts(records, journal_path.parent, ref) if s.write_artifacts else {}
+    return SearchResult(
+        records=records, front=pareto_front(records), hv=hypervolume(records, ref), hv_ref=ref,
+        hv_curve=hv_curve(records, ref), evaluations=run.n, evaluated_now=run.evaluated_now, replayed=run.replayed,
+        screened=run.screened, generations=k - 1 if run.n else 0, kendall_tau=kendall_tau(records),
+        init_used=init_used, stopped=stopped, artifacts=artifacts,
+    )
