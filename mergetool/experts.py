@@ -134,5 +134,9 @@ class ExpertStore:
         names = list(self.plan.task_specific[self.plan.tasks[task]]) + list(self.plan.buffers)
         return {n: src.get(n) for n in names if n in src}
 
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
     def stats(self) -> dict:
         return {"expert_hits": self.hits, "expert_misses": self.misses, "experts_cached": len(self._cache)}

@@ -119,3 +119,102 @@ def recipe_text(base: Path, tasks: list[Path], data: list[Path], **extra: str) -
     for block in extra.values():
         lines.append(block)
     return "\n".join(lines) + "\n"
+
+
+# --- trained toy zoo: separable synthetic tasks ------------------------------------------------
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def make_tokenizer(path: Path):
+    """A word-level BERT-style tokenizer over SPECIAL + WORDS, saved to `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", model_input_names=["input_ids",
+                                   "token_type_ids", "attention_mask"])
+    fast.save_pretrained(path)
+    return fast
+
+
+def synthetic_rows(task: int, n_classes: int, n: int, seed: int) -> list[dict]:
+    """Texts of 4 filler words plus 2 signal words of the label's class."""
+    import random
+
+    rng = random.Random(seed)
+    # every task reads the same 12 signal words but maps them to classes its own way, so tasks
+    # conflict: merging them costs accuracy, keeping them apart does not
+    signal = random.Random(1000 + task).sample(WORDS[:12], 12)
+    per = len(signal) // n_classes
+    filler = WORDS[48:]
+    rows = []
+    for _ in range(n):
+        c = rng.randrange(n_classes)
+        words = [rng.choice(filler) for _ in range(4)] + rng.sample(signal[c * per:(c + 1) * per], 2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": f"class{c}"})
+    return rows
+
+
+def make_trained_zoo(root: Path, *, n_tasks: int = 3, classes=(2, 3, 4), layers: int = 2, hidden: int = 32,
+                     steps: int = 60, seed: int = 0) -> dict:
+    """A tiny BERT base and `n_tasks` fine-tunes trained on separable synthetic tasks, with data.
+
+    Returns {"base": path, "tasks": {name: path}, "data": {name: {split: path}}}.
+    """
+    root = Path(root)
+    torch.manual_seed(seed)
+    config = tf.BertConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=32)
+    base_dir = root / "base"
+    tf.BertModel(config).save_pretrained(base_dir)
+    tok = make_tokenizer(base_dir)
+    out = {"base": base_dir, "tasks": {}, "data": {}}
+    for t in range(n_tasks):
+        name, n_cls = f"task{t}", classes[t % len(classes)]
+        splits = {s: synthetic_rows(t, n_cls, n, seed * 1000 + t * 10 + i)
+                  for i, (s, n) in enumerate([("train", 512), ("validation", 64), ("test", 96), ("router", 128)])}
+        out["data"][name] = {s: write_jsonl(root / "data" / name / f"{s}.jsonl", rows) for s, rows in splits.items()}
+        labels = [f"class{c}" for c in range(n_cls)]
+        torch.manual_seed(seed + 10 + t)
+        model = tf.BertForSequenceClassification.from_pretrained(
+            base_dir, num_labels=n_cls, id2label=dict(enumerate(labels)), label2id={v: k for k, v in enumerate(labels)})
+        _train(model, tok, splits["train"], labels, steps)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out["tasks"][name] = root / name
+    return out
+
+
+def _train(model, tok, rows: list[dict], labels: list[str], steps: int) -> None:
+    enc = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
+    y = torch.tensor([labels.index(r["label"]) for r in rows])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(rows), (64,), generator=g)
+        loss = model(**{k: v[idx] for k, v in enc.items()}, labels=y[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def trained_recipe(zoo: dict, *, extra: str = "", evaluations: int = 24, population: int = 6) -> str:
+    """A recipe for a trained toy zoo (TA λ=0.5, 8-bit conditional per channel)."""
+    lines = ["name: toy", f"base_model: {zoo['base']}", "models:"]
+    lines += [f"  - {{name: {n}, model: {p}}}" for n, p in zoo["tasks"].items()]
+    lines += ["merge: {method: ta, parameters: {lambda: 0.5}}", "tasks:"]
+    for n, d in zoo["data"].items():
+        lines.append(f"  {n}: {{validation: {{path: {d['validation']}}}, test: {{path: {d['test']}}}, "
+                     f"router: {{path: {d['router']}}}, batch_size: 32}}")
+    lines.append(f"search: {{population: {population}, evaluations: {evaluations}, seed: 0}}")
+    return "\n".join(lines) + "\n" + extra

@@ -1,0 +1,181 @@
+"""The evaluation engine: P_G (Eq. 7) and C_G (Eq. 8) for a grouping G, never recomputing what it knows.
+
+Three caches, all counted:
+  (a) experts by (component, members)       — in ExpertStore (LRU, memory-bounded);
+  (b) per-task scores by the task's chain    — a task whose chain was seen is not re-evaluated;
+  (c) hidden states by (task, chain prefix)  — a chain that differs only in later layers runs only
+      the layers after the first changed one (encoder classifiers; others run whole).
+With `caches=False` every expert is rebuilt and every task runs a full forward: the naive baseline.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mergetool.evaluation.metrics import score
+from mergetool.evaluation.runner import TaskModel, pick_device
+from mergetool.evaluation.tasks import TaskData, load_task_data, load_tokenizer, tokenizer_dir
+from mergetool.experts import ExpertStore
+from mergetool.grouping import chain_key, members
+from mergetool.search import EvalResult
+
+
+class Evaluator:
+    def __init__(self, store: ExpertStore, *, split: str = "validation", device: str = "auto",
+                 caches: bool = True, prefix_cache_bytes: int = 1 << 30, batch_size: Optional[int] = None):
+        self.store, self.plan, self.recipe = store, store.plan, store.recipe
+        self.device = pick_device(device)
+        self.caches = caches
+        self.split = split
+        self.data: list[TaskData] = []
+        tok_cache: dict = {}
+        for t, name in enumerate(self.plan.tasks):
+            src = store.tasks[t]
+            tdir = tokenizer_dir(src.path, store.base.path)
+            tok = tok_cache.setdefault(tdir, load_tokenizer(tdir))
+            self.data.append(load_task_data(self.recipe, name, src.config, tok, split=split, batch_size=batch_size))
+        self._models: dict[int, TaskModel] = {}
+        self._memo: dict[tuple, float] = {}
+        self._prefix: OrderedDict[tuple, list] = OrderedDict()
+        self._prefix_bytes = 0
+        self.prefix_cache_bytes = prefix_cache_bytes
+        self.counts = {"memo_hits": 0, "memo_misses": 0, "prefix_hits": 0, "prefix_misses": 0,
+                       "stage_calls": 0, "forward_calls": 0}
+
+    # --- public ---------------------------------------------------------------------------------
+    def evaluate(self, G) -> EvalResult:
+        start = time.perf_counter()
+        before = dict(self.counts, **self.store.stats())
+        per_task = {name: self.score_task(G, t) for t, name in enumerate(self.plan.tasks)}
+        cost = self.store.storage_cost(G)
+        after = dict(self.counts, **self.store.stats())
+        delta = {k: after[k] - before.get(k, 0) for k in after if k != "experts_cached"}
+        return EvalResult(float(np.mean(list(per_task.values()))), per_task, cost,
+                          time.perf_counter() - start, delta)
+
+    def score_task(self, G, t: int) -> float:
+        key = (t, chain_key(G, t))
+        if self.caches and key in self._memo:
+            self.counts["memo_hits"] += 1
+            return self._memo[key]
+        self.counts["memo_misses"] += 1
+        if not self.caches:
+            self.store.clear()
+        outputs = self._run(G, t)
+        value = self._score(t, outputs)
+        if self.caches:
+            self._memo[key] = value
+        return value
+
+    def outputs(self, G, t: int) -> np.ndarray:
+        """Raw outputs of task t's assembled chain on its split (batch order)."""
+        return self._run(G, t)
+
+    # --- internals -----------------------------------------------------------------------------
+    def _model(self, t: int) -> TaskModel:
+        if t not in self._models:
+            self._models[t] = TaskModel(self.plan, self.store.tasks[t], self.store.own_tensors(t), self.device)
+        return self._models[t]
+
+    def _load(self, model: TaskModel, G, t: int, components) -> None:
+        for l in components:
+            m = members(G, t, l)
+            if model.loaded.get(l) != m or not self.caches:
+                model.loaded.pop(l, None)
+                model.load(l, m, self.store.expert(l, m).dense())
+
+    def _run(self, G, t: int) -> np.ndarray:
+        model = self._model(t)
+        data = self.data[t]
+        with torch.inference_mode():
+            if not (self.caches and model.layerable):
+                self._load(model, G, t, range(self.plan.L))
+                outs = []
+                for batch in data.batches:
+                    self.counts["forward_calls"] += 1
+                    outs.append(model.forward(_to(batch, self.device)).float().cpu())
+                return torch.cat(outs).numpy()
+            return self._run_staged(model, G, t, data)
+
+    def _run_staged(self, model: TaskModel, G, t: int, data: TaskData) -> np.ndarray:
+        stages = model.stages
+        prefix: list = []
+        keys = []
+        for comps in stages[:-1]:
+            prefix.extend((l, members(G, t, l)) for l in comps)
+            keys.append((t, tuple(prefix)))
+        start, states = 0, None
+        for s in range(len(keys) - 1, -1, -1):
+            if keys[s] in self._prefix:
+                self._prefix.move_to_end(keys[s])
+                start, states = s + 1, self._prefix[keys[s]]
+                self.counts["prefix_hits"] += 1
+                break
+        else:
+            self.counts["prefix_misses"] += 1
+        for s in range(start, len(stages)):
+            self._load(model, G, t, stages[s])
+            fn = model.stage_fn(s)
+            inputs = [_to(b, self.device) for b in data.batches] if s == 0 else states
+            states = [fn(x) for x in inputs]
+            self.counts["stage_calls"] += len(inputs)
+            if s < len(stages) - 1:
+                self._remember(keys[s], states)
+        return torch.cat([o.float().cpu() for o in states]).numpy()
+
+    def _remember(self, key: tuple, states: list) -> None:
+        size = sum(h.numel() * h.element_size() for h, _ in states)
+        if size > self.prefix_cache_bytes:
+            return
+        self._prefix[key] = states
+        self._prefix_bytes += size
+        while self._prefix_bytes > self.prefix_cache_bytes:
+            _, old = self._prefix.popitem(last=False)
+            self._prefix_bytes -= sum(h.numel() * h.element_size() for h, _ in old)
+
+    def _score(self, t: int, outputs: np.ndarray) -> float:
+        data = self.data[t]
+        cfg = self.recipe.tasks[data.name]
+        if cfg.kind == "custom":
+            module_name, _, fn_name = cfg.evaluator.partition(":")
+            fn = getattr(importlib.import_module(module_name), fn_name)
+            return float(fn(outputs, data.labels, data.records))
+        return score(data.metric, outputs, data.labels)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class MergeProblem:
+    """The search's black box: evaluate(G) and the exact storage_cost(G)."""
+
+    def __init__(self, evaluator: Evaluator):
+        self.evaluator = evaluator
+        self.T, self.L = evaluator.plan.T, evaluator.plan.L
+
+    def evaluate(self, G) -> EvalResult:
+        return self.evaluator.evaluate(G)
+
+    def storage_cost(self, G) -> float:
+        return self.evaluator.store.storage_cost(G)
+
+    def task_vectors(self, max_features: int = 65536) -> list[np.ndarray]:
+        """Per component, the T task vectors (θ_t − θ_pre) on a fixed strided subset of coordinates."""
+        store = self.evaluator.store
+        out = []
+        for comp in self.evaluator.plan.components:
+            rows = []
+            for src in store.tasks:
+                parts = [(src.get(n).float() - store.base.get(n).float()).flatten() for n in comp.tensors]
+                v = torch.cat(parts)
+                step = max(1, v.numel() // max_features)
+                rows.append(v[::step][:max_features].numpy())
+            out.append(np.stack(rows))
+        return out
