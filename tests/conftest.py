@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 
 from mergetool.toy import make_lora_zoo, make_zoo, write_jsonl  # noqa: E402
+from hub_server import hub_server, hub_server_raw  # noqa: E402,F401  (loopback Hub fixtures)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
