@@ -151,31 +151,3 @@ class Evaluator:
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-class MergeProblem:
-    """The search's black box: evaluate(G) and the exact storage_cost(G)."""
-
-    def __init__(self, evaluator: Evaluator):
-        self.evaluator = evaluator
-        self.T, self.L = evaluator.plan.T, evaluator.plan.L
-
-    def evaluate(self, G) -> EvalResult:
-        return self.evaluator.evaluate(G)
-
-    def storage_cost(self, G) -> float:
-        return self.evaluator.store.storage_cost(G)
-
-    def task_vectors(self, max_features: int = 65536) -> list[np.ndarray]:
-        """Per component, the T task vectors (θ_t − θ_pre) on a fixed strided subset of coordinates."""
-        store = self.evaluator.store
-        out = []
-        for comp in self.evaluator.plan.components:
-            rows = []
-            for src in store.tasks:
-                parts = [(src.get(n).float() - store.base.get(n).float()).flatten() for n in comp.tensors]
-                v = torch.cat(parts)
-                step = max(1, v.numel() // max_features)
-                rows.append(v[::step][:max_features].numpy())
-            out.append(np.stack(rows))
-        return out

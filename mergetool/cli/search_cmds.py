@@ -1,0 +1,152 @@
+"""`search` (Algorithm 1 on a recipe) and `front` (the Pareto front of a run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mergetool.cli._errors import handles_errors
+
+BUDGETS = (0.25, 0.5, 1.0, 2.0)
+
+
+@handles_errors
+def search(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the recipe's output folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over, deleting a previous search.")] = False,
+    evaluations: Annotated[Optional[int], typer.Option(help="Real evaluations (overrides search.evaluations).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Overrides search.seed.")] = None,
+    no_surrogate: Annotated[bool, typer.Option("--no-surrogate", help="Ablation: evaluate offspring directly.")] = False,
+    init: Annotated[Optional[str], typer.Option(help="Ablation: kmeans | random.")] = None,
+    granularity: Annotated[Optional[str], typer.Option(help="Ablation: component | layer | kind | model.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Search Pareto-optimal groupings G (surrogate-assisted NSGA-II) and write RUN/search/."""
+    from mergetool.checks import check_recipe
+    from mergetool.pipeline import MergeProblem, Session, references, settings_for, test_scores, write_summary
+    from mergetool.recipe import load_recipe
+    from mergetool.rundir import prepare_run
+    from mergetool.search import run_search
+    from mergetool.search.executors import make_executor
+
+    r = _override(load_recipe(recipe), evaluations, seed, no_surrogate, init, granularity)
+    plan = check_recipe(r)
+    run_dir = prepare_run(r, resume=resume, force=force)
+    console = Console(stderr=True, quiet=quiet)
+    console.print(f"run: {run_dir}  (T={plan.T}, L={plan.L}, search space 10^{plan.search_space_log10:.1f})")
+    session = Session(r, device=device, plan=plan)
+    search_dir = run_dir / "search"
+    with _progress(console) as bar:
+        task = bar.add_task("references", total=None, hv=0.0, best=0.0, hits=0.0)
+        refs = references(session, search_dir, lambda what: bar.update(task, description=what))
+        settings = settings_for(r)
+        bar.update(task, description="search", total=settings.evaluations, completed=0)
+
+        def on_progress(done, budget, hv, best_p, hit_rate):
+            bar.update(task, completed=done, total=budget, hv=hv, best=best_p or 0.0, hits=hit_rate or 0.0)
+
+        ex = r.search
+        executor = make_executor(ex.executor, ex.ray.address, ex.ray.num_workers)
+        with executor:
+            result = run_search(MergeProblem(session), settings, search_dir / "evaluations.jsonl",
+                                progress=on_progress, executor=executor)
+        bar.update(task, description="test split")
+        chosen = [f["grouping"] for f in result.front]
+        tests = test_scores(session, search_dir, chosen)
+    baselines = _read(run_dir / "baselines" / "baselines.json")
+    stats = {"evaluations": result.evaluations, "evaluated in this process": result.evaluated_now,
+             "replayed from the journal": result.replayed, "generations": result.generations,
+             "candidates screened by the surrogate": result.screened,
+             "surrogate Kendall tau (predicted vs real P)": _fmt(result.kendall_tau),
+             "hypervolume": f"{result.hv:.4f} (reference P=0, C=T+1={result.hv_ref[1]:g})",
+             "init": result.init_used, "stopped": result.stopped,
+             "cache": json.dumps(session.evaluator("validation").counts | session.store.stats())}
+    summary = write_summary(run_dir, result.front, refs, stats, baselines, tests)
+    _print_front(Console(), result.front, refs)
+    Console().print(f"wrote {search_dir} (summary: {summary})")
+
+
+@handles_errors
+def front(
+    run: Annotated[Optional[Path], typer.Argument(help="Run directory or recipe (default: current folder).")] = None,
+) -> None:
+    """Print a run's Pareto front (C, P, per task, the pick per budget) and redraw pareto.png."""
+    from mergetool.rundir import resolve_run
+    from mergetool.search.front import plot_pareto
+    from mergetool.search.journal import read_journal
+
+    run_dir, _ = resolve_run(run)
+    path = run_dir / "search" / "front.json"
+    if not path.is_file():
+        from mergetool.errors import MergetoolError
+
+        raise MergetoolError(f"no front in {run_dir}", key="RUN", fix="run `mergetool search RECIPE` first")
+    fr = json.loads(path.read_text())
+    _print_front(Console(), fr, _read(run_dir / "search" / "reference.json"))
+    records = read_journal(run_dir / "search" / "evaluations.jsonl")
+    plot_pareto(records, fr, run_dir / "search" / "pareto.png")
+
+
+def _override(r, evaluations, seed, no_surrogate, init, granularity):
+    search = {k: v for k, v in {"evaluations": evaluations, "seed": seed, "init": init,
+                                "surrogate": "none" if no_surrogate else None}.items() if v is not None}
+    if not search and not granularity:
+        return r
+    from mergetool.recipe.loader import parse_recipe
+    import yaml
+
+    data = yaml.safe_load(r.text)
+    data.setdefault("search", {}).update(search)
+    if granularity:
+        data.setdefault("components", {})["granularity"] = granularity
+    return parse_recipe(yaml.safe_dump(data, sort_keys=False), r.path)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("HV {task.fields[hv]:.3f}  best P {task.fields[best]:.4f}  "
+                               "cache hits {task.fields[hits]:.0%}"), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _print_front(console: Console, fr: list[dict], refs: Optional[dict]) -> None:
+    from mergetool.search.front import pick
+
+    table = Table(title="Pareto front (validation)")
+    for col in ("id", "C", "P", "per task", "picked at budget"):
+        table.add_column(col)
+    picks: dict = {}
+    for b in BUDGETS:
+        try:
+            picks.setdefault(pick(fr, b)["id"], []).append(f"{b:g}")
+        except Exception:  # nothing fits that budget
+            pass
+    for f in sorted(fr, key=lambda f: f["storage_cost"]):
+        tasks = " ".join(f"{k}={v:.3f}" for k, v in f["per_task"].items())
+        table.add_row(str(f["id"]), f"{f['storage_cost']:.4f}", f"{f['performance']:.4f}", tasks,
+                      ", ".join(picks.get(f["id"], [])))
+    console.print(table)
+    if refs:
+        for name, ref in refs.items():
+            console.print(f"{name}: C={ref['storage_cost']:.3f}  P={ref['validation']['performance']:.4f}")
+
+
+def _read(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(search)
+    app.command()(front)

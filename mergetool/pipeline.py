@@ -1,0 +1,197 @@
+"""Recipe → plan → experts → evaluator → search → summary: the offline stage (Algorithm 1).
+
+`Session` opens the models once and builds what the commands need. `MergeProblem` is the search's
+black box; it pickles as its recipe text, so Ray workers rebuild it on their side.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from mergetool.errors import MergetoolError
+from mergetool.evaluation.engine import Evaluator
+from mergetool.experts import ExpertStore
+from mergetool.grouping import all_shared, all_singletons, canonical, key
+from mergetool.plan import Plan, build_plan, open_models
+from mergetool.quantize import QuantSpec
+from mergetool.recipe import Recipe, parse_recipe
+from mergetool.rundir import write_json_atomic
+from mergetool.search import EvalResult, SearchSettings
+
+
+class Session:
+    """Models opened once; experts and evaluators built on demand."""
+
+    def __init__(self, recipe: Recipe, *, device: str = "auto", plan: Optional[Plan] = None):
+        self.recipe, self.device = recipe, device
+        self.base, self.tasks = open_models(recipe)
+        self.plan = plan or build_plan(recipe, sources=(self.base, self.tasks), check_values=False)
+        self._evaluators: dict = {}
+
+    @cached_property
+    def store(self) -> ExpertStore:
+        return ExpertStore(self.recipe, self.plan, self.base, self.tasks)
+
+    @cached_property
+    def full_precision_store(self) -> ExpertStore:
+        return ExpertStore(self.recipe, self.plan, self.base, self.tasks, quantization=QuantSpec(bits=32))
+
+    def evaluator(self, split: str = "validation", *, quantized: bool = True, caches: bool = True) -> Evaluator:
+        k = (split, quantized, caches)
+        if k not in self._evaluators:
+            store = self.store if quantized else self.full_precision_store
+            self._evaluators[k] = Evaluator(store, split=split, device=self.device, caches=caches)
+        return self._evaluators[k]
+
+    def has_split(self, split: str) -> bool:
+        return all(getattr(self.recipe.tasks[t], split) is not None for t in self.plan.tasks)
+
+
+class MergeProblem:
+    """evaluate(G) → P and C on the validation split; storage_cost(G) exact (Eq. 8)."""
+
+    def __init__(self, session: Session):
+        self._session = session
+        self.T, self.L = session.plan.T, session.plan.L
+
+    @property
+    def session(self) -> Session:
+        return self._session
+
+    def evaluate(self, G) -> EvalResult:
+        return self._session.evaluator("validation").evaluate(G)
+
+    def storage_cost(self, G) -> float:
+        return self._session.store.storage_cost(G)
+
+    def task_vectors(self, max_features: int = 65536) -> list[np.ndarray]:
+        """Per component, T task vectors (θ_t − θ_pre) on a fixed strided subset of coordinates."""
+        s = self._session
+        out = []
+        for comp in s.plan.components:
+            rows = []
+            for src in s.tasks:
+                v = np.concatenate([(src.get(n).float() - s.base.get(n).float()).flatten().numpy()
+                                    for n in comp.tensors])
+                rows.append(v[:: max(1, v.size // max_features)][:max_features])
+            out.append(np.stack(rows))
+        return out
+
+    def __getstate__(self) -> dict:
+        r = self._session.recipe
+        return {"text": r.text, "path": str(r.path) if r.path else None, "device": self._session.device}
+
+    def __setstate__(self, state: dict) -> None:
+        recipe = parse_recipe(state["text"], Path(state["path"]) if state["path"] else None)
+        self.__init__(Session(recipe, device=state["device"]))
+
+
+def settings_for(recipe: Recipe) -> SearchSettings:
+    s = recipe.search
+    return SearchSettings(population=s.population, evaluations=s.evaluations, surrogate=s.surrogate,
+                          init=s.init, seed=s.seed)
+
+
+def references(session: Session, search_dir: Path, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Full-precision references on every split: the static merge (all-shared, C = 1) and the
+    individual models (all-singletons, C = T). Cached in reference.json."""
+    path = search_dir / "reference.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    p = session.plan
+    out: dict = {}
+    for name, G in (("static_merge", all_shared(p.T, p.L)), ("individual", all_singletons(p.T, p.L))):
+        entry = {"grouping": canonical(G).tolist(), "storage_cost": session.full_precision_store.storage_cost(G)}
+        for split in ("validation", "test"):
+            if split == "validation" or session.has_split(split):
+                if progress:
+                    progress(f"{name} on {split}")
+                r = session.evaluator(split, quantized=False).evaluate(G)
+                entry[split] = {"performance": r.performance, "per_task": r.per_task}
+        out[name] = entry
+    write_json_atomic(path, out)
+    return out
+
+
+def test_scores(session: Session, search_dir: Path, groupings: list) -> dict:
+    """Test-split scores of chosen solutions (by canonical key), cached in test_scores.json."""
+    path = search_dir / "test_scores.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if not session.has_split("test"):
+        return cache
+    for G in groupings:
+        k = key(G)
+        if k not in cache:
+            r = session.evaluator("test").evaluate(np.asarray(G))
+            cache[k] = {"performance": r.performance, "per_task": r.per_task}
+    write_json_atomic(path, cache)
+    return cache
+
+
+def select(front: list[dict], reference: dict, baselines: Optional[dict]) -> dict:
+    """G1, G2, G3 as in the paper's Table I (selected on validation)."""
+    def cheapest_above(p: float) -> Optional[dict]:
+        above = [f for f in front if f["performance"] is not None and f["performance"] > p]
+        return min(above, key=lambda f: (f["storage_cost"], -f["performance"])) if above else None
+
+    out = {"G1": cheapest_above(reference["static_merge"]["validation"]["performance"]), "G2": None,
+           "G3": max(front, key=lambda f: f["performance"]) if front else None}
+    if baselines:
+        merging = [b for b in baselines.get("methods", []) if b.get("kind") in ("static", "dynamic")
+                   and b.get("validation") is not None]
+        if merging:
+            best = max(merging, key=lambda b: b["validation"]["performance"])
+            out["G2"] = cheapest_above(best["validation"]["performance"])
+            out["G2_baseline"] = best["name"]
+    return out
+
+
+def require_trained(reference: dict) -> None:
+    """Refuse nothing, but say so when the task models score like chance: the search can't help then."""
+    ind = reference["individual"]["validation"]["performance"]
+    if ind <= 0:
+        raise MergetoolError("the individual task models score 0 on validation", key="tasks",
+                             fix="check the label columns and the models' id2label")
+
+
+def write_summary(run_dir: Path, front: list[dict], reference: dict, stats: dict,
+                  baselines: Optional[dict] = None, tests: Optional[dict] = None) -> Path:
+    """summary.md: G1, G2, G3 (selected on validation, reported on test), references, search stats."""
+    chosen = select(front, reference, baselines)
+    tests = tests or {}
+    lines = ["# Search summary", "",
+             "Solutions are selected on the validation split; test figures (when the recipe has a test "
+             "split) are the same solutions scored on unseen data.", "",
+             "| | C | P (validation) | P (test) | per task (validation) |", "|---|---|---|---|---|"]
+
+    def row(label: str, c, p_val, p_test, per_task) -> None:
+        fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+        tasks = ", ".join(f"{k} {v:.3f}" for k, v in (per_task or {}).items())
+        lines.append(f"| {label} | {fmt(c)} | {fmt(p_val)} | {fmt(p_test)} | {tasks} |")
+
+    for name in ("individual", "static_merge"):
+        ref = reference[name]
+        row({"individual": "individual models (fp32)", "static_merge": "static merge (fp32, all shared)"}[name],
+            ref["storage_cost"], ref["validation"]["performance"], (ref.get("test") or {}).get("performance"),
+            ref["validation"]["per_task"])
+    for g in ("G1", "G2", "G3"):
+        f = chosen.get(g)
+        note = {"G1": "cheapest beating the static merge", "G2": "cheapest beating the best merging baseline",
+                "G3": "best performance"}[g]
+        if f is None:
+            why = "run `mergetool baselines` first" if g == "G2" and not baselines else "no front solution qualifies"
+            lines.append(f"| {g} ({note}) | – | – | – | {why} |")
+            continue
+        t = tests.get(key(f["grouping"])) or {}
+        label = f"{g} ({note}" + (f": {chosen['G2_baseline']})" if g == "G2" else ")") + f", id {f['id']}"
+        row(label, f["storage_cost"], f["performance"], t.get("performance"), f["per_task"])
+    lines += ["", "## Search", ""]
+    lines += [f"- {k}: {v}" for k, v in stats.items()]
+    path = run_dir / "search" / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,98 @@
+"""The run directory: what a search leaves behind, and how later commands find it.
+
+    <output>/run.json                  recipe copy, its hash, versions, seed
+    <output>/search/                   evaluations.jsonl, search_state.json, front.json, hv.csv,
+                                       pareto.png, hv.png, reference.json, test_scores.json, summary.md
+    <output>/baselines/baselines.json  from `mergetool baselines`
+    <output>/router/                   the cached router
+    <output>/libraries/budget-<B>/     the default `export --out`
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from mergetool.errors import MergetoolError
+from mergetool.recipe import Recipe, load_recipe, parse_recipe
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Hash of everything that shapes a search's results (the evaluation budget may grow on resume)."""
+    data = recipe.model_dump(mode="json")
+    data["search"].pop("evaluations", None)
+    data["search"].pop("executor", None)
+    data["search"].pop("ray", None)
+    data.pop("router", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mergetool", "torch", "transformers", "mergekit", "pymoo", "scikit-learn", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_json_atomic(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def prepare_run(recipe: Recipe, *, resume: bool, force: bool) -> Path:
+    """Create or reopen the run directory for a search; refuse a run of a different recipe."""
+    run = recipe.run_dir
+    info_path = run / "run.json"
+    journal = run / "search" / "evaluations.jsonl"
+    digest = recipe_hash(recipe)
+    if info_path.is_file():
+        old = json.loads(info_path.read_text()).get("recipe_sha256")
+        if old != digest and not force:
+            raise MergetoolError(f"run directory {run} belongs to a different recipe (hash {old[:12]})",
+                                 file=recipe.path, key="output",
+                                 fix="use --force to start over, or set another `output`")
+        if old == digest and journal.is_file() and not (resume or force):
+            raise MergetoolError(f"a search already ran in {run}", file=recipe.path, key="output",
+                                 fix="--resume continues it, --force starts over")
+    if force and (run / "search").exists():
+        shutil.rmtree(run / "search")
+    write_json_atomic(info_path, {
+        "recipe_path": str(recipe.path) if recipe.path else None, "recipe_sha256": digest,
+        "recipe_text": recipe.text, "seed": recipe.search.seed, "versions": versions(),
+    })
+    (run / "search").mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def resolve_run(arg: Optional[Path]) -> tuple[Path, Recipe]:
+    """RUN argument: a run directory (with run.json) or a recipe file; defaults to the current folder."""
+    arg = Path(arg) if arg else Path.cwd()
+    if arg.is_file():
+        recipe = load_recipe(arg)
+        return recipe.run_dir, recipe
+    info = arg / "run.json"
+    if not info.is_file():
+        raise MergetoolError(f"{arg} is neither a recipe nor a run directory (no run.json)", key="RUN",
+                             fix="pass the recipe or the recipe's `output` folder after `mergetool search`")
+    data = json.loads(info.read_text())
+    path = Path(data["recipe_path"]) if data.get("recipe_path") else None
+    recipe = load_recipe(path) if path is not None and path.is_file() else None
+    if recipe is None or recipe_hash(recipe) != data.get("recipe_sha256"):
+        recipe = parse_recipe(data["recipe_text"], path or arg / "recipe.yaml")  # the recipe the run used
+    return arg, recipe
