@@ -273,6 +273,7 @@ def _check_values(recipe: Recipe, base: ModelSource, tasks: list[ModelSource], f
     named = [("base_model", base)] + [(("models", i, "model"), s) for i, s in enumerate(tasks)]
     for key, src in named:
         bad = [n for n in src.keys() if src.meta(n).is_float and not torch.isfinite(src.get(n)).all()]
+        src.close()  # unmap: a full scan must not keep every model's pages resident
         if bad:
             fail(f"{len(bad)} tensor(s) hold NaN or Inf: {', '.join(bad[:SHOW])}", key,
                  "re-export the checkpoint; merging non-finite weights is undefined")

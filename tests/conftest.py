@@ -40,3 +40,11 @@ def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     rows = [{"text": f"example {i}", "label": i % 2} for i in range(8)]
     return [write_jsonl(root / f"t{i}.jsonl", rows) for i in range(2)]
+
+
+@pytest.fixture(scope="session")
+def trained_zoo(tmp_path_factory):
+    """Tiny BERTs fine-tuned on three conflicting synthetic tasks (trained, not random)."""
+    from mergetool.toy import make_trained_zoo
+
+    return make_trained_zoo(tmp_path_factory.mktemp("trained"))

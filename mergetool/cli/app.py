@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mergetool import __version__
-from mergetool.cli import recipe_cmds, stubs
+from mergetool.cli import library_cmds, recipe_cmds, search_cmds, stubs
 from mergetool.cli._errors import set_debug
 
 app = typer.Typer(
@@ -35,6 +35,8 @@ def main_options(
 
 
 recipe_cmds.register(app)
+search_cmds.register(app)
+library_cmds.register(app)
 stubs.register(app)
 
 

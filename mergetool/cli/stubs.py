@@ -5,9 +5,6 @@ from __future__ import annotations
 import typer
 
 PENDING = {
-    "search": "Search Pareto-optimal groupings (surrogate-assisted NSGA-II).",
-    "export": "Export an expert library under a storage budget.",
-    "inspect": "Show an expert library: tasks, groups, chains, storage.",
     "predict": "Route inputs and predict with an expert library.",
     "baselines": "Score static and dynamic merging baselines.",
     "push": "Push an expert library to the Hugging Face Hub.",

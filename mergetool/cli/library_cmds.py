@@ -1,0 +1,271 @@
+"""`export`, `inspect` and `export-model`: expert libraries on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mergetool.cli._errors import handles_errors
+from mergetool.errors import LibraryError, MergetoolError
+
+RunArg = Annotated[Optional[Path], typer.Argument(
+    help="Run directory (with run.json), or a recipe whose `output` is the run directory. Default: .",
+    show_default=False)]
+LibArg = Annotated[Path, typer.Argument(help="Expert library folder.", show_default=False)]
+BudgetOpt = Annotated[Optional[str], typer.Option(
+    "--budget", help="Storage budget in full-precision base models (1.0 = one base model).", show_default=False)]
+SolutionOpt = Annotated[Optional[int], typer.Option("--solution", help="A front.json solution id.", show_default=False)]
+
+
+def parse_budget(text: Optional[str]) -> Optional[float]:
+    if text is None:
+        return None
+    try:
+        b = float(text)
+    except ValueError:
+        raise LibraryError(f"budget {text!r} is not a number", key="--budget",
+                           fix="give the budget in base models, e.g. --budget 1.5") from None
+    if not math.isfinite(b) or b <= 0:
+        raise LibraryError(f"budget must be a positive number, got {text!r}", key="--budget",
+                           fix="give the budget in base models, e.g. --budget 1.5")
+    return b
+
+
+def read_grouping(path: Path, plan):
+    """G from {"tasks", "components", "grouping"} (or a bare T x L list), rows/columns in plan order."""
+    from mergetool.grouping import validate
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LibraryError("grouping file not found", file=str(path), key="--grouping") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LibraryError(f"grouping file is not valid JSON: {exc}", file=str(path), key="--grouping") from None
+    tasks = comps = None
+    if isinstance(data, dict):
+        tasks, comps, data = data.get("tasks"), data.get("components"), data.get("grouping")
+    try:
+        G = validate(data, plan.T, plan.L)
+    except (ValueError, TypeError):
+        G = None
+    except MergetoolError as e:
+        raise LibraryError(e.message, file=str(path), key="grouping", fix=e.fix) from None
+    if G is None:
+        raise LibraryError(f"grouping must be a {plan.T} x {plan.L} matrix of group ids", file=str(path),
+                           key="grouping", fix="one row per task, one column per component, 0-based ids")
+    expected = (("tasks", tasks, list(plan.tasks)), ("components", comps, [c.name for c in plan.components]))
+    for what, given, want in expected:
+        if given is None:
+            continue
+        if not isinstance(given, list) or sorted(map(str, given)) != sorted(want):
+            raise LibraryError(f"{what} {given} do not match the recipe's {want}", file=str(path), key=what,
+                               fix=f"list the recipe's {what}")
+        order = [given.index(n) for n in want]
+        G = G[order] if what == "tasks" else G[:, order]
+    return G
+
+
+def _front(run_dir: Path) -> list[dict]:
+    path = run_dir / "search" / "front.json"
+    if not path.is_file():
+        raise LibraryError(f"no Pareto front at {path}", key="--budget",
+                           fix="run `mergetool search` first, or pass --grouping G.json")
+    try:
+        front = json.loads(path.read_text(encoding="utf-8"))
+        assert isinstance(front, list) and all({"id", "grouping", "storage_cost"} <= set(r) for r in front)
+    except (AssertionError, TypeError, UnicodeDecodeError, json.JSONDecodeError):
+        raise LibraryError("front.json is not a list of {id, grouping, performance, storage_cost, per_task}",
+                           file=str(path)) from None
+    return front
+
+
+def _pick(front: list[dict], budget: float) -> dict:
+    from mergetool.search.front import pick
+
+    scored = [{**r, "performance": r.get("performance") if r.get("performance") is not None else float("-inf")}
+              for r in front]
+    best = pick(scored, budget)
+    return next(r for r in front if r["id"] == best["id"])
+
+
+@handles_errors
+def export(
+    run: RunArg = None,
+    budget: BudgetOpt = None,
+    solution: SolutionOpt = None,
+    grouping: Annotated[Optional[Path], typer.Option(
+        "--grouping", help="Explicit G: JSON {tasks, components, grouping}.", show_default=False)] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Export the whole front as one library.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Library folder (default RUN/libraries/...).",
+                                                show_default=False)] = None,
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest expert shard, e.g. 2GB or 500MB.")] = "2GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing library.")] = False,
+    router: Annotated[bool, typer.Option("--router/--no-router", help="Train a router (not available yet).")] = False,
+) -> None:
+    """Export an expert library under a storage budget (or for --solution, --grouping, --all)."""
+    from mergetool.grouping import validate
+    from mergetool.library.writer import SolutionIn, check_target, export_library, parse_size
+    from mergetool.plan import build_plan, open_models
+    from mergetool.rundir import resolve_run
+
+    B = parse_budget(budget)
+    size = parse_size(shard_size)
+    if router:
+        raise LibraryError("routers are not available yet", key="--router", fix="use --no-router")
+    if sum(x is not None and x is not False for x in (solution, grouping, all_ or None)) > 1:
+        raise LibraryError("--solution, --grouping and --all exclude each other", key="export")
+    if B is None and solution is None and grouping is None and not all_:
+        raise LibraryError("nothing chosen to export", key="export",
+                           fix="give --budget B, --solution ID, --grouping G.json or --all")
+    run_dir, recipe = resolve_run(run)  # run.json's recipe: the one the search used
+    if out is None:
+        name = ("all" if all_ else f"grouping-{grouping.stem}" if grouping else
+                f"solution-{solution}" if solution is not None else f"budget-{B:g}")
+        out = run_dir / "libraries" / name
+    check_target(Path(out), force)
+    sources = open_models(recipe)
+    plan = build_plan(recipe, sources=sources, check_values=False)  # as the search does; `validate` checks values
+    default = 0
+    if grouping is not None:
+        sols = [SolutionIn(read_grouping(grouping, plan))]
+    else:
+        front = _front(run_dir)
+        if all_:
+            chosen = [r for r in front if B is None or r["storage_cost"] <= B] or [_pick(front, B)]
+        elif solution is not None:
+            chosen = [r for r in front if r["id"] == solution]
+            if not chosen:
+                raise LibraryError(f"solution {solution} is not on the front", key="--solution",
+                                   fix=f"use one of {', '.join(str(r['id']) for r in front)}")
+            if B is not None and chosen[0]["storage_cost"] > B:
+                raise LibraryError(f"solution {solution} costs C = {chosen[0]['storage_cost']:.6g} > budget {B:g}",
+                                   key="--budget", fix="raise the budget or pick another solution")
+        else:
+            chosen = [_pick(front, B)]
+        sols = []
+        for r in chosen:
+            try:
+                G = validate(r["grouping"], plan.T, plan.L)
+            except MergetoolError as e:
+                raise LibraryError(f"front solution {r['id']}: {e.message}", key="front.json", fix=e.fix) from None
+            sols.append(SolutionIn(G, id=r["id"], performance=r.get("performance"), per_task=r.get("per_task"),
+                                   expected_cost=r["storage_cost"]))
+        perf = [s.performance if s.performance is not None else float("-inf") for s in sols]
+        default = max(range(len(sols)), key=lambda i: (perf[i], -sols[i].expected_cost))
+    say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    m = export_library(recipe, plan, sources, sols, Path(out), shard_size=size, force=force, default=default,
+                       budget=None if all_ else B, progress=say)
+    s = m.solutions[m.default_solution]
+    typer.echo(f"wrote {out}: {len(m.experts)} experts, {len(m.solutions)} solution(s)")
+    typer.echo(f"storage cost C = {m.storage_cost:.6f} (experts only; {m.storage.storage_cost_with_heads:.6f} "
+               f"with heads); d = {plan.d:,}, b+ = {plan.base_bits}")
+    if s.performance is not None:
+        typer.echo(f"solution {s.id}: P = {s.performance:.4f}")
+    for name, entry in m.files.items():
+        typer.echo(f"  {name:<40} {entry.bytes:>14,} bytes")
+    typer.echo(f"  {'total':<40} {sum(e.bytes for e in m.files.values()):>14,} bytes (manifest.json excluded)")
+
+
+@handles_errors
+def inspect(
+    lib: LibArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Emit JSON.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Check every file's sha256.")] = False,
+    solution: SolutionOpt = None,
+) -> None:
+    """Show an expert library: tasks, components, groups, chains, storage (computed and on disk)."""
+    from mergetool.library.card import group_letters
+    from mergetool.library.reader import ExpertLibrary
+
+    L = ExpertLibrary.load(lib, verify=verify, solution=solution)
+    m, s = L.manifest, L.solution
+    disk = L.disk_report()
+    manifest_bytes = (Path(lib) / "manifest.json").stat().st_size
+    total = sum(v["bytes"] for v in disk.values()) + manifest_bytes
+    report = {
+        "path": str(lib), "format_version": m.format_version, "mergetool_version": m.mergetool_version,
+        "base": m.base.model_dump(),
+        "tasks": [{"name": t.name, "labels": t.labels, "heads": {n: h.shape for n, h in t.heads.items()}}
+                  for t in m.tasks],
+        "components": [{"name": c.name, "kind": c.kind, "tensors": len(c.tensors), "params": c.params}
+                       for c in m.components],
+        "solution": {"id": s.id, "performance": s.performance, "per_task": s.per_task, "grouping": s.grouping},
+        "solutions": [{"id": x.id, "performance": x.performance, "storage_cost": x.storage.storage_cost}
+                      for x in m.solutions],
+        "groups": {c: dict(zip([t.name for t in m.tasks], letters)) for c, letters, _ in group_letters(m, s)},
+        "chains": s.chains,
+        "experts": [{"id": e.id, "component": m.components[e.component].name, "group_members": e.group_members,
+                     "data_bytes": e.data_bits // 8 + e.mask_bytes} for e in m.experts],
+        "storage": {"solution": s.storage.model_dump(), "library": m.storage.model_dump(),
+                    "on_disk": {"files": disk, "manifest.json": manifest_bytes, "total": total}},
+        "verified": verify,
+    }
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    _print(report, m, s)
+
+
+def _print(report: dict, m, s) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mergetool.library.card import group_letters
+
+    con = Console()
+    con.print(f"[bold]{report['path']}[/]: format v{m.format_version}, base {m.base.ref}")
+    for t in m.tasks:
+        labels = ", ".join(t.labels) if t.labels else "-"
+        con.print(f"task [bold]{t.name}[/]: labels {labels}; heads {', '.join(t.heads) or '-'}")
+    names = [t.name for t in m.tasks]
+    which = "explicit grouping" if s.id is None else f"solution {s.id}"
+    table = Table(title=f"groups per component ({which}; same letter = shared expert)")
+    for col in ["component", "params"] + names + ["experts"]:
+        table.add_column(col)
+    for (comp, letters, n), c in zip(group_letters(m, s), m.components):
+        table.add_row(comp, f"{c.params:,}", *letters, str(n))
+    con.print(table)
+    for task, chain in s.chains.items():
+        con.print(f"chain {task}: {' '.join(chain)}")
+    if len(m.solutions) > 1:
+        con.print("solutions: " + "; ".join(f"{x['id']}: P={x['performance']} C={x['storage_cost']:.6f}"
+                                            for x in report["solutions"]))
+    st = s.storage
+    con.print(f"storage cost C = {st.storage_cost:.6f} (experts only), {st.storage_cost_with_heads:.6f} with heads; "
+              f"library C = {m.storage_cost:.6f}; d = {st.d:,}, b+ = {st.base_bits}")
+    con.print(f"computed expert data {st.expert_data_bytes:,} bytes (C·d·b+/8 + {st.mask_bytes:,} mask bytes)")
+    files = Table(title="on disk")
+    for col in ("file", "bytes", "tensor data"):
+        files.add_column(col, justify="left" if col == "file" else "right")
+    for name, v in report["storage"]["on_disk"]["files"].items():
+        files.add_row(name, f"{v['bytes']:,}", "" if v["data_bytes"] is None else f"{v['data_bytes']:,}")
+    files.add_row("manifest.json", f"{report['storage']['on_disk']['manifest.json']:,}", "")
+    files.add_row("total", f"{report['storage']['on_disk']['total']:,}", "")
+    con.print(files)
+    con.print("checksums verified" if report["verified"] else "sizes and headers checked (--verify checks sha256)")
+
+
+@handles_errors
+def export_model(
+    lib: LibArg,
+    task: Annotated[str, typer.Option("--task", help="The task to materialise.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.", show_default=False)],
+    budget: BudgetOpt = None,
+    solution: SolutionOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder.")] = False,
+) -> None:
+    """Write one task's chain, dequantised, as a plain Hugging Face checkpoint."""
+    from mergetool.library.export_model import export_model as run
+
+    path = run(lib, task, out, force=force, budget=parse_budget(budget), solution=solution)
+    typer.echo(f"wrote {path} (task {task})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(export)
+    app.command()(inspect)
+    app.command("export-model")(export_model)

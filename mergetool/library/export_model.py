@@ -1,0 +1,48 @@
+"""`export-model`: one task's chain, dequantised, as a plain Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from mergetool.errors import LibraryError
+from mergetool.library.manifest import TOKENIZER_FILES
+from mergetool.library.reader import ExpertLibrary
+from mergetool.library.safetensors_io import StreamWriter
+from mergetool.library.writer import EXTRA_FILES, swap_in, make_tmp
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise LibraryError(f"{out} already exists", key="--out", fix="choose another --out or pass --force")
+    looks_model = (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not looks_model):
+        raise LibraryError(f"{out} exists and is not a model folder; --force only replaces model folders",
+                           key="--out", fix="choose another --out")
+
+
+def export_model(lib_dir, task: str, out, *, force: bool = False, budget: Optional[float] = None,
+                 solution: Optional[int] = None) -> Path:
+    """Write config.json (the task's labels), model.safetensors (original names) and the tokenizer."""
+    out = Path(out).absolute()
+    _check_out(out, force)
+    lib = ExpertLibrary.load(lib_dir, budget=budget, solution=solution, verify=True)
+    t = lib.manifest.task(task)
+    tmp = make_tmp(out)
+    try:
+        w = StreamWriter(tmp / "model.safetensors")
+        for name, tensor in lib.task_state(task).items():
+            w.add(name, tensor)
+        w.close()
+        shutil.copyfile(lib.path / t.config, tmp / "config.json")
+        for name in TOKENIZER_FILES + EXTRA_FILES:
+            if name in lib.manifest.files:
+                shutil.copyfile(lib.path / name, tmp / name)
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,204 @@
+"""manifest.json of an expert library, format v1: frozen pydantic models and safe file names.
+
+Every file name in a manifest (the `files` map, shard and config references) is checked here:
+a plain name inside the library folder (no absolute path, no `..`, no sub-folder), on the
+allow-list below. A Manifest instance therefore never points outside its library.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from mergetool.errors import LibraryError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+README = "README.md"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja",
+)
+_PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def allowed_name(name: str) -> bool:
+    """The allow-list: manifest.json, *.safetensors, *.json configs, tokenizer files, README.md."""
+    return name in (MANIFEST, README) or name in TOKENIZER_FILES or name.endswith((".safetensors", ".json"))
+
+
+def check_name(name: str) -> str:
+    """A file name that stays inside the library, or ValueError saying why not."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("empty file name")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise ValueError(f"absolute path {name!r} is not allowed in a library")
+    if ".." in re.split(r"[/\\]", name):
+        raise ValueError(f"path {name!r} points outside the library")
+    if "/" in name or "\\" in name or not _PLAIN.match(name):
+        raise ValueError(f"file name {name!r} is not a plain file name inside the library")
+    if not allowed_name(name):
+        raise ValueError(f"file {name!r} is not an allowed library file")
+    return name
+
+
+FileName = Annotated[str, AfterValidator(check_name)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FileEntry(Frozen):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class StoredTensor(Frozen):
+    """One tensor in a shard: keys `prefix + suffix` for suffix in `keys` (see quantize.to_tensors)."""
+
+    shard: FileName
+    prefix: str
+    shape: list[int]
+    dtype: str
+    bits: int
+    granularity: str
+    keys: list[str]
+
+    def info(self) -> dict:
+        return {"shape": self.shape, "dtype": self.dtype, "bits": self.bits,
+                "granularity": self.granularity, "keys": self.keys}
+
+
+class Expert(Frozen):
+    id: str
+    component: int  # index into Manifest.components
+    group_members: list[str]  # task names
+    tensors: dict[str, StoredTensor]  # normalised tensor name -> storage
+    data_bits: int  # exact data bits (Eq. 8 numerator), row masks excluded
+    mask_bytes: int
+
+
+class Component(Frozen):
+    name: str
+    kind: str
+    layer: Optional[int]
+    params: int
+    tensors: dict[str, list[int]]  # normalised name -> shape
+
+
+class Task(Frozen):
+    name: str
+    config: FileName  # the task model's config.json, copied (num_labels, id2label, architectures)
+    architecture: Optional[str]
+    labels: Optional[list[str]]  # id2label in id order; None when the model has none
+    heads: dict[str, StoredTensor]  # task-specific tensors, full precision
+    original_names: dict[str, str]  # normalised -> the task model's own tensor name
+
+
+class Storage(Frozen):
+    """C (Eq. 8, exact, experts only) and the bytes behind it."""
+
+    d: int
+    base_bits: int
+    storage_cost: float
+    storage_cost_with_heads: float
+    expert_data_bytes: int  # = storage_cost·d·b⁺/8 + mask_bytes
+    mask_bytes: int
+    head_data_bytes: int
+
+
+class Solution(Frozen):
+    id: Optional[int]  # front.json id; None for an explicit --grouping
+    grouping: list[list[int]]  # canonical G, T x L
+    performance: Optional[float]
+    per_task: Optional[dict[str, float]]
+    chains: dict[str, list[str]]  # task -> expert id per component
+    storage: Storage
+
+
+class Base(Frozen):
+    ref: str
+    model_type: Optional[str]
+    config_sha256: str
+    config: FileName  # the base architecture's config.json, copied
+
+
+class Manifest(Frozen):
+    format_version: Literal[1]
+    mergetool_version: str
+    base: Base
+    tasks: list[Task]
+    components: list[Component]
+    experts: list[Expert]
+    buffers: dict[str, StoredTensor]  # non-float buffers shared by every task
+    solutions: list[Solution] = Field(min_length=1)
+    default_solution: int = 0  # index into solutions
+    chains: dict[str, list[str]]  # of the default solution
+    storage_cost: float  # C of every expert in the library (experts only)
+    storage: Storage  # for every expert in the library
+    disk_bytes: dict[str, int]  # on disk per category: experts, heads, buffers, router, base_features, other, total
+    quantization: dict
+    merge: dict
+    recipe: str
+    router: Optional[dict] = None  # filled by the runtime issue
+    files: dict[FileName, FileEntry]
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise LibraryError(f"task {name!r} is not in this library", key="task",
+                           fix=f"use one of {', '.join(t.name for t in self.tasks)}")
+
+    def expert(self, eid: str) -> Expert:
+        return self.expert_map()[eid]
+
+    def expert_map(self) -> dict[str, Expert]:
+        return {e.id: e for e in self.experts}
+
+
+def parse_manifest(data: object, where: str) -> Manifest:
+    """Validate raw JSON; unknown format versions and unsafe names become one-line LibraryErrors."""
+    if not isinstance(data, dict):
+        raise LibraryError("manifest is not a JSON object", file=where, fix="re-export the library")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise LibraryError(f"unknown format_version {version!r} (this mergetool reads {FORMAT_VERSION})",
+                           file=where, key="format_version",
+                           fix="upgrade mergetool or re-export the library")
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise LibraryError(f"invalid manifest: {msg}{more}", file=where, key=loc,
+                           fix="re-export the library; it may be corrupt or tampered with") from None
+    _check_references(manifest, where)
+    return manifest
+
+
+def _check_references(m: Manifest, where: str) -> None:
+    """Every file the manifest uses is listed in `files`; chains name existing experts."""
+    used = {m.base.config} | {t.config for t in m.tasks}
+    used |= {s.shard for e in m.experts for s in e.tensors.values()}
+    used |= {s.shard for t in m.tasks for s in t.heads.values()} | {s.shard for s in m.buffers.values()}
+    missing = sorted(used - set(m.files))
+    if missing:
+        raise LibraryError(f"manifest uses files it does not list: {', '.join(missing)}", file=where,
+                           key="files", fix="re-export the library")
+    ids = m.expert_map()
+    names = {t.name for t in m.tasks}
+    for s in m.solutions:
+        for task, chain in s.chains.items():
+            bad = [e for e in chain if e not in ids]
+            if task not in names or len(chain) != len(m.components) or bad:
+                raise LibraryError(f"chain of task {task!r} (solution {s.id}) is malformed", file=where,
+                                   key="solutions", fix="re-export the library")
+    if not 0 <= m.default_solution < len(m.solutions):
+        raise LibraryError("default_solution is out of range", file=where, key="default_solution")

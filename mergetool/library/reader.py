@@ -1,0 +1,188 @@
+"""Open and verify an expert library; assemble a task's state dict from it.
+
+Opening checks, before any tensor is read: the manifest's format_version and names (manifest.py),
+that the folder holds exactly the listed files (allow-list, no sub-folders, no symlink leaving the
+folder), their sizes, and that every shard has a valid safetensors header. `verify=True` also checks
+every sha256. Tensors are only ever read through safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mergetool.errors import LibraryError
+from mergetool.library.manifest import MANIFEST, Manifest, Solution, StoredTensor, allowed_name, parse_manifest
+from mergetool.library.safetensors_io import data_bytes, read_header
+from mergetool.quantize import dequantize, from_tensors
+
+MAX_MANIFEST = 256 * 2**20
+IGNORED_DIRS = (".cache",)  # huggingface_hub's local_dir bookkeeping
+
+
+def _fail(msg: str, where, fix: str = "re-export the library; it may be corrupt or tampered with") -> LibraryError:
+    return LibraryError(msg, file=str(where), fix=fix)
+
+
+def read_manifest(lib: Path) -> Manifest:
+    """Parse and validate manifest.json (format version, safe names, references)."""
+    lib = Path(lib)
+    if not lib.is_dir():
+        raise LibraryError(f"{lib} is not a library folder", file=str(lib), fix="give the folder holding manifest.json")
+    path = lib / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        raise _fail("no manifest.json (or it is not a plain file)", lib, "give the folder holding manifest.json")
+    if path.stat().st_size > MAX_MANIFEST:
+        raise _fail("manifest.json is implausibly large", path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(f"manifest.json is not valid JSON: {exc}", path) from None
+    return parse_manifest(data, str(path))
+
+
+def check_folder(lib: Path, m: Manifest, *, verify: bool) -> None:
+    """The folder holds exactly the listed files, of the listed sizes (and hashes when verify)."""
+    from mergetool.library.writer import sha256_file
+
+    root = lib.resolve()
+    for p in sorted(lib.iterdir()):
+        if p.name in IGNORED_DIRS and p.is_dir() and not p.is_symlink():
+            continue
+        if p.is_symlink():
+            target = p.resolve()
+            if not target.is_relative_to(root) or target.parent != root:
+                raise _fail(f"{p.name} is a symlink pointing outside the library", p)
+        if p.is_dir():
+            raise _fail(f"unexpected folder {p.name!r} in the library", p, "v1 libraries are flat; remove it")
+        if not allowed_name(p.name):
+            raise _fail(f"unexpected file {p.name!r}: libraries hold only manifest.json, *.safetensors, "
+                        "*.json, tokenizer files and README.md", p, "remove it; never load pickles")
+        if p.name != MANIFEST and p.name not in m.files:
+            raise _fail(f"file {p.name!r} is not listed in the manifest", p, "remove it or re-export the library")
+    for name, entry in m.files.items():
+        p = lib / name
+        if not p.is_file():
+            raise _fail(f"listed file {name!r} is missing", lib, "re-download or re-export the library")
+        size = p.stat().st_size
+        if size != entry.bytes:
+            raise _fail(f"{name} has {size} bytes, the manifest says {entry.bytes}", p)
+        if name.endswith(".safetensors"):
+            read_header(p)
+    if verify:
+        for name, entry in m.files.items():
+            if sha256_file(lib / name) != entry.sha256:
+                raise _fail(f"checksum mismatch for {name}", lib / name)
+
+
+def select_solution(m: Manifest, *, budget: Optional[float] = None, solution: Optional[int] = None) -> int:
+    """Index of the solution to use: by id, by budget (best P with C <= budget), else the default."""
+    if solution is not None:
+        for i, s in enumerate(m.solutions):
+            if s.id == solution:
+                return i
+        raise LibraryError(f"solution {solution} is not in this library", key="--solution",
+                           fix=f"use one of {', '.join(str(s.id) for s in m.solutions)}")
+    if budget is None:
+        return m.default_solution
+    fits = [i for i, s in enumerate(m.solutions) if s.storage.storage_cost <= budget]
+    if not fits:
+        cheapest = min(s.storage.storage_cost for s in m.solutions)
+        raise LibraryError(f"no solution in this library fits budget {budget:g}; the smallest C is {cheapest:.6g}",
+                           key="budget", fix=f"raise the budget to at least {cheapest:.6g}")
+    perf = lambda s: float("-inf") if s.performance is None else s.performance  # noqa: E731
+    return min(fits, key=lambda i: (-perf(m.solutions[i]), m.solutions[i].storage.storage_cost, i))
+
+
+class ExpertLibrary:
+    """A checked library and one chosen solution (its chains)."""
+
+    def __init__(self, path: Path, manifest: Manifest, index: int):
+        self.path, self.manifest, self.index = Path(path), manifest, index
+        self._handles: dict[str, object] = {}
+
+    @classmethod
+    def load(cls, path, *, budget: Optional[float] = None, solution: Optional[int] = None,
+             verify: bool = True) -> "ExpertLibrary":
+        path = Path(path)
+        m = read_manifest(path)
+        check_folder(path, m, verify=verify)
+        return cls(path, m, select_solution(m, budget=budget, solution=solution))
+
+    @property
+    def solution(self) -> Solution:
+        return self.manifest.solutions[self.index]
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t.name for t in self.manifest.tasks]
+
+    def chain(self, task: str) -> list[str]:
+        self.manifest.task(task)
+        return self.solution.chains[task]
+
+    def config(self, task: Optional[str] = None) -> dict:
+        """The task model's config.json (num_labels, id2label), or the base's without a task."""
+        name = self.manifest.task(task).config if task else self.manifest.base.config
+        return json.loads((self.path / name).read_text(encoding="utf-8"))
+
+    def _open(self, shard: str):
+        if shard not in self._handles:
+            from safetensors import safe_open
+
+            read_header(self.path / shard)
+            try:
+                self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
+            except Exception as exc:
+                raise _fail(f"cannot read {shard}: {exc}", self.path / shard) from None
+        return self._handles[shard]
+
+    def read(self, st: StoredTensor) -> torch.Tensor:
+        """One stored tensor, dequantised, checked against its manifest entry."""
+        h = self._open(st.shard)
+        keys = [st.prefix + k for k in st.keys]
+        missing = [k for k in keys if k not in h.keys()]
+        if missing:
+            raise _fail(f"{st.shard} lacks tensors {missing[:3]}", self.path / st.shard)
+        qt = from_tensors({k: h.get_tensor(k) for k in keys}, st.prefix, st.info())
+        t = dequantize(qt)
+        if list(t.shape) != st.shape:
+            raise _fail(f"tensor {st.prefix!r} has shape {list(t.shape)}, expected {st.shape}", self.path / st.shard)
+        return t
+
+    def expert_state(self, eid: str) -> dict[str, torch.Tensor]:
+        return {n: self.read(st) for n, st in self.manifest.expert(eid).tensors.items()}
+
+    def task_state(self, task: str, *, original_names: bool = True) -> dict[str, torch.Tensor]:
+        """The task's full state dict: its chain of experts (dequantised), heads and buffers."""
+        t = self.manifest.task(task)
+        state: dict[str, torch.Tensor] = {}
+        for eid in self.chain(task):
+            state.update(self.expert_state(eid))
+        for n, st in list(t.heads.items()) + list(self.manifest.buffers.items()):
+            state[n] = self.read(st)
+        if original_names:
+            state = {t.original_names.get(n, n): v for n, v in state.items()}
+        return state
+
+    def disk_report(self) -> dict[str, dict]:
+        """Per file: bytes on disk and tensor-data bytes (safetensors only)."""
+        rep = {}
+        for name in sorted(self.manifest.files):
+            p = self.path / name
+            rep[name] = {"bytes": p.stat().st_size,
+                         "data_bytes": data_bytes(p) if name.endswith(".safetensors") else None}
+        return rep
+
+
+def load_task_state(lib_dir, task: str, *, budget: Optional[float] = None, solution: Optional[int] = None,
+                    original_names: bool = True, verify: bool = True) -> dict[str, torch.Tensor]:
+    """A task's dequantised state dict from a verified library (the runtime builds on this).
+
+    Keys are the task model's own tensor names (ready for `load_state_dict`), or the normalised
+    names with original_names=False. Raises LibraryError on any integrity problem."""
+    return ExpertLibrary.load(lib_dir, budget=budget, solution=solution, verify=verify).task_state(
+        task, original_names=original_names)

@@ -1,0 +1,286 @@
+"""Export an expert library (format v1), streaming one component at a time.
+
+Experts come from `ExpertStore` (the same code the search scores), built with a cache of one
+expert, so peak memory is about (T + 1) tensors of the largest component plus one expert.
+Everything is written into a temporary folder next to the target, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from mergetool import __version__
+from mergetool.errors import LibraryError
+from mergetool.experts import ExpertStore
+from mergetool.grouping import canonical, experts as expert_keys, members as group_members
+from mergetool.library.card import render_card
+from mergetool.library.manifest import (MANIFEST, README, TOKENIZER_FILES, Base, Component, Expert,
+                                        FileEntry, Manifest, Solution, Storage, StoredTensor, Task,
+                                        parse_manifest)
+from mergetool.library.safetensors_io import ShardSet, StreamWriter
+from mergetool.models import ModelSource
+from mergetool.plan import Plan
+from mergetool.quantize import to_tensors
+from mergetool.recipe.schema import Recipe
+
+EXTRA_FILES = ("preprocessor_config.json", "generation_config.json")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass
+class SolutionIn:
+    """A grouping to export, with its front.json scores when it came from the search."""
+
+    grouping: np.ndarray
+    id: Optional[int] = None
+    performance: Optional[float] = None
+    per_task: Optional[dict] = None
+    expected_cost: Optional[float] = None  # front.json's C, checked against the experts written
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2·10⁹ bytes, '500MiB' -> 500·2²⁰, '1000' -> 1000; LibraryError otherwise."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise LibraryError(f"cannot read shard size {text!r}", key="--shard-size",
+                           fix="use a size such as 2GB, 500MB or 1GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse an existing target unless --force; never replace a folder that is not a library."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise LibraryError(f"{out} already exists", key="--out", fix="choose another --out or pass --force")
+    if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+        raise LibraryError(f"{out} exists and is not an expert library; --force only replaces libraries",
+                           key="--out", fix="choose another --out")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_library(recipe: Recipe, plan: Plan, sources: tuple[ModelSource, Sequence[ModelSource]],
+                   solutions: Sequence[SolutionIn], out: Path, *, shard_size: int = 2 * 10**9,
+                   force: bool = False, default: int = 0, budget: Optional[float] = None,
+                   progress: Optional[Callable[[str], None]] = None) -> Manifest:
+    """Write a library holding every expert of `solutions` (each stored once); returns its manifest."""
+    out = Path(out).absolute()
+    check_target(out, force)
+    if not solutions:
+        raise LibraryError("nothing to export", key="solutions")
+    tmp = make_tmp(out)
+    try:
+        manifest = _write(recipe, plan, sources, solutions, tmp, shard_size, default, budget,
+                          progress or (lambda _m: None))
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def make_tmp(out: Path) -> Path:
+    """A fresh temporary folder next to `out` (same file system, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a library is an ordinary folder
+    return tmp
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Rename tmp onto out; a replaced library is moved aside first and removed afterwards."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "lib")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, budget, say) -> Manifest:
+    base, tasks = sources
+    names = list(plan.tasks)
+    for src in (base, *tasks):
+        _release(src)  # pages mapped by earlier reads (e.g. the plan's value checks)
+    store = ExpertStore(recipe, plan, base, tasks, cache_bytes=0)  # stream: one expert at a time
+    Gs = [canonical(s.grouping) for s in solutions]
+
+    # experts, component by component; an expert shared by several solutions is stored once
+    shards = ShardSet(tmp, "experts", shard_size)
+    raw: list[dict] = []
+    ids: dict[tuple, str] = {}
+    for l, comp in enumerate(plan.components):
+        keys = []
+        for G in Gs:
+            keys += [k for k in expert_keys(G) if k[0] == l and k not in keys]
+        for key in keys:
+            eid = f"e{len(raw)}"
+            ids[key] = eid
+            e = store.expert(*key)
+            tensors, written = {}, 0
+            for name, qt in e.tensors.items():
+                parts = to_tensors(qt, f"{eid}/{name}")
+                idx = shards.add_group(parts)
+                written += sum(t.numel() * t.element_size() for t in parts.values())
+                tensors[name] = dict(shard=idx, prefix=f"{eid}/{name}", **qt.info())
+            if written * 8 != e.bits + 8 * e.mask_bytes:  # C must be the truth about the bytes
+                raise AssertionError(f"expert {eid}: {written} bytes written, {e.bits / 8 + e.mask_bytes} counted")
+            raw.append(dict(id=eid, component=l, group_members=[names[t] for t in key[1]],
+                            tensors=tensors, data_bits=e.bits, mask_bytes=e.mask_bytes))
+            del e
+        for src in (base, *tasks):
+            _release(src)
+        say(f"component {l + 1}/{plan.L} {comp.name}: {len(keys)} expert(s)")
+    shard_names = shards.close()
+    for r in raw:
+        for info in r["tensors"].values():
+            info["shard"] = shard_names[info["shard"]]
+    experts = [Expert(**r) for r in raw]
+
+    # task-specific tensors (heads) per task, non-float buffers once
+    task_entries, head_bytes = [], 0
+    for t, src in enumerate(tasks):
+        own = {n: v for n, v in store.own_tensors(t).items() if n not in plan.buffers}
+        heads = {}
+        if own:
+            fname = f"heads-{names[t]}.safetensors"
+            w = StreamWriter(tmp / fname)
+            for n, v in own.items():
+                w.add(n, v)
+                heads[n] = StoredTensor(shard=fname, prefix=n, shape=list(v.shape), dtype=_dt(v),
+                                        bits=v.element_size() * 8, granularity="per_tensor", keys=[""])
+            head_bytes += w.close()
+        cfg_name = f"config-{names[t]}.json"
+        shutil.copyfile(src.path / "config.json", tmp / cfg_name)
+        used = [n for c in plan.components for n in c.tensors] + list(own) + list(plan.buffers)
+        arch = (src.config.get("architectures") or [None])[0]
+        task_entries.append(Task(name=names[t], config=cfg_name, architecture=arch,
+                                 labels=_labels(src.config), heads=heads,
+                                 original_names={n: src.original_name(n) for n in used if n in src}))
+    buffers = {}
+    if plan.buffers:
+        w = StreamWriter(tmp / "buffers.safetensors")
+        for n in plan.buffers:
+            v = tasks[0].get(n)
+            w.add(n, v)
+            buffers[n] = StoredTensor(shard="buffers.safetensors", prefix=n, shape=list(v.shape), dtype=_dt(v),
+                                      bits=v.element_size() * 8, granularity="per_tensor", keys=[""])
+        w.close()
+
+    # configs and tokenizer: the library runs without the original models
+    shutil.copyfile(base.path / "config.json", tmp / "config.json")
+    _copy_tokenizer([s.path for s in tasks] + [base.path], tmp)
+
+    by_id = {e.id: e for e in experts}
+
+    def storage(eids) -> Storage:
+        bits = sum(by_id[i].data_bits for i in eids)
+        masks = sum(by_id[i].mask_bytes for i in eids)
+        return Storage(d=plan.d, base_bits=plan.base_bits, storage_cost=bits / (plan.base_bits * plan.d),
+                       storage_cost_with_heads=(bits + 8 * head_bytes) / (plan.base_bits * plan.d),
+                       expert_data_bytes=bits // 8 + masks, mask_bytes=masks, head_data_bytes=head_bytes)
+
+    sols = []
+    for s, G in zip(solutions, Gs):
+        chains = {names[t]: [ids[(l, group_members(G, t, l))] for l in range(plan.L)] for t in range(plan.T)}
+        st = storage({ids[k] for k in expert_keys(G)})
+        if s.expected_cost is not None and abs(st.storage_cost - s.expected_cost) > 1e-9 * max(1.0, s.expected_cost):
+            raise LibraryError(f"solution {s.id}: the experts cost C = {st.storage_cost:.6g}, but front.json says "
+                               f"{s.expected_cost:.6g}", key="front.json",
+                               fix="the run was searched with another recipe; re-run the search or use --grouping")
+        if budget is not None and st.storage_cost > budget:
+            raise LibraryError(f"the chosen solution costs C = {st.storage_cost:.6g} > budget {budget:g}",
+                               key="--budget", fix=f"raise the budget to at least {st.storage_cost:.6g}")
+        sols.append(Solution(id=s.id, grouping=G.tolist(), performance=s.performance, per_task=s.per_task,
+                             chains=chains, storage=st))
+
+    components = [Component(name=c.name, kind=c.kind, layer=c.layer, params=c.params,
+                            tensors={n: list(tasks[0].meta(n).shape) for n in c.tensors}) for c in plan.components]
+    all_storage = storage(by_id)
+    draft = Manifest(
+        format_version=1, mergetool_version=__version__,
+        base=Base(ref=recipe.base_model, model_type=plan.model_type, config="config.json",
+                  config_sha256=sha256_file(tmp / "config.json")),
+        tasks=task_entries, components=components, experts=experts, buffers=buffers, solutions=sols,
+        default_solution=default, chains=sols[default].chains, storage_cost=all_storage.storage_cost,
+        storage=all_storage, disk_bytes={}, quantization=asdict(store.spec),
+        merge={"method": store.method, "parameters": dict(recipe.merge.parameters)},
+        recipe=recipe.text, router=None, files={})
+    draft = draft.model_copy(update={"disk_bytes": disk_bytes(tmp, draft)})
+    (tmp / README).write_text(render_card(draft), encoding="utf-8")
+    files = {p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+             for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
+    final = draft.model_copy(update={"files": files, "disk_bytes": disk_bytes(tmp, draft)})
+    text = final.model_dump_json(indent=1)
+    manifest = parse_manifest(json.loads(text), str(tmp / MANIFEST))  # the reader must accept it
+    (tmp / MANIFEST).write_text(text + "\n", encoding="utf-8")
+    return manifest
+
+
+def disk_bytes(folder: Path, m: Manifest) -> dict[str, int]:
+    """On-disk bytes per category (manifest.json excluded)."""
+    cats = dict(experts=0, heads=0, buffers=0, router=0, base_features=0, other=0)
+    router = set((m.router or {}).get("files", []))
+    for p in folder.iterdir():
+        if p.name == MANIFEST:
+            continue
+        n = p.name
+        cat = ("experts" if n.startswith("experts-") else "heads" if n.startswith("heads-")
+               else "buffers" if n == "buffers.safetensors" else "router" if n in router
+               else "base_features" if n.startswith("base-features") else "other")
+        cats[cat] += p.stat().st_size
+    cats["total"] = sum(cats.values())
+    return cats
+
+
+def _release(src: ModelSource) -> None:
+    """Unmap a model's safetensors files between components: otherwise their resident pages pile
+    up to the size of every model. Pickled .bin checkpoints stay open (reloading them is costly)."""
+    if all(Path(f).suffix == ".safetensors" for f in getattr(src, "_files", ())):
+        src.close()
+
+
+def _dt(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _labels(config: dict) -> Optional[list[str]]:
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        return [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))]
+    except (TypeError, ValueError):
+        return None
+
+
+def _copy_tokenizer(dirs: Sequence[Path], dest: Path) -> None:
+    """Tokenizer (and pre-processor) files from the first model folder that has any."""
+    for d in dirs:
+        found = [n for n in TOKENIZER_FILES + EXTRA_FILES if (Path(d) / n).is_file()]
+        if any(n in TOKENIZER_FILES or n == "preprocessor_config.json" for n in found):
+            for n in found:
+                shutil.copyfile(Path(d) / n, dest / n)
+            return

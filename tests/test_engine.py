@@ -1,0 +1,72 @@
+"""The evaluation engine: caches are exact, counted and actually skip work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mergetool.grouping import all_shared, all_singletons
+from mergetool.pipeline import Session
+from mergetool.recipe import parse_recipe
+from mergetool.toy import trained_recipe
+
+
+@pytest.fixture(scope="module")
+def session(trained_zoo, tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine") / "toy.yaml"
+    return Session(parse_recipe(trained_recipe(trained_zoo), path), device="cpu")
+
+
+def test_trained_fixtures_separate_groupings(session):
+    p = session.plan
+    ev = session.evaluator()
+    singles, shared = ev.evaluate(all_singletons(p.T, p.L)), ev.evaluate(all_shared(p.T, p.L))
+    assert singles.performance > shared.performance + 0.1  # merging conflicting tasks costs accuracy
+    assert singles.storage_cost > shared.storage_cost
+
+
+def test_cached_scores_equal_uncached_bitwise(session):
+    p = session.plan
+    cached, naive = session.evaluator(), session.evaluator(caches=False)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        G = rng.integers(0, p.T, (p.T, p.L))
+        a, b = cached.evaluate(G), naive.evaluate(G)
+        assert a.per_task == b.per_task  # exact equality, not approx
+        assert a.storage_cost == b.storage_cost
+    assert cached.counts["prefix_hits"] > 0 and session.store.hits > 0
+    assert naive.counts["stage_calls"] == 0 and naive.counts["forward_calls"] > 0
+
+
+def test_memo_skips_known_chains(session):
+    p = session.plan
+    ev = session.evaluator()
+    G = all_shared(p.T, p.L)
+    ev.evaluate(G)
+    before = dict(ev.counts)
+    ev.evaluate(G)
+    assert ev.counts["memo_hits"] - before["memo_hits"] == p.T
+    assert ev.counts["stage_calls"] == before["stage_calls"]
+
+
+def test_prefix_reuse_runs_only_later_layers(session):
+    """Changing the last layer's MLP group reruns that layer and the head, nothing before it."""
+    p = session.plan
+    ev = session.evaluator()
+    G = all_shared(p.T, p.L)
+    ev.evaluate(G)
+    last_mlp = [c.name for c in p.components].index(f"layer.{max(c.layer or 0 for c in p.components)}.mlp")
+    G2 = G.copy()
+    G2[0, last_mlp] = 1  # task 0 leaves the shared group at that component: all chains change there
+    before = ev.counts["stage_calls"]
+    ev.evaluate(G2)
+    batches = sum(len(d.batches) for d in ev.data)
+    assert ev.counts["stage_calls"] - before == 2 * batches  # the last layer + the head, per batch
+
+
+def test_staged_outputs_equal_full_forward(session):
+    p = session.plan
+    G = np.random.default_rng(1).integers(0, p.T, (p.T, p.L))
+    staged = session.evaluator().outputs(G, 1)
+    full = session.evaluator(caches=False).outputs(G, 1)
+    assert np.array_equal(staged, full)
