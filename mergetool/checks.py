@@ -48,9 +48,38 @@ def check_data(recipe: Recipe) -> list[MergetoolError]:
     return errors
 
 
+def check_labels(recipe: Recipe, plan: Plan) -> list[MergetoolError]:
+    """Every label in every split is one of its task model's classes (id2label names or ids)."""
+    import json
+
+    from mergetool.evaluation.metrics import REGRESSION
+    from mergetool.evaluation.tasks import label_names, map_labels
+    from mergetool.models import resolve_model_ref
+
+    errors: list[MergetoolError] = []
+    for i, (task, entry) in enumerate(zip(plan.tasks, recipe.models)):
+        config_path = resolve_model_ref(entry.model) / "config.json"
+        if not config_path.is_file():  # PEFT adapters carry no head config
+            continue
+        names = label_names(json.loads(config_path.read_text()))
+        cfg = recipe.tasks[task]
+        for split_name in SPLITS:
+            split = getattr(cfg, split_name)
+            if split is None or cfg.kind == "custom":
+                continue
+            try:
+                values = [r[split.label] for r in read_split(split, limit=None)]
+                map_labels(values, names, cfg.metric in REGRESSION, file=split.path,
+                           key=f"tasks.{task}.{split_name}.label")
+            except MergetoolError as e:
+                errors.append(e)
+    return errors
+
+
 def check_recipe(recipe: Recipe, *, check_values: bool = True) -> Plan:
     """All checks; returns the plan, or raises MultiError listing every problem."""
-    errors = check_method(recipe) + check_data(recipe)
+    data_errors = check_data(recipe)
+    errors = check_method(recipe) + data_errors
     try:
         plan = build_plan(recipe, check_values=check_values)
     except MultiError as e:
@@ -59,6 +88,8 @@ def check_recipe(recipe: Recipe, *, check_values: bool = True) -> Plan:
     except MergetoolError as e:
         errors.append(e)
         plan = None
+    if plan is not None and not data_errors:
+        errors.extend(check_labels(recipe, plan))
     if errors:
         raise MultiError(errors)
     return plan

@@ -1,0 +1,145 @@
+"""`mergetool search` end to end on trained toy models: outputs, resume after kill -9, Ray, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mergetool.cli.app import app
+from mergetool.toy import trained_recipe, write_jsonl
+
+runner = CliRunner()
+BUDGET, POP = 16, 6
+
+
+def write_recipe(tmp: Path, zoo: dict, **kw) -> Path:
+    path = tmp / "toy.yaml"
+    path.write_text(trained_recipe(zoo, evaluations=kw.pop("evaluations", BUDGET), population=POP, **kw))
+    return path
+
+
+def journal(run: Path) -> list[dict]:
+    lines = (run / "search" / "evaluations.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if x.strip()]
+
+
+def front(run: Path) -> list[tuple]:
+    data = json.loads((run / "search" / "front.json").read_text())
+    return sorted((json.dumps(f["grouping"]), round(f["performance"], 12), round(f["storage_cost"], 12)) for f in data)
+
+
+@pytest.fixture(scope="module")
+def finished(trained_zoo, tmp_path_factory):
+    """One uninterrupted search, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("search")
+    recipe = write_recipe(tmp, trained_zoo)
+    result = runner.invoke(app, ["search", str(recipe), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return tmp / "runs" / "toy"
+
+
+def test_outputs(finished):
+    s = finished / "search"
+    for name in ("evaluations.jsonl", "front.json", "hv.csv", "pareto.png", "hv.png", "summary.md",
+                 "reference.json", "test_scores.json"):
+        assert (s / name).is_file(), name
+    recs = journal(finished)
+    assert len(recs) == BUDGET and len({json.dumps(r["grouping"]) for r in recs}) == BUDGET
+    fr = json.loads((s / "front.json").read_text())
+    assert len({round(f["storage_cost"], 9) for f in fr}) >= 3
+    assert {"id", "grouping", "performance", "storage_cost", "per_task"} <= set(fr[0])
+    summary = (s / "summary.md").read_text()
+    assert "G1" in summary and "G3" in summary and "Kendall" in summary
+    screened = int(summary.split("candidates screened by the surrogate: ")[1].split()[0])
+    assert screened > BUDGET  # the surrogate predicted more candidates than were evaluated for real
+    assert any(r.get("predicted_performance") is not None for r in recs)
+    ref = json.loads((s / "reference.json").read_text())
+    assert ref["individual"]["validation"]["performance"] > ref["static_merge"]["validation"]["performance"]
+    assert json.loads((finished / "run.json").read_text())["recipe_sha256"]
+
+
+def test_front_command(finished):
+    result = runner.invoke(app, ["front", str(finished)])
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.stdout
+
+
+def test_resume_after_kill(trained_zoo, finished, tmp_path):
+    """kill -9 mid-search, then --resume: nothing repeated, budget kept, same front as uninterrupted."""
+    recipe = write_recipe(tmp_path, trained_zoo)
+    run = tmp_path / "runs" / "toy"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mergetool", "search", str(recipe), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        j = run / "search" / "evaluations.jsonl"
+        if j.is_file() and len(j.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "search finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(journal(run))
+    assert 5 <= done < BUDGET
+    again = runner.invoke(app, ["search", str(recipe), "--quiet"])
+    assert again.exit_code == 2 and "--resume" in again.stderr  # no silent restart
+    result = runner.invoke(app, ["search", str(recipe), "--resume", "--quiet"])
+    assert result.exit_code == 0, result.output
+    recs = journal(run)
+    assert len(recs) == BUDGET and sorted(r["i"] for r in recs) == list(range(BUDGET))
+    summary = (run / "search" / "summary.md").read_text()
+    assert f"evaluated in this process: {BUDGET - done}" in summary
+    assert front(run) == front(finished)
+
+
+def test_ray_executor_same_front(trained_zoo, finished, tmp_path):
+    pytest.importorskip("ray") if os.environ.get("CI", "").lower() not in ("1", "true") else None
+    recipe = write_recipe(tmp_path, trained_zoo, extra="")
+    text = recipe.read_text().replace("search: {", "search: {executor: ray, ray: {address: local, num_workers: 2}, ")
+    recipe.write_text(text)
+    result = runner.invoke(app, ["search", str(recipe), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert front(tmp_path / "runs" / "toy") == front(finished)
+
+
+def test_other_recipe_in_run_dir_refused(trained_zoo, finished, tmp_path):
+    recipe = write_recipe(tmp_path, trained_zoo)
+    assert runner.invoke(app, ["search", str(recipe), "--quiet", "--evaluations", "6"]).exit_code == 0
+    changed = tmp_path / "toy.yaml"
+    changed.write_text(changed.read_text().replace("lambda: 0.5", "lambda: 0.4"))
+    result = runner.invoke(app, ["search", str(changed), "--resume", "--quiet"])
+    assert result.exit_code == 2 and "different recipe" in result.stderr and "--force" in result.stderr
+    before = sorted(p.name for p in (tmp_path / "runs" / "toy" / "search").iterdir())
+    assert "evaluations.jsonl" in before
+
+
+@pytest.mark.parametrize("case", ["empty_validation", "label_not_a_class", "budget_below_population"])
+def test_bad_input(case, trained_zoo, tmp_path):
+    recipe = write_recipe(tmp_path, trained_zoo)
+    text = recipe.read_text()
+    task0_val = str(trained_zoo["data"]["task0"]["validation"])
+    if case == "empty_validation":
+        (tmp_path / "empty.jsonl").write_text("")
+        text = text.replace(task0_val, str(tmp_path / "empty.jsonl"))
+    elif case == "label_not_a_class":
+        write_jsonl(tmp_path / "odd.jsonl", [{"text": "w1 w2", "label": "class9"}])
+        text = text.replace(task0_val, str(tmp_path / "odd.jsonl"))
+    else:
+        text = text.replace(f"evaluations: {BUDGET}", "evaluations: 3")
+    recipe.write_text(text)
+    result = runner.invoke(app, ["search", str(recipe), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    expected = {"empty_validation": "empty", "label_not_a_class": "class9",
+                "budget_below_population": "smaller than population"}[case]
+    assert expected in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
