@@ -28,10 +28,15 @@ from mergetool.search import EvalResult
 
 class Evaluator:
     def __init__(self, store: ExpertStore, *, split: str = "validation", device: str = "auto",
-                 caches: bool = True, prefix_cache_bytes: int = 1 << 30, batch_size: Optional[int] = None):
+                 caches: bool = True, memo: Optional[bool] = None, prefix: Optional[bool] = None,
+                 experts: Optional[bool] = None, prefix_cache_bytes: int = 1 << 30,
+                 batch_size: Optional[int] = None):
+        """`caches` switches all three caches; `memo`, `prefix`, `experts` override one each."""
         self.store, self.plan, self.recipe = store, store.plan, store.recipe
         self.device = pick_device(device)
-        self.caches = caches
+        self.use_memo = caches if memo is None else memo
+        self.use_prefix = caches if prefix is None else prefix
+        self.use_experts = caches if experts is None else experts
         self.split = split
         self.data: list[TaskData] = []
         tok_cache: dict = {}
@@ -61,15 +66,15 @@ class Evaluator:
 
     def score_task(self, G, t: int) -> float:
         key = (t, chain_key(G, t))
-        if self.caches and key in self._memo:
+        if self.use_memo and key in self._memo:
             self.counts["memo_hits"] += 1
             return self._memo[key]
         self.counts["memo_misses"] += 1
-        if not self.caches:
+        if not self.use_experts:
             self.store.clear()
         outputs = self._run(G, t)
         value = self._score(t, outputs)
-        if self.caches:
+        if self.use_memo:
             self._memo[key] = value
         return value
 
@@ -86,7 +91,7 @@ class Evaluator:
     def _load(self, model: TaskModel, G, t: int, components) -> None:
         for l in components:
             m = members(G, t, l)
-            if model.loaded.get(l) != m or not self.caches:
+            if model.loaded.get(l) != m or not self.use_experts:
                 model.loaded.pop(l, None)
                 model.load(l, m, self.store.expert(l, m).dense())
 
@@ -94,7 +99,7 @@ class Evaluator:
         model = self._model(t)
         data = self.data[t]
         with torch.inference_mode():
-            if not (self.caches and model.layerable):
+            if not (self.use_prefix and model.layerable):
                 self._load(model, G, t, range(self.plan.L))
                 outs = []
                 for batch in data.batches:
