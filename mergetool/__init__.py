@@ -1,3 +1,12 @@
 """mergetool: component-wise model merging (MERGE) driven by YAML recipes."""
 
 __version__ = "0.1.0"
+__all__ = ["ExpertLibrary", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "ExpertLibrary":  # the inference runtime; imported on first use (torch, transformers)
+        from mergetool.runtime import ExpertLibrary
+
+        return ExpertLibrary
+    raise AttributeError(f"module 'mergetool' has no attribute {name!r}")

@@ -111,11 +111,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def recipe_text(base: Path, tasks: list[Path], data: list[Path], **extra: str) -> str:
-    """A minimal valid recipe for a zoo; `extra` adds top-level YAML blocks verbatim."""
+    """A minimal valid recipe for a zoo; `extra` adds top-level YAML blocks verbatim.
+
+    Each task's one data file serves as its validation and its `router` split (export trains a
+    router); real recipes keep router data apart from validation and test data."""
     names = [f"t{i}" for i in range(len(tasks))]
     lines = ["name: tiny", f"base_model: {base}", "models:"]
     lines += [f"  - {{name: {n}, model: {p}}}" for n, p in zip(names, tasks)]
-    lines += ["tasks:"] + [f"  {n}: {{validation: {{path: {d}}}}}" for n, d in zip(names, data)]
+    lines += ["tasks:"] + [f"  {n}: {{validation: {{path: {d}}}, router: {{path: {d}}}}}" for n, d in zip(names, data)]
     for block in extra.values():
         lines.append(block)
     return "\n".join(lines) + "\n"

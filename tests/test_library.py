@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def test_storage_cost_equals_expert_bytes_on_disk(zoo, tmp_path, bits, granulari
 
 def test_export_grouping_writes_verified_library(lib, zoo):
     m = json.loads((lib / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["router"] is None
+    assert m["format_version"] == 1 and m["router"]["features"] == "prefix"  # embeddings are shared
     names = sorted(p.name for p in lib.iterdir())
     assert set(m["files"]) == set(names) - {"manifest.json"}
     assert {"config.json", "config-t0.json", "config-t1.json", "heads-t0.safetensors", "tokenizer.json",
@@ -343,9 +344,11 @@ def test_unsafe_library_refused(lib, tmp_path, tamper):
     assert not (tmp_path / "unpickled").exists()
 
 
-def test_unknown_task_and_router_flag(lib, zoo, tmp_path):
+def test_unknown_task_and_missing_router_data(lib, zoo, tmp_path):
     result, text = _invoke("export-model", lib, "--task", "nope", "--out", tmp_path / "m")
     assert result.exit_code == 2 and "not in this library" in text and not (tmp_path / "m").exists()
     g = _grouping_file(tmp_path / "g.json", MIXED)
-    result, text = _invoke("export", zoo["recipe"](), "--grouping", g, "--router", "--out", tmp_path / "o")
-    assert result.exit_code == 2 and "--no-router" in text and not (tmp_path / "o").exists()
+    no_router = tmp_path / "r.yaml"  # every library ships a router: no `router` split, no export
+    no_router.write_text(re.sub(r", router: \{path: [^}]*\}", "", zoo["recipe"]().read_text()))
+    result, text = _invoke("export", no_router, "--grouping", g, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "tasks.t0.router" in text and not (tmp_path / "o").exists()

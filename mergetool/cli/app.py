@@ -8,6 +8,8 @@ import typer
 
 from mergetool import __version__
 from mergetool.cli import library_cmds, recipe_cmds, search_cmds, stubs
+from mergetool.cli import hub_cmds
+from mergetool.cli import runtime_cmds
 from mergetool.cli._errors import set_debug
 
 app = typer.Typer(
@@ -37,6 +39,8 @@ def main_options(
 recipe_cmds.register(app)
 search_cmds.register(app)
 library_cmds.register(app)
+hub_cmds.register(app)
+runtime_cmds.register(app)
 stubs.register(app)
 
 

@@ -104,18 +104,20 @@ def export(
                                                 show_default=False)] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest expert shard, e.g. 2GB or 500MB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing library.")] = False,
-    router: Annotated[bool, typer.Option("--router/--no-router", help="Train a router (not available yet).")] = False,
+    device: Annotated[str, typer.Option(help="Router training device: auto | cpu | cuda")] = "auto",
 ) -> None:
-    """Export an expert library under a storage budget (or for --solution, --grouping, --all)."""
+    """Export an expert library under a storage budget (or for --solution, --grouping, --all).
+
+    The library always ships a router: trained on the recipe's `router` splits, or reused from
+    RUN/router/ when nothing it depends on changed."""
     from mergetool.grouping import validate
     from mergetool.library.writer import SolutionIn, check_target, export_library, parse_size
     from mergetool.plan import build_plan, open_models
+    from mergetool.routing.train import RouterBuilder
     from mergetool.rundir import resolve_run
 
     B = parse_budget(budget)
     size = parse_size(shard_size)
-    if router:
-        raise LibraryError("routers are not available yet", key="--router", fix="use --no-router")
     if sum(x is not None and x is not False for x in (solution, grouping, all_ or None)) > 1:
         raise LibraryError("--solution, --grouping and --all exclude each other", key="export")
     if B is None and solution is None and grouping is None and not all_:
@@ -127,7 +129,10 @@ def export(
                 f"solution-{solution}" if solution is not None else f"budget-{B:g}")
         out = run_dir / "libraries" / name
     check_target(Path(out), force)
+    say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     sources = open_models(recipe)
+    router = RouterBuilder(recipe, sources[0], cache_dir=run_dir / "router", device=device, progress=say)
+    router.check()  # a router split per task, before any expert is built
     plan = build_plan(recipe, sources=sources, check_values=False)  # as the search does; `validate` checks values
     default = 0
     if grouping is not None:
@@ -156,15 +161,15 @@ def export(
                                    expected_cost=r["storage_cost"]))
         perf = [s.performance if s.performance is not None else float("-inf") for s in sols]
         default = max(range(len(sols)), key=lambda i: (perf[i], -sols[i].expected_cost))
-    say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     m = export_library(recipe, plan, sources, sols, Path(out), shard_size=size, force=force, default=default,
-                       budget=None if all_ else B, progress=say)
+                       budget=None if all_ else B, progress=say, router=router)
     s = m.solutions[m.default_solution]
     typer.echo(f"wrote {out}: {len(m.experts)} experts, {len(m.solutions)} solution(s)")
     typer.echo(f"storage cost C = {m.storage_cost:.6f} (experts only; {m.storage.storage_cost_with_heads:.6f} "
                f"with heads); d = {plan.d:,}, b+ = {plan.base_bits}")
     if s.performance is not None:
         typer.echo(f"solution {s.id}: P = {s.performance:.4f}")
+    typer.echo(_router_line(m.router) + (" (cached)" if router.cached else ""))
     for name, entry in m.files.items():
         typer.echo(f"  {name:<40} {entry.bytes:>14,} bytes")
     typer.echo(f"  {'total':<40} {sum(e.bytes for e in m.files.values()):>14,} bytes (manifest.json excluded)")
@@ -184,7 +189,7 @@ def inspect(
     L = ExpertLibrary.load(lib, verify=verify, solution=solution)
     m, s = L.manifest, L.solution
     disk = L.disk_report()
-    manifest_bytes = (Path(lib) / "manifest.json").stat().st_size
+    manifest_bytes = (L.path / "manifest.json").stat().st_size
     total = sum(v["bytes"] for v in disk.values()) + manifest_bytes
     report = {
         "path": str(lib), "format_version": m.format_version, "mergetool_version": m.mergetool_version,
@@ -201,13 +206,25 @@ def inspect(
         "experts": [{"id": e.id, "component": m.components[e.component].name, "group_members": e.group_members,
                      "data_bytes": e.data_bits // 8 + e.mask_bytes} for e in m.experts],
         "storage": {"solution": s.storage.model_dump(), "library": m.storage.model_dump(),
-                    "on_disk": {"files": disk, "manifest.json": manifest_bytes, "total": total}},
+                    "on_disk": {"files": disk, "manifest.json": manifest_bytes, "total": total,
+                                "by_category": m.disk_bytes}},
+        "router": m.router.model_dump() if m.router else None,
         "verified": verify,
     }
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
     _print(report, m, s)
+
+
+def _router_line(r) -> str:
+    if r is None:
+        return "router: none (predict needs --task)"
+    stages = f" ({r.prefix_stages} shared stage{'s' * (r.prefix_stages > 1)})" if r.features == "prefix" else ""
+    acc = "n/a (no test split)" if r.routing_accuracy is None else f"{r.routing_accuracy:.4f}"
+    return (f"router: {r.features} features{stages} (asked: {r.requested}); MLP {r.hidden}, {r.epochs} epochs, "
+            f"lr {r.lr:g}; "
+            f"trained on {sum(r.train_examples.values()):,} inputs; routing accuracy on test {acc}")
 
 
 def _print(report: dict, m, s) -> None:
@@ -238,6 +255,11 @@ def _print(report: dict, m, s) -> None:
     con.print(f"storage cost C = {st.storage_cost:.6f} (experts only), {st.storage_cost_with_heads:.6f} with heads; "
               f"library C = {m.storage_cost:.6f}; d = {st.d:,}, b+ = {st.base_bits}")
     con.print(f"computed expert data {st.expert_data_bytes:,} bytes (C·d·b+/8 + {st.mask_bytes:,} mask bytes)")
+    con.print(_router_line(m.router))
+    if m.router and m.router.feature_storage.file:
+        fs = m.router.feature_storage
+        con.print(f"router feature extractor ({m.router.features}): {fs.file}, {fs.params:,} parameters "
+                  f"({fs.share_of_base:.1%} of the base), {fs.bytes:,} bytes, stored apart from the experts")
     files = Table(title="on disk")
     for col in ("file", "bytes", "tensor data"):
         files.add_column(col, justify="left" if col == "file" else "right")
@@ -246,6 +268,8 @@ def _print(report: dict, m, s) -> None:
     files.add_row("manifest.json", f"{report['storage']['on_disk']['manifest.json']:,}", "")
     files.add_row("total", f"{report['storage']['on_disk']['total']:,}", "")
     con.print(files)
+    cats = {k: v for k, v in m.disk_bytes.items() if v and k != "total"}
+    con.print("by category: " + ", ".join(f"{k} {v:,}" for k, v in cats.items()))
     con.print("checksums verified" if report["verified"] else "sizes and headers checked (--verify checks sha256)")
 
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import typer
 
 PENDING = {
-    "predict": "Route inputs and predict with an expert library.",
     "baselines": "Score static and dynamic merging baselines.",
-    "push": "Push an expert library to the Hugging Face Hub.",
-    "pull": "Pull and verify an expert library from the Hub.",
 }
 
 

@@ -127,6 +127,40 @@ class Base(Frozen):
     config: FileName  # the base architecture's config.json, copied
 
 
+class FeatureStorage(Frozen):
+    """What the router's feature extractor ships (reported apart from the experts)."""
+
+    file: Optional[FileName]  # base-features.safetensors, or None for `prefix` (reuses the experts)
+    params: int
+    bytes: int
+    share_of_base: float  # params / the base model's parameters
+
+
+class RouterInfo(Frozen):
+    """The router (runtime issue): a 3-layer MLP over features h(x), mapping an input to a task."""
+
+    weights: FileName  # router.safetensors
+    config: FileName  # router.json
+    features: Literal["prefix", "base", "embeddings"]
+    requested: Literal["auto", "prefix", "base", "embeddings"]
+    prefix_stages: int = Field(ge=0)  # stages (embeddings, layer 0, ...) every chain shares
+    hidden: list[int]
+    epochs: int
+    lr: float
+    max_per_task: int
+    seed: int
+    max_length: int
+    train_examples: dict[str, int]
+    test_examples: dict[str, int]
+    routing_accuracy: Optional[float]  # on the test split, pooled over tasks
+    routing_accuracy_per_task: Optional[dict[str, float]]
+    feature_storage: FeatureStorage
+
+    @property
+    def files(self) -> list[str]:
+        return [self.weights, self.config] + ([self.feature_storage.file] if self.feature_storage.file else [])
+
+
 class Manifest(Frozen):
     format_version: Literal[1]
     mergetool_version: str
@@ -144,7 +178,7 @@ class Manifest(Frozen):
     quantization: dict
     merge: dict
     recipe: str
-    router: Optional[dict] = None  # filled by the runtime issue
+    router: Optional[RouterInfo] = None
     files: dict[FileName, FileEntry]
 
     def task(self, name: str) -> Task:
@@ -188,6 +222,7 @@ def _check_references(m: Manifest, where: str) -> None:
     used = {m.base.config} | {t.config for t in m.tasks}
     used |= {s.shard for e in m.experts for s in e.tensors.values()}
     used |= {s.shard for t in m.tasks for s in t.heads.values()} | {s.shard for s in m.buffers.values()}
+    used |= set(m.router.files) if m.router else set()
     missing = sorted(used - set(m.files))
     if missing:
         raise LibraryError(f"manifest uses files it does not list: {', '.join(missing)}", file=where,

@@ -25,8 +25,8 @@ from mergetool.experts import ExpertStore
 from mergetool.grouping import canonical, experts as expert_keys, members as group_members
 from mergetool.library.card import render_card
 from mergetool.library.manifest import (MANIFEST, README, TOKENIZER_FILES, Base, Component, Expert,
-                                        FileEntry, Manifest, Solution, Storage, StoredTensor, Task,
-                                        parse_manifest)
+                                        FileEntry, Manifest, RouterInfo, Solution, Storage, StoredTensor,
+                                        Task, parse_manifest)
 from mergetool.library.safetensors_io import ShardSet, StreamWriter
 from mergetool.models import ModelSource
 from mergetool.plan import Plan
@@ -81,8 +81,12 @@ def sha256_file(path: Path) -> str:
 def export_library(recipe: Recipe, plan: Plan, sources: tuple[ModelSource, Sequence[ModelSource]],
                    solutions: Sequence[SolutionIn], out: Path, *, shard_size: int = 2 * 10**9,
                    force: bool = False, default: int = 0, budget: Optional[float] = None,
-                   progress: Optional[Callable[[str], None]] = None) -> Manifest:
-    """Write a library holding every expert of `solutions` (each stored once); returns its manifest."""
+                   progress: Optional[Callable[[str], None]] = None,
+                   router: Optional[Callable[[Path, Manifest], RouterInfo]] = None) -> Manifest:
+    """Write a library holding every expert of `solutions` (each stored once); returns its manifest.
+
+    `router(folder, draft)` (see mergetool.routing.train.RouterBuilder) writes the router files into
+    the unfinished library folder, given the draft manifest, and returns their RouterInfo."""
     out = Path(out).absolute()
     check_target(out, force)
     if not solutions:
@@ -90,7 +94,7 @@ def export_library(recipe: Recipe, plan: Plan, sources: tuple[ModelSource, Seque
     tmp = make_tmp(out)
     try:
         manifest = _write(recipe, plan, sources, solutions, tmp, shard_size, default, budget,
-                          progress or (lambda _m: None))
+                          progress or (lambda _m: None), router)
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,7 +123,7 @@ def swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, budget, say) -> Manifest:
+def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, budget, say, router=None) -> Manifest:
     base, tasks = sources
     names = list(plan.tasks)
     for src in (base, *tasks):
@@ -228,6 +232,8 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
         storage=all_storage, disk_bytes={}, quantization=asdict(store.spec),
         merge={"method": store.method, "parameters": dict(recipe.merge.parameters)},
         recipe=recipe.text, router=None, files={})
+    if router is not None:
+        draft = draft.model_copy(update={"router": router(tmp, draft)})
     draft = draft.model_copy(update={"disk_bytes": disk_bytes(tmp, draft)})
     (tmp / README).write_text(render_card(draft), encoding="utf-8")
     files = {p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
@@ -242,7 +248,7 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
 def disk_bytes(folder: Path, m: Manifest) -> dict[str, int]:
     """On-disk bytes per category (manifest.json excluded)."""
     cats = dict(experts=0, heads=0, buffers=0, router=0, base_features=0, other=0)
-    router = set((m.router or {}).get("files", []))
+    router = {m.router.weights, m.router.config} if m.router else set()
     for p in folder.iterdir():
         if p.name == MANIFEST:
             continue

@@ -1,0 +1,212 @@
+"""`predict` (route and predict a stream of inputs) and `evaluate` (routed vs oracle-routed scores)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+from mergetool.cli._errors import handles_errors
+from mergetool.errors import DataError, MergetoolError
+
+LibArg = Annotated[Path, typer.Argument(help="Expert library folder.", show_default=False)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+
+
+def read_inputs(src: str, text_field: str, pair_field: Optional[str], skip_bad: bool,
+                bad: Counter) -> Iterator[tuple[int, tuple]]:
+    """(line number, (text, pair)) per jsonl line or csv row; bad lines raise DataError or are counted."""
+    where = "<stdin>" if src == "-" else src
+    if src == "-":
+        f = sys.stdin
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise DataError("input file not found", file=src, key="--input", fix="give a jsonl or csv file, or -")
+        f = path.open(encoding="utf-8", newline="")
+    with f:
+        first = f.readline()
+        rest = f
+        is_csv = src.lower().endswith(".csv") or (src == "-" and first.strip() and not first.lstrip().startswith("{"))
+        if is_csv:
+            reader = csv.DictReader(_chain(first, rest))
+            fields = reader.fieldnames or []
+            if fields and text_field not in fields:
+                raise DataError(f"the csv header has no column {text_field!r} (it has {fields[:8]})", file=where,
+                                line=1, key="--text-field", fix="pass --text-field COLUMN")
+            records = ((reader.line_num, row) for row in reader)
+        else:
+            records = _jsonl(_chain(first, rest), where, skip_bad, bad)
+        for line, rec in records:
+            item = _item(rec, text_field, pair_field)
+            if isinstance(item, str):
+                if not skip_bad:
+                    raise DataError(f"line {line} {item}", file=where, line=line, key="--text-field",
+                                    fix="fix the line, pass --text-field NAME, or --skip-bad")
+                bad["lines"] += 1
+                continue
+            yield line, item
+
+
+def _chain(first: str, rest) -> Iterator[str]:
+    if first:
+        yield first
+    yield from rest
+
+
+def _jsonl(lines, where: str, skip_bad: bool, bad: Counter) -> Iterator[tuple[int, dict]]:
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rec, why = None, f"is not JSON ({exc.msg})"
+        else:
+            why = "is not a JSON object"
+        if not isinstance(rec, dict):
+            if not skip_bad:
+                raise DataError(f"line {i} {why}", file=where, line=i, fix="one JSON object per line, or --skip-bad")
+            bad["lines"] += 1
+            continue
+        yield i, rec
+
+
+def _item(rec: dict, text_field: str, pair_field: Optional[str]):
+    """(text, pair), or why not (a string)."""
+    out = []
+    for name in (text_field, pair_field):
+        if name is None:
+            out.append(None)
+            continue
+        v = rec.get(name)
+        if v is None or (v == "" and name == pair_field):
+            return f"has no field {name!r}"
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            return f"field {name!r} is not text"
+        out.append(str(v))
+    return tuple(out)
+
+
+def _count_lines(src: str) -> Optional[int]:
+    if src == "-":
+        return None
+    with open(src, "rb") as f:
+        n = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    return max(0, n - 1) if src.lower().endswith(".csv") else n
+
+
+@handles_errors
+def predict(
+    lib: LibArg,
+    input: Annotated[str, typer.Option("--input", help="jsonl or csv file, or - for stdin.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", help="JSONL predictions (default: stdout).",
+                                                   show_default=False)] = None,
+    text_field: Annotated[str, typer.Option("--text-field", help="Field or column holding the text.")] = "text",
+    pair_field: Annotated[Optional[str], typer.Option("--text-pair-field", help="Second text, for pair tasks.",
+                                                      show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Inputs per forward pass.", min=1)] = 64,
+    task: Annotated[Optional[str], typer.Option("--task", help="Skip routing: use this task.",
+                                                show_default=False)] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines (counted) instead of failing.")] = False,
+    device: DeviceOpt = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Route each input to a task, run it through that task's expert chain, write JSONL in input order."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mergetool.runtime import ExpertLibrary
+
+    lib_ = ExpertLibrary.load(lib, device=device)
+    if task is not None:
+        lib_.manifest.task(task)
+    elif lib_.manifest.router is None:
+        raise MergetoolError("this library has no router", file=str(lib), key="--task", fix="pass --task T")
+    bad: Counter = Counter()
+    records = read_inputs(input, text_field, pair_field, skip_bad, bad)
+    out = output.open("w", encoding="utf-8") if output else sys.stdout
+    console = Console(stderr=True, quiet=quiet)
+    chunk = max(256, 16 * batch_size)
+    done, routed = 0, Counter()
+    try:
+        with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            job = bar.add_task("predict", total=_count_lines(input))
+            while True:
+                part = [r for _, r in zip(range(chunk), records)]
+                if not part:
+                    break
+                results = lib_.predict([item for _, item in part], batch_size=batch_size, task=task)
+                for (line, _), r in zip(part, results):
+                    out.write(json.dumps({"line": line, **r}) + "\n")
+                    routed[r["task"]] += 1
+                out.flush()
+                done += len(part)
+                bar.update(job, completed=done + bad["lines"])
+    finally:
+        if output:
+            out.close()
+    msg = f"{done} prediction(s)" + (f" -> {output}" if output else "")
+    if bad["lines"]:
+        msg += f"; skipped {bad['lines']} bad line(s)"
+    if lib_.stats["truncated"]:
+        msg += f"; truncated {lib_.stats['truncated']} input(s) to {lib_.max_length} tokens"
+    if routed:
+        msg += "; tasks: " + ", ".join(f"{t} {n}" for t, n in sorted(routed.items()))
+    typer.echo(msg, err=True)
+
+
+@handles_errors
+def evaluate(
+    lib: LibArg,
+    split: Annotated[str, typer.Option("--split", help="test | validation")] = "test",
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe with the data (default: the "
+                                                   "library's own, paths relative to .).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default: stdout).",
+                                                show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Per-task metric of the routed and of the oracle-routed library, and routing accuracy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mergetool.recipe import load_recipe, parse_recipe
+    from mergetool.routing.evaluate import evaluate_library
+    from mergetool.rundir import write_json_atomic
+    from mergetool.runtime import ExpertLibrary
+
+    if split not in ("test", "validation"):
+        raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use test or validation")
+    lib_ = ExpertLibrary.load(lib, device=device)
+    r = load_recipe(recipe) if recipe else parse_recipe(lib_.manifest.recipe)
+    report = evaluate_library(lib_, r, split, batch_size)
+    table = Table(title=f"{lib} on {split} (routing accuracy {_fmt(report['routing_accuracy'])})")
+    for col in ("task", "metric", "n", "routed", "oracle", "routing acc."):
+        table.add_column(col)
+    for name, row in report["tasks"].items():
+        table.add_row(name, row["metric"], str(row["n"]), _fmt(row.get("routed")), _fmt(row["oracle"]),
+                      _fmt(row.get("routing_accuracy")))
+    m = report["mean"]
+    table.add_row("mean", "", "", _fmt(m.get("routed")), _fmt(m.get("oracle")), "")
+    Console(stderr=True).print(table)
+    if out:
+        write_json_atomic(Path(out), report)
+        typer.echo(f"wrote {out}", err=True)
+    else:
+        typer.echo(json.dumps(report, indent=1))
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(predict)
+    app.command()(evaluate)

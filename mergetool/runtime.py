@@ -1,0 +1,396 @@
+"""Inference over an expert library (Algorithm 2): route inputs, assemble chains, predict in batches.
+
+    lib = ExpertLibrary.load("lib/")             # checksums verified
+    lib.predict(["some text", ...])              # [{task, label, label_id, score}, ...] in input order
+    model = lib.assemble("task0")                # a plain transformers module for that task's chain
+
+Tasks with identical chains share one assembled backbone; backbones of different chains share the
+parameters of the experts they have in common. Inputs are grouped by chain and each group runs in
+batches, so the backbone runs Σ_chains ⌈n_chain / batch_size⌉ times per chunk of inputs; every input
+then gets its own task's head. With `prefix` features the shared stages run once per batch, the
+router reads their pooled output, and each chain continues from those hidden states.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from mergetool.errors import LibraryError, MergetoolError
+from mergetool.evaluation.runner import pick_device
+from mergetool.library.reader import ExpertLibrary as StoredLibrary
+from mergetool.routing import backbone as bb
+from mergetool.routing.features import config_from_dict, load_extractor, max_length_of, shared_prefix
+
+Inputs = Union[str, Sequence[Union[str, tuple, dict]]]
+
+
+@dataclass
+class _Chain:
+    backbone: nn.Module
+    modules: dict = field(default_factory=dict)  # task -> its module (sharing `backbone`)
+
+
+class ExpertLibrary:
+    """A verified expert library, ready to route and predict."""
+
+    chunk_size = 4096  # inputs routed and grouped together (bounds the cached prefix states)
+
+    def __init__(self, store: StoredLibrary, *, device: str = "auto", max_resident_models: int = 4,
+                 features: Optional[tuple[str, int, Optional[str]]] = None):
+        self.store, self.manifest, self.path = store, store.manifest, store.path
+        self.device = pick_device(device)
+        self.max_resident_models = max(1, int(max_resident_models))
+        info = self.manifest.router
+        if features is None and info is not None:
+            features = (info.features, info.prefix_stages, info.feature_storage.file)
+        self.features, self.prefix_stages, self._feature_file = features or (None, 0, None)
+        if self.features == "prefix" and shared_prefix(self.manifest) < self.prefix_stages:
+            raise LibraryError(f"the chains do not share the router's {self.prefix_stages} prefix stages",
+                               key="router.prefix_stages", fix="re-export the library")
+        self._resident: OrderedDict[tuple, _Chain] = OrderedDict()
+        self._params: dict[str, dict[str, nn.Parameter]] = {}
+        self._tokenizer = self._router = self._extractor = None
+        self.stats: Counter = Counter()
+
+    @classmethod
+    def load(cls, path, device: str = "auto", *, budget: Optional[float] = None, solution: Optional[int] = None,
+             verify: bool = True, max_resident_models: int = 4) -> "ExpertLibrary":
+        """Open and check a library (sha256 of every file unless verify=False)."""
+        return cls(StoredLibrary.load(Path(path), budget=budget, solution=solution, verify=verify),
+                   device=device, max_resident_models=max_resident_models)
+
+    # --- chains and assembly --------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return self.store.tasks
+
+    def chain(self, task: str) -> tuple[str, ...]:
+        return tuple(self.store.chain(task))
+
+    def assemble(self, task: str) -> nn.Module:
+        """The task's model (its own head on its chain's shared backbone), in eval mode."""
+        return self._module(self._entry(task), task)
+
+    def _entry(self, task: str) -> _Chain:
+        chain = self.chain(task)
+        if chain in self._resident:
+            self._resident.move_to_end(chain)
+            return self._resident[chain]
+        module = self._new_module(task)
+        names = self.manifest.task(task).original_names
+        loaded = set()
+        for eid in chain:
+            for n, p in self._expert(eid).items():
+                loaded.add(bb.put(module, names.get(n, n), p))
+        for n, st in self.manifest.buffers.items():
+            loaded.add(bb.put(module, names.get(n, n), self.store.read(st).to(self.device)))
+        loaded |= self._load_head(module, task)
+        missing = sorted(set(module.state_dict()) - loaded)
+        if missing:
+            raise LibraryError(f"the library holds no tensors for {missing[:3]} of task {task!r}",
+                               key="experts", fix="re-export the library")
+        entry = _Chain(bb.backbone_of(module), {task: module.to(self.device)})
+        self._resident[chain] = entry
+        while len(self._resident) > self.max_resident_models:
+            self._resident.popitem(last=False)
+        used = {e for c in self._resident for e in c}
+        self._params = {e: p for e, p in self._params.items() if e in used}
+        return entry
+
+    def _module(self, entry: _Chain, task: str) -> nn.Module:
+        if task not in entry.modules:
+            module = self._new_module(task)
+            bb.set_backbone(module, entry.backbone)
+            own = {k for k in module.state_dict() if not k.startswith(module.base_model_prefix + ".")}
+            missing = sorted(own - self._load_head(module, task))
+            if missing:
+                raise LibraryError(f"the library holds no tensors for {missing[:3]} of task {task!r}",
+                                   key="heads", fix="re-export the library")
+            entry.modules[task] = module.to(self.device)
+        return entry.modules[task]
+
+    def _new_module(self, task: str) -> nn.Module:
+        import transformers
+
+        t = self.manifest.task(task)
+        config = config_from_dict(self.store.config(task))
+        cls = getattr(transformers, t.architecture, None) if t.architecture else None
+        with bb.no_init():
+            if cls is not None and hasattr(cls, "_from_config"):
+                module = cls._from_config(config)
+            else:
+                module = transformers.AutoModelForSequenceClassification.from_config(config)
+        return module.eval()
+
+    def _expert(self, eid: str) -> dict[str, nn.Parameter]:
+        if eid not in self._params:
+            self._params[eid] = {n: nn.Parameter(t.to(self.device, torch.float32 if t.is_floating_point() else t.dtype),
+                                                 requires_grad=False)
+                                 for n, t in self.store.expert_state(eid).items()}
+        return self._params[eid]
+
+    def _load_head(self, module: nn.Module, task: str) -> set:
+        t = self.manifest.task(task)
+        return {bb.put(module, t.original_names.get(n, n), nn.Parameter(self.store.read(st).to(self.device),
+                                                                      requires_grad=False))
+                for n, st in t.heads.items()}
+
+    def resident_bytes(self) -> int:
+        """Bytes of every distinct tensor held by resident models, the router and its extractor."""
+        mods = [m for c in self._resident.values() for m in c.modules.values()]
+        mods += [m for m in (self._router, getattr(self._extractor, "module", None)) if m is not None]
+        seen = {}
+        for m in mods:
+            for t in list(m.parameters()) + list(m.buffers()):
+                s = t.untyped_storage()
+                seen[(s.device, s.data_ptr())] = s.nbytes()
+        return sum(seen.values())
+
+    # --- inputs ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+            except (OSError, ValueError) as exc:
+                raise LibraryError(f"the library has no usable tokenizer: {str(exc)[:160]}", file=str(self.path),
+                                   fix="export from models saved with their tokenizer") from None
+        return self._tokenizer
+
+    @property
+    def max_length(self) -> int:
+        info = self.manifest.router
+        if info is not None:
+            return info.max_length
+        return max_length_of(self.manifest.recipe, self.store.config())
+
+    def encode(self, items: list[tuple]) -> tuple[list[dict], int]:
+        """Token ids per input (truncated to max_length) and how many were truncated."""
+        tok, ml = self.tokenizer, self.max_length
+        texts = [a for a, _ in items]
+        pairs = [b for _, b in items] if any(b is not None for _, b in items) else None
+        if pairs is not None and any(b is None for b in pairs):
+            raise MergetoolError("some inputs have a text pair and some do not", key="inputs")
+        enc = tok(texts, pairs, truncation=False, verbose=False)
+        keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
+        out = [{k: enc[k][i] for k in keys} for i in range(len(items))]
+        long = [i for i, e in enumerate(out) if len(e["input_ids"]) > ml]
+        if long:
+            cut = tok([texts[i] for i in long], [pairs[i] for i in long] if pairs else None, truncation=True,
+                      max_length=ml)
+            for j, i in enumerate(long):
+                out[i] = {k: cut[k][j] for k in keys}
+        return out, len(long)
+
+    def _pad(self, encs: list[dict], rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Right-padded batch of the given inputs, as tokenizer.pad builds it."""
+        width = max(len(encs[i]["input_ids"]) for i in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        out = {}
+        for k in encs[rows[0]]:
+            fill = pad if k == "input_ids" else 0
+            out[k] = torch.tensor([encs[i][k] + [fill] * (width - len(encs[i][k])) for i in rows],
+                                  dtype=torch.long, device=self.device)
+        return out
+
+    # --- routing --------------------------------------------------------------------------------
+    def _load_router(self):
+        if self._router is None:
+            from mergetool.routing.router import Router
+
+            info = self.manifest.router
+            if info is None:
+                raise LibraryError("this library has no router", file=str(self.path),
+                                   fix="pass task=... (--task), or re-export the library")
+            router, cfg = Router.load(self.path, info.weights, info.config)
+            if sorted(router.tasks) != sorted(self.tasks):
+                raise LibraryError("the router's tasks differ from the library's", file=str(self.path / info.config),
+                                   fix="re-export the library")
+            self._router = router.to(self.device)
+        return self._router
+
+    def features_of(self, encs: list[dict], batch_size: int = 64) -> tuple[torch.Tensor, Optional[tuple]]:
+        """Router features h(x) in input order and, for `prefix`, the prefix hidden states of every
+        input's real tokens: (flat tokens + one zero row, start per input, length per input)."""
+        if self.features is None:
+            raise LibraryError("this library has no router features", file=str(self.path),
+                               fix="pass task=... (--task), or re-export the library")
+        if self.features != "prefix" and self._extractor is None:
+            self._extractor = load_extractor(self.features, self.path, self._feature_file, self.store.config(),
+                                             self.device)
+        n = len(encs)
+        order = sorted(range(n), key=lambda i: -len(encs[i]["input_ids"]))
+        feats, tokens = [], []
+        starts, lens = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        offset = 0
+        with torch.inference_mode():
+            for s in range(0, n, batch_size):
+                rows = order[s:s + batch_size]
+                batch = self._pad(encs, rows)
+                if self.features != "prefix":
+                    feats.append(self._extractor(batch))
+                    self.stats["feature_calls"] += 1
+                    continue
+                t0 = time.perf_counter()
+                h = self._prefix(batch)  # the chains' own first stages, reused by them below
+                self.stats["prefix_s"] += time.perf_counter() - t0
+                mask = batch["attention_mask"]
+                feats.append(bb.mean_pool(h, mask))
+                tokens.append(h[mask.bool()])  # real tokens, row after row (right padding)
+                row_lens = mask.sum(1).cpu()
+                idx = torch.tensor(rows)
+                starts[idx], lens[idx] = offset + torch.cumsum(row_lens, 0) - row_lens, row_lens
+                offset += int(row_lens.sum())
+            if not feats:
+                return torch.zeros(0), None
+            where = torch.empty(n, dtype=torch.long)
+            where[torch.tensor(order)] = torch.arange(n)
+            f = torch.cat(feats)[where.to(feats[0].device)]
+            if not tokens:
+                return f, None
+            flat = torch.cat(tokens + [tokens[0].new_zeros((1, tokens[0].shape[-1]))])
+        return f, (flat, starts, lens)
+
+    def _prefix(self, batch: dict) -> torch.Tensor:
+        backbone = self._entry(self.tasks[0]).backbone  # every chain shares these stages
+        h = bb.embed(backbone, batch)
+        h = bb.run_layers(backbone, h, bb.extended_mask(backbone, batch["attention_mask"], h), 0,
+                          self.prefix_stages - 1)
+        self.stats["prefix_calls"] += 1
+        return h
+
+    def route(self, inputs: Inputs, batch_size: int = 64) -> list[str]:
+        """The task the router picks for each input."""
+        encs, _ = self.encode(_items(inputs))
+        return self._route(encs, batch_size)[0]
+
+    def _route(self, encs: list[dict], batch_size: int) -> tuple[list[str], Optional[tuple]]:
+        router = self._load_router()
+        feats, states = self.features_of(encs, batch_size)
+        with torch.inference_mode():
+            ids = router(feats).argmax(-1).tolist() if len(encs) else []
+        return [router.tasks[i] for i in ids], states
+
+    # --- prediction -----------------------------------------------------------------------------
+    def predict(self, inputs: Inputs, batch_size: int = 64, task: Union[None, str, Sequence[str]] = None, *,
+                return_logits: bool = False) -> list[dict]:
+        """{task, label, label_id, score} per input, in input order.
+
+        inputs: texts, (text, text_pair) tuples or {"text", "text_pair"} dicts. task: None routes each
+        input; a task name skips routing; a list gives each input's task (oracle routing)."""
+        if batch_size < 1:
+            raise MergetoolError(f"batch size must be positive, got {batch_size}", key="batch_size")
+        items = _items(inputs)
+        if isinstance(task, str):
+            self.manifest.task(task)
+        elif task is not None:
+            task = list(task)
+            if len(task) != len(items):
+                raise MergetoolError(f"{len(task)} tasks for {len(items)} inputs", key="task")
+            for t in set(task):
+                self.manifest.task(t)
+        out: list[dict] = []
+        for s in range(0, len(items), self.chunk_size):
+            part = task if task is None or isinstance(task, str) else task[s:s + self.chunk_size]
+            out += self._predict_chunk(items[s:s + self.chunk_size], batch_size, part, return_logits)
+        return out
+
+    def _predict_chunk(self, items, batch_size, task, return_logits) -> list[dict]:
+        t0 = time.perf_counter()
+        encs, truncated = self.encode(items)
+        self.stats["truncated"] += truncated
+        t1 = time.perf_counter()
+        states = None
+        if task is None:
+            tasks, states = self._route(encs, batch_size)
+        else:
+            tasks = [task] * len(items) if isinstance(task, str) else task
+        t2 = time.perf_counter()
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tasks):
+            groups.setdefault(self.chain(t), []).append(i)
+        logits: list = [None] * len(items)
+        with torch.inference_mode():
+            for rows in groups.values():
+                rows = sorted(rows, key=lambda i: -len(encs[i]["input_ids"]))
+                for s in range(0, len(rows), batch_size):
+                    self._run_chain(rows[s:s + batch_size], encs, tasks, states, logits)
+        t3 = time.perf_counter()
+        self.stats.update(tokenize_s=t1 - t0, route_s=t2 - t1, chain_s=t3 - t2, inputs=len(items))
+        return [self._result(t, lg, return_logits) for t, lg in zip(tasks, logits)]
+
+    def _run_chain(self, rows, encs, tasks, states, logits) -> None:
+        entry = self._entry(tasks[rows[0]])
+        by_task: dict[str, list[int]] = {}
+        for j, i in enumerate(rows):
+            by_task.setdefault(tasks[i], []).append(j)
+        modules = {t: self._module(entry, t) for t in by_task}
+        if all(bb.has_head(m) for m in modules.values()):
+            if states is not None:
+                h, mask = bb.repad(states, rows)
+                ext = bb.extended_mask(entry.backbone, mask, h)
+                h = bb.run_layers(entry.backbone, h, ext, self.prefix_stages - 1, bb.n_layers(entry.backbone))
+                seq, pooled = bb.finish(entry.backbone, h)
+            else:
+                seq, pooled = bb.full(entry.backbone, self._pad(encs, rows))
+            self.stats["backbone_calls"] += 1
+            for t, pos in by_task.items():
+                if len(pos) == len(rows):
+                    out = bb.head(modules[t], seq, pooled)
+                else:
+                    sel = torch.tensor(pos, device=seq.device)
+                    out = bb.head(modules[t], seq[sel], None if pooled is None else pooled[sel])
+                _store(out, pos, rows, logits)
+            return
+        batch = self._pad(encs, rows)  # no split head for this architecture: one pass per task
+        for t, pos in by_task.items():
+            sel = torch.tensor(pos, device=self.device)
+            out = modules[t](**{k: v[sel] for k, v in batch.items()}).logits
+            self.stats["backbone_calls"] += 1
+            _store(out, pos, rows, logits)
+
+    def _result(self, task: str, out: tuple, with_logits: bool) -> dict:
+        logits, i, p = out
+        labels = self.manifest.task(task).labels
+        if len(logits) == 1 and not (labels and len(labels) > 1):  # regression
+            res = {"task": task, "label": logits[0], "label_id": None, "score": logits[0]}
+        else:
+            res = {"task": task, "label": labels[i] if labels and i < len(labels) else str(i), "label_id": i,
+                   "score": p}
+        if with_logits:
+            res["logits"] = logits
+        return res
+
+
+def _store(out: torch.Tensor, pos: list[int], rows: list[int], results: list) -> None:
+    """(logits, arg max, its softmax probability) per row of a head's output."""
+    out = out.float().cpu()
+    top = torch.softmax(out, -1).max(-1)
+    for j, lg, i, p in zip(pos, out.tolist(), top.indices.tolist(), top.values.tolist()):
+        results[rows[j]] = (lg, i, p)
+
+
+def _items(inputs: Inputs) -> list[tuple]:
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    out = []
+    for x in inputs:
+        if isinstance(x, str):
+            out.append((x, None))
+        elif isinstance(x, dict) and isinstance(x.get("text"), str):
+            out.append((x["text"], x.get("text_pair")))
+        elif isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
+            out.append(x)
+        else:
+            raise MergetoolError(f"cannot read input {str(x)[:60]!r}", key="inputs",
+                                 fix="give texts, (text, text_pair) tuples or {'text': ...} dicts")
+    return out
