@@ -143,3 +143,13 @@ def test_bad_input(case, trained_zoo, tmp_path):
                 "budget_below_population": "smaller than population"}[case]
     assert expected in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_shipped_tiny_recipe_validates(trained_zoo, tmp_path, monkeypatch):
+    """merge_recipes/tiny-bert.yaml validates offline against the trained toy zoo it is written for."""
+    (tmp_path / "zoo").symlink_to(trained_zoo["base"].parent, target_is_directory=True)
+    monkeypatch.setenv("MERGETOOL_TINY_DIR", str(tmp_path))
+    recipe = Path(__file__).resolve().parent.parent / "merge_recipes" / "tiny-bert.yaml"
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "T=3 tasks, L=8 components" in result.stdout
