@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +32,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- inference-benchmark:start -->", "<!-- inference-benchmark:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import ROOT, commit, machine, replace_block  # noqa: E402
+BLOCK = "inference-benchmark"
 FEATURES = ("prefix", "base", "embeddings")
 
 
@@ -156,39 +155,6 @@ def twin(lib_static, lib_ind, router_lib, texts, tasks_all) -> tuple[float, floa
     return len(texts) / (time.perf_counter() - start), hits / len(texts)
 
 
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if device.type == "cuda" else ""
-    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
-    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), device {device}{gpu}{load}")
-
-
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_block(path: Path, block: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    body = f"{START}\n{block.rstrip()}\n{END}"
-    if START in text and END in text:
-        text = text[:text.index(START)] + body + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + body + "\n"
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", choices=("toy", "demo"), default="toy")
@@ -307,7 +273,7 @@ def main(argv=None) -> int:
     block = "\n".join(lines)
     print(block)
     if not args.no_write:
-        write_block(args.out, block)
+        replace_block(args.out, BLOCK, block)
         say(f"wrote {args.out}")
     return 0
 

@@ -145,7 +145,7 @@ def build_plan(recipe: Recipe, *, check_values: bool = True,
         lacking = [t for t, s in zip(names, shared) if n not in s]
         if lacking:
             fail(f"tensor {n!r} is missing in {', '.join(lacking)}", "models",
-                 f"add a regex matching it to components.task_specific if it is a per-task head")
+                 "add a regex matching it to components.task_specific if it is a per-task head")
     if errors:
         raise MultiError(errors[:20])
 

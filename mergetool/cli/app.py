@@ -7,8 +7,9 @@ from typing import Annotated
 import typer
 
 from mergetool import __version__
-from mergetool.cli import library_cmds, recipe_cmds, search_cmds, stubs
+from mergetool.cli import library_cmds, recipe_cmds, search_cmds
 from mergetool.cli import hub_cmds
+from mergetool.cli import baselines_cmds
 from mergetool.cli import runtime_cmds
 from mergetool.cli._errors import set_debug
 
@@ -40,8 +41,8 @@ recipe_cmds.register(app)
 search_cmds.register(app)
 library_cmds.register(app)
 hub_cmds.register(app)
+baselines_cmds.register(app)
 runtime_cmds.register(app)
-stubs.register(app)
 
 
 def main() -> None:

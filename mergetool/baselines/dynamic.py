@@ -1,0 +1,304 @@
+"""Dynamic merging baselines: Twin-Merging and EMR-Merging, merged per input from router weights.
+
+Formulas (plain tensor functions, unit-tested on literal tensors):
+- Twin-Merging (Lu et al. 2024): shared expert θ_s (a TIES merge); per task the delta θ_t − θ_s is
+  compressed to its best rank-r approximation (truncated SVD of each ≥2-D tensor seen as
+  rows × rest; 1-D tensors stay dense). Per input: θ(x) = θ_s + Σ_t w_t(x) · SVD_r(θ_t − θ_s).
+- EMR-Merging (Huang et al. 2024): τ_t = θ_t − θ_pre; elect σ = sign(Σ_t τ_t); magnitude
+  ε = max |τ_t| over the tasks with τ_t·σ > 0; τ_uni = σ·ε; masks M_t = (τ_t ⊙ τ_uni > 0);
+  rescalers λ_t = Σ|τ_t| / Σ|M_t ⊙ τ_uni| (sums over every mergeable parameter). The input's
+  model is θ_pre + λ_s · M_s ⊙ τ_uni for the task s its router weights select (argmax).
+
+Router weights come from `route(t, batch) -> (n, T)`: `train_router` fits the project's router
+(mergetool.routing) on each task's `router` split, over features of the method's own stored backbone;
+`oracle_route` is one-hot on the true task (nothing trained or stored).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mergetool.evaluation.runner import TaskModel
+
+Route = Callable[[int, dict], np.ndarray]
+
+
+# --- formulas ---------------------------------------------------------------------------------
+def svd_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(P, Q) with P @ Q the best rank-`rank` approximation of delta viewed as (rows, rest)."""
+    m = delta.reshape(delta.shape[0], -1).float()
+    U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+    k = min(rank, S.numel())
+    return U[:, :k] * S[:k], Vh[:k]
+
+
+def twin_params(shape: Sequence[int], rank: int) -> int:
+    """Stored parameters of one compressed delta: r·(m + n) factors, or the dense delta when that is
+    no larger (and always for 1-D tensors)."""
+    numel = int(np.prod(shape)) if len(shape) else 1
+    if len(shape) < 2:
+        return numel
+    m = int(shape[0])
+    n = numel // m
+    return min(min(rank, m, n) * (m + n), numel)
+
+
+def twin_delta(task: Tensor, shared: Tensor, rank: int) -> Tensor:
+    """SVD_r(θ_t − θ_s): the compressed task delta (dense when factors would not save space)."""
+    delta = task.float() - shared.float()
+    if delta.ndim < 2 or twin_params(delta.shape, rank) == delta.numel():
+        return delta
+    P, Q = svd_factors(delta, rank)
+    return (P @ Q).reshape(delta.shape)
+
+
+def twin_merge(shared: Tensor, deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """θ_s + Σ_t w_t · Δ_t."""
+    out = shared.float().clone()
+    for w, d in zip(weights, deltas):
+        if w:
+            out += float(w) * d
+    return out.to(shared.dtype)
+
+
+def emr_unify(taus: Sequence[Tensor]) -> Tensor:
+    """τ_uni: elected sign of Σ τ_t times the largest |τ_t| among tasks agreeing with it."""
+    stack = torch.stack([t.float() for t in taus])
+    sign = torch.sign(stack.sum(0))
+    agree = stack * sign > 0
+    mag = torch.where(agree, stack.abs(), torch.zeros_like(stack)).amax(0)
+    return sign * mag
+
+
+def emr_masks(taus: Sequence[Tensor], uni: Tensor) -> list[Tensor]:
+    """M_t = (τ_t ⊙ τ_uni > 0), boolean."""
+    return [t.float() * uni > 0 for t in taus]
+
+
+def emr_sums(taus: Sequence[Tensor], uni: Tensor, masks: Sequence[Tensor]) -> list[tuple[float, float]]:
+    """Per task, (Σ|τ_t|, Σ|M_t ⊙ τ_uni|) over one tensor."""
+    return [(float(t.float().abs().sum()), float((m * uni).abs().sum())) for t, m in zip(taus, masks)]
+
+
+def emr_rescalers(sums: Sequence[Sequence[tuple[float, float]]]) -> list[float]:
+    """λ_t = Σ|τ_t| / Σ|M_t ⊙ τ_uni|, from emr_sums of every tensor (sums[i][t])."""
+    out = []
+    for t in range(len(sums[0]) if sums else 0):
+        num, den = sum(s[t][0] for s in sums), sum(s[t][1] for s in sums)
+        out.append(num / den if den > 0 else 0.0)
+    return out
+
+
+def emr_task(pre: Tensor, uni: Tensor, mask: Tensor, rescaler: float) -> Tensor:
+    """θ_pre + λ_t · M_t ⊙ τ_uni."""
+    return (pre.float() + rescaler * mask * uni).to(pre.dtype)
+
+
+def oracle_route(T: int) -> Route:
+    def route(t: int, batch: dict) -> np.ndarray:
+        w = np.zeros((len(batch["input_ids"]), T))
+        w[:, t] = 1.0
+        return w
+    return route
+
+
+# --- models built from a session's tensors -------------------------------------------------------
+def _names(plan) -> list[str]:
+    return [n for c in plan.components for n in c.tensors]
+
+
+def _packed_bits(numel: int) -> int:
+    return 8 * ((numel + 7) // 8)
+
+
+class TwinModel:
+    """Shared expert + per-task compressed deltas. SVD factors are computed once at the largest rank
+    of the grid and sliced for smaller ranks; tensors a rank keeps whole are stored dense."""
+
+    def __init__(self, plan, shared: dict[str, Tensor], tasks: Sequence, ranks: Sequence[int]):
+        self.plan, self.shared = plan, shared
+        lo, hi = min(ranks), max(ranks)
+        self._rank, self._deltas = None, None
+        self.parts: list[dict[str, dict]] = []
+        for src in tasks:
+            parts = {}
+            for n, s in shared.items():
+                delta = src.get(n).float() - s.float()
+                e = {}
+                if delta.ndim < 2 or twin_params(delta.shape, hi) == delta.numel():
+                    e["dense"] = delta
+                if delta.ndim >= 2 and twin_params(delta.shape, lo) < delta.numel():
+                    e["factors"] = svd_factors(delta, hi)
+                parts[n] = e
+            self.parts.append(parts)
+
+    def delta(self, t: int, name: str, rank: int) -> Tensor:
+        shape = self.shared[name].shape
+        e = self.parts[t][name]
+        if twin_params(shape, rank) == self.shared[name].numel():
+            return e["dense"]
+        P, Q = e["factors"]
+        return (P[:, :rank] @ Q[:rank]).reshape(shape)
+
+    def state(self, weights: Sequence[float], rank: int) -> dict[str, Tensor]:
+        if self._rank != rank:  # the rank-r deltas, dense: a per-input merge is then T axpys per tensor
+            self._deltas, self._rank = None, rank
+            self._deltas = [{n: self.delta(t, n, rank) for n in self.shared} for t in range(len(self.parts))]
+        live = [(t, w) for t, w in enumerate(weights) if w]
+        return {n: twin_merge(s, [self._deltas[t][n] for t, _ in live], [w for _, w in live])
+                for n, s in self.shared.items()}
+
+    def breakdown(self, rank: int) -> dict:
+        d, T = self.plan.d, self.plan.T
+        shared = sum(s.numel() for s in self.shared.values())
+        per_task = sum(twin_params(s.shape, rank) for s in self.shared.values())
+        return {"shared": shared / d, "per_task": T * per_task / d, "per_task_each": per_task / d}
+
+
+class EMRModel:
+    """Unified task vector, per-task masks and rescalers (θ_pre is kept to rebuild each task)."""
+
+    def __init__(self, plan, base, tasks: Sequence):
+        self.plan, self.pre = plan, {n: base.get(n) for n in _names(plan)}
+        self.uni: dict[str, Tensor] = {}
+        self.masks: list[dict[str, Tensor]] = [{} for _ in tasks]
+        sums = []
+        for n, pre in self.pre.items():
+            taus = [src.get(n).float() - pre.float() for src in tasks]
+            self.uni[n] = emr_unify(taus)
+            masks = emr_masks(taus, self.uni[n])
+            for t, m in enumerate(masks):
+                self.masks[t][n] = m
+            sums.append(emr_sums(taus, self.uni[n], masks))
+        self.rescalers = emr_rescalers(sums)
+
+    @staticmethod
+    def key(weights: Sequence[float]) -> tuple:
+        return (int(np.argmax(weights)),)
+
+    def state(self, weights: Sequence[float]) -> dict[str, Tensor]:
+        s = int(np.argmax(weights))
+        return {n: emr_task(p, self.uni[n], self.masks[s][n], self.rescalers[s]) for n, p in self.pre.items()}
+
+    def breakdown(self) -> dict:
+        d, T, b = self.plan.d, self.plan.T, self.plan.base_bits
+        n = sum(p.numel() for p in self.pre.values())
+        masks = T * sum(_packed_bits(p.numel()) for p in self.pre.values()) / (b * d)
+        return {"pretrained": n / d, "unified": n / d, "masks": masks, "rescalers": T / d,
+                "paper_convention": n / d + masks + T / d}
+
+
+# --- routing ------------------------------------------------------------------------------------
+class Features:
+    """h(x): the mean-pooled last hidden state of a backbone holding `state`, the method's own stored
+    model (Twin: its shared expert; EMR: θ_pre), so the features cost no extra storage."""
+
+    def __init__(self, session, state: dict[str, Tensor], device):
+        p = session.plan
+        self.model = TaskModel(p, session.tasks[0], session.full_precision_store.own_tensors(0), device)
+        for l in range(p.L):
+            self.model.load(l, ("features",), state)
+        self.device = device
+
+    def __call__(self, batch: dict) -> Tensor:
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        with torch.inference_mode():
+            h = self.model.module.base_model(**{k: batch[k].to(self.device) for k in keys if k in batch})[0]
+            m = batch["attention_mask"].to(self.device).unsqueeze(-1).to(h.dtype)
+            return ((h * m).sum(1) / m.sum(1).clamp(min=1.0)).float().cpu()
+
+
+def train_router(session, features: Features) -> tuple[Route, dict]:
+    """The project's router (mergetool.routing: 3-layer MLP, recipe.router settings, seeded) trained on
+    each task's `router` split; weights = softmax of its logits."""
+    from mergetool.evaluation.tasks import load_tokenizer, tokenizer_dir
+    from mergetool.routing.train import fit, read_texts
+
+    s, cfg, seed = session, session.recipe.router, session.recipe.search.seed
+    tok = load_tokenizer(tokenizer_dir(s.base.path, s.tasks[0].path))
+    X, y = [], []
+    for t, name in enumerate(s.plan.tasks):
+        rows = read_texts(s.recipe.tasks[name].router, f"tasks.{name}.router", cfg.max_per_task, seed)
+        for i in range(0, len(rows), 32):
+            chunk = rows[i:i + 32]
+            pairs = [b for _, b in chunk] if chunk[0][1] is not None else None
+            enc = tok([a for a, _ in chunk], pairs, truncation=True, padding=True, return_tensors="pt",
+                      max_length=s.recipe.tasks[name].max_length)
+            X.append(features(dict(enc)))
+        y += [t] * len(rows)
+    router = fit(torch.cat(X), torch.tensor(y), list(s.plan.tasks), cfg.hidden, cfg.epochs, cfg.lr, seed)
+
+    def route(t: int, batch: dict) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.softmax(router(features(batch)), -1).double().numpy()
+
+    params = sum(v.numel() for v in router.state_dict().values())
+    return route, {"kind": "router", "params": params, "train_examples": len(y),
+                   "hidden": list(cfg.hidden), "epochs": cfg.epochs, "lr": cfg.lr}
+
+
+def router_ready(session) -> bool:
+    """True when the project's router can be trained: every task has a `router` split."""
+    return session.has_split("router")
+
+
+# --- per-input evaluation ----------------------------------------------------------------------
+class PerInputEvaluator:
+    """Scores a per-input merged model on a split: each input's router weights give its merged
+    backbone, run with its task's head. Inputs of a batch with identical weights (all of them under
+    oracle routing) share one merge and one forward, which is the same computation as batch size 1."""
+
+    def __init__(self, session, split: str):
+        self.ev = session.evaluator(split, quantized=False)  # its task data and scorer
+        self.session = session
+        self._models: dict[int, TaskModel] = {}
+        self.routing_accuracy: Optional[float] = None
+
+    def _model(self, t: int) -> TaskModel:
+        if t not in self._models:
+            s = self.session
+            self._models[t] = TaskModel(s.plan, s.tasks[t], s.full_precision_store.own_tensors(t), self.ev.device)
+        return self._models[t]
+
+    def evaluate(self, build: Callable[[np.ndarray], dict[str, Tensor]], route: Route,
+                 key: Optional[Callable[[np.ndarray], tuple]] = None,
+                 progress: Optional[Callable[[], None]] = None) -> tuple[float, dict[str, float]]:
+        """`build(w)` is the merged state for weights w; `key(w)` says which weights give the same
+        state (default: the weights themselves; EMR: the argmax task)."""
+        plan = self.session.plan
+        key = key or (lambda w: tuple(np.round(w, 8)))
+        per_task = {}
+        cache: dict = {}  # the last merged state, by its key
+        right = total = 0
+        for t, name in enumerate(plan.tasks):
+            model = self._model(t)
+            model.loaded.clear()
+            outs = []
+            with torch.inference_mode():
+                for batch in self.ev.data[t].batches:
+                    weights = np.asarray(route(t, batch), dtype=np.float64)
+                    right += int((weights.argmax(1) == t).sum())
+                    total += len(weights)
+                    keys = [key(w) for w in weights]
+                    out: list = [None] * len(keys)
+                    for k in dict.fromkeys(keys):
+                        rows = [i for i, kk in enumerate(keys) if kk == k]
+                        if k not in cache:
+                            cache.clear()
+                            cache[k] = build(weights[rows[0]])
+                        for l in range(plan.L):
+                            model.load(l, ("dynamic", k), cache[k])
+                        sub = {n: v[rows].to(self.ev.device) for n, v in batch.items()}
+                        logits = model.forward(sub).float().cpu()
+                        for j, i in enumerate(rows):
+                            out[i] = logits[j]
+                    outs.append(torch.stack(out))
+                    if progress:
+                        progress()
+            per_task[name] = self.ev._score(t, torch.cat(outs).numpy())
+        self.routing_accuracy = right / total if total else None
+        return float(np.mean(list(per_task.values()))), per_task

@@ -1,0 +1,98 @@
+"""Non-merging and static whole-model baselines, scored by the search's own ExpertStore + Evaluator.
+
+- individual: all-singletons G, full precision (C = T) and quantised to the recipe's bits (the
+  search's own store, so C ≈ T·b/32 plus metadata, exact to the bytes);
+- pre-trained: the base's tensors in every component, each task with its own head (C = 1);
+- static WA / TA / TIES / BC: all-shared G, quantisation off, the recipe's method swapped for the
+  baseline's, its hyperparameters tuned on validation over GRIDS (C = 1).
+
+mergekit defaults are overridden on purpose: TIES density defaults to 1.0 (no trimming) and
+Breadcrumbs with density 1 is plain TA, so density is always given (and gamma 0.01 for BC).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from mergetool.cost import tensor_data_bits
+from mergetool.evaluation.engine import Evaluator
+from mergetool.experts import Expert, ExpertStore
+from mergetool.grouping import all_shared
+from mergetool.quantize import QuantSpec, quantize
+from mergetool.recipe import MergeConfig, QuantizationConfig
+
+FULL = QuantSpec(bits=32)
+
+# name, method, fixed parameters, tuned grid (parameter -> values)
+STATIC = {
+    "wa": ("Weight Averaging", "linear", {}, {}),
+    "ta": ("Task Arithmetic", "task_arithmetic", {}, {"lambda": [0.3, 0.5, 0.7, 1.0]}),
+    "ties": ("Ties-Merging", "ties", {"lambda": 1.0}, {"density": [0.2, 0.5, 0.8]}),
+    "bc": ("Breadcrumbs", "breadcrumbs", {"gamma": 0.01},
+           {"lambda": [0.3, 0.5, 0.7, 1.0], "density": [0.2, 0.5, 0.8]}),
+}
+
+
+@dataclass
+class Scored:
+    """One configuration's validation score (and the store that built it)."""
+
+    params: dict
+    performance: float
+    per_task: dict
+    storage_cost: float
+    store: ExpertStore
+
+
+def variant(recipe, method: str, params: dict):
+    """The recipe with another merge method/parameters and quantisation off (private attrs kept)."""
+    return recipe.model_copy(update={"merge": MergeConfig(method=method, parameters=dict(params)),
+                                     "quantization": QuantizationConfig(bits=32)})
+
+
+class PretrainedStore(ExpertStore):
+    """Every expert is the pre-trained base's own tensors, unquantised."""
+
+    def _build(self, component: int, members: tuple[int, ...]) -> Expert:
+        comp = self.plan.components[component]
+        out = {n: quantize(self.base.get(n), FULL) for n in comp.tensors}
+        bits = sum(tensor_data_bits(q, self.plan.base_bits) for q in out.values())
+        return Expert(component, members, out, bits, 0)
+
+
+def score(store: ExpertStore, G, split: str, device: str) -> tuple[float, dict, float]:
+    r = Evaluator(store, split=split, device=device).evaluate(G)
+    return r.performance, r.per_task, r.storage_cost
+
+
+def pretrained_store(session) -> ExpertStore:
+    s = session
+    return PretrainedStore(variant(s.recipe, "linear", {}), s.plan, s.base, s.tasks, quantization=FULL)
+
+
+def grid_points(grid: dict) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
+
+
+def tune(session, key: str, device: str, progress: Optional[Callable[[str], None]] = None
+         ) -> tuple[Scored, list[dict]]:
+    """Every grid point of a static method on validation; the best (first on ties) and the grid."""
+    _, method, fixed, grid = STATIC[key]
+    G = all_shared(session.plan.T, session.plan.L)
+    best, rows = None, []
+    for point in grid_points(grid):
+        params = {**fixed, **point}
+        if progress:
+            progress(f"{key} {params}")
+        store = ExpertStore(variant(session.recipe, method, params), session.plan, session.base, session.tasks,
+                            quantization=FULL)
+        perf, per_task, cost = score(store, G, "validation", device)
+        rows.append({**point, "performance": perf})
+        if best is None or perf > best.performance:
+            best = Scored(params, perf, per_task, cost, store)
+        else:
+            store.clear()
+    return best, rows

@@ -1,0 +1,103 @@
+"""`baselines`: Table I's reference rows (individual, pre-trained, static and dynamic merges) for a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mergetool.cli._errors import handles_errors
+
+
+@handles_errors
+def baselines(
+    run: Annotated[Optional[Path], typer.Argument(help="Recipe or run directory (default: current folder).",
+                                                  show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="validation | test: the split the table reports. Tuning always uses "
+                                            "validation; test also scores the tuned baselines on test.")]
+    = "validation",
+    methods: Annotated[str, typer.Option(help="Merging baselines to run (individual and pre-trained always run).")]
+    = "wa,ta,ties,bc,twin,emr",
+    twin_ranks: Annotated[str, typer.Option("--twin-ranks", help="Twin-Merging SVD ranks tuned on validation.")]
+    = "4,16,64",
+    routing: Annotated[str, typer.Option(help="Twin/EMR routing: auto (router when every task has a `router` "
+                                              "split) | router | oracle (one-hot on the true task).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Score the baselines of the paper's Table I and write RUN/baselines/baselines.json (C by Eq. 8)."""
+    import json
+
+    from mergetool.baselines import ROUTINGS, SPLITS, count_steps, refresh_summary, resolve_routing, run_baselines
+    from mergetool.checks import check_recipe
+    from mergetool.errors import MergetoolError
+    from mergetool.pipeline import Session
+    from mergetool.rundir import recipe_hash, resolve_run, write_json_atomic
+
+    if split not in SPLITS:
+        raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")
+    if routing not in ROUTINGS:
+        raise MergetoolError(f"unknown routing {routing!r}", key="--routing", fix="use auto, router or oracle")
+    chosen = [m.strip().lower() for m in methods.split(",") if m.strip()]
+    try:
+        ranks = sorted({int(r) for r in twin_ranks.split(",") if r.strip()})
+    except ValueError:
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        raise MergetoolError(f"bad --twin-ranks {twin_ranks!r}", key="--twin-ranks",
+                             fix="give ranks ≥ 1, e.g. 4,16,64")
+    run_dir, recipe = resolve_run(run)
+    info = run_dir / "run.json"
+    if info.is_file() and json.loads(info.read_text()).get("recipe_sha256") != recipe_hash(recipe):
+        raise MergetoolError(f"run directory {run_dir} belongs to a different recipe", key="RUN",
+                             fix="pass the run directory itself, or the recipe that produced it")
+    plan = check_recipe(recipe)
+    session = Session(recipe, device=device, plan=plan)
+    console = Console(stderr=True, quiet=quiet)
+    routing = resolve_routing(session, routing)
+    total = count_steps(recipe, split=split, methods=chosen, twin_ranks=ranks, routing=routing)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("baselines", total=total)
+        started = [False]
+
+        def progress(what: str) -> None:
+            bar.update(task, description=what, advance=1 if started[0] else 0)
+            started[0] = True
+
+        result = run_baselines(session, split=split, methods=chosen, twin_ranks=ranks, routing=routing,
+                               device=device, progress=progress)
+        bar.update(task, completed=total, description="done")
+    path = write_json_atomic(run_dir / "baselines" / "baselines.json", result)
+    print_table(Console(), result)
+    summary = refresh_summary(session, run_dir, result)
+    Console().print(f"wrote {path}" + (f" (summary: {summary})" if summary else ""))
+
+
+def print_table(console: Console, result: dict) -> None:
+    split = result["split"]
+    table = Table(title=f"Baselines as in the paper's Table I ({split} split; C by Eq. 8)")
+    for col in ("Method", "C", "P", *result["tasks"], "tuned"):
+        table.add_column(col, justify="left" if col in ("Method", "tuned") else "right")
+    for m in result["methods"]:
+        scores = m[split] or m["validation"]
+        hidden = ("method", "shared", "rescalers")
+        tuned = ", ".join(f"{k}={v}" for k, v in m["params"].items() if k not in hidden) \
+            if m["kind"] in ("static", "dynamic") else ""
+        table.add_row(m["name"], f"{m['storage_cost']:.4f}", f"{scores['performance']:.4f}",
+                      *(f"{scores['per_task'][t]:.4f}" for t in result["tasks"]), tuned)
+    console.print(table)
+    if result.get("routing"):
+        console.print(f"Twin/EMR routing: {result['routing']}")
+        for m in result["methods"]:
+            acc = (m.get("routing") or {}).get("accuracy") or {}
+            if acc.get(split) is not None:
+                console.print(f"  {m['name']} routing accuracy ({split}): {acc[split]:.4f}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(baselines)
