@@ -13,6 +13,7 @@ import typer
 
 from mergetool.cli._errors import handles_errors
 from mergetool.errors import DataError, MergetoolError
+from mergetool.evaluation.data import jsonl_records
 
 LibArg = Annotated[Path, typer.Argument(help="Expert library folder.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
@@ -60,21 +61,14 @@ def _chain(first: str, rest) -> Iterator[str]:
 
 
 def _jsonl(lines, where: str, skip_bad: bool, bad: Counter) -> Iterator[tuple[int, dict]]:
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            rec, why = None, f"is not JSON ({exc.msg})"
-        else:
-            why = "is not a JSON object"
-        if not isinstance(rec, dict):
-            if not skip_bad:
-                raise DataError(f"line {i} {why}", file=where, line=i, fix="one JSON object per line, or --skip-bad")
-            bad["lines"] += 1
-            continue
-        yield i, rec
+    def skip(i: int, why: str) -> None:
+        bad["lines"] += 1
+
+    try:
+        yield from jsonl_records(lines, file=where, on_bad=skip if skip_bad else None)
+    except DataError as e:
+        e.fix = "one JSON object per line, or --skip-bad"
+        raise
 
 
 def _item(rec: dict, text_field: str, pair_field: Optional[str]):

@@ -6,7 +6,7 @@ import csv
 import json
 import random
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from mergetool.errors import DataError
 from mergetool.recipe.schema import DataSplit
@@ -43,17 +43,28 @@ def iter_records(path: str | Path, *, key: Optional[str] = None) -> Iterator[tup
 
 def _jsonl(path: Path, key: Optional[str]) -> Iterator[tuple[int, dict]]:
     with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"line {i} is not JSON: {exc.msg}", file=path, key=key, line=i,
-                                fix="one JSON object per line") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"line {i} is not a JSON object", file=path, key=key, line=i)
+        yield from jsonl_records(f, file=path, key=key)
+
+
+def jsonl_records(lines, *, file, key: Optional[str] = None,
+                  on_bad: Optional[Callable[[int, str], None]] = None) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) per non-blank line. A bad line raises DataError, or, with
+    `on_bad`, is reported to it as (line number, why) and skipped."""
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rec, why = None, f"is not JSON: {exc.msg}"
+        else:
+            why = "is not a JSON object"
+        if isinstance(rec, dict):
             yield i, rec
+        elif on_bad is not None:
+            on_bad(i, why)
+        else:
+            raise DataError(f"line {i} {why}", file=file, key=key, line=i, fix="one JSON object per line")
 
 
 def read_split(split: DataSplit, *, key: Optional[str] = None, limit: Optional[int] = None) -> list[dict]:
