@@ -11,6 +11,7 @@ With `caches=False` every expert is rebuilt and every task runs a full forward: 
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from collections import OrderedDict
 from typing import Optional
@@ -29,7 +30,7 @@ from mergetool.search import EvalResult
 class Evaluator:
     def __init__(self, store: ExpertStore, *, split: str = "validation", device: str = "auto",
                  caches: bool = True, memo: Optional[bool] = None, prefix: Optional[bool] = None,
-                 experts: Optional[bool] = None, prefix_cache_bytes: int = 1 << 30,
+                 experts: Optional[bool] = None, prefix_cache_bytes: Optional[int] = None,
                  batch_size: Optional[int] = None):
         """`caches` switches all three caches; `memo`, `prefix`, `experts` override one each."""
         self.store, self.plan, self.recipe = store, store.plan, store.recipe
@@ -49,7 +50,7 @@ class Evaluator:
         self._memo: dict[tuple, float] = {}
         self._prefix: OrderedDict[tuple, list] = OrderedDict()
         self._prefix_bytes = 0
-        self.prefix_cache_bytes = prefix_cache_bytes
+        self.prefix_cache_bytes = prefix_cache_bytes if prefix_cache_bytes is not None else default_prefix_budget()
         self.counts = {"memo_hits": 0, "memo_misses": 0, "prefix_hits": 0, "prefix_misses": 0,
                        "stage_calls": 0, "forward_calls": 0}
 
@@ -152,6 +153,15 @@ class Evaluator:
             fn = getattr(importlib.import_module(module_name), fn_name)
             return float(fn(outputs, data.labels, data.records))
         return score(data.metric, outputs, data.labels)
+
+
+def default_prefix_budget() -> int:
+    """A quarter of physical memory, at most 8 GiB: one MiniLM evaluation's states are ~0.5 GB."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 4 << 30
+    return int(min(8 << 30, total // 4))
 
 
 def _to(batch: dict, device: torch.device) -> dict:
