@@ -1,118 +1,12 @@
 """Search core: MERGE's surrogate-assisted NSGA-II over grouping matrices (Algorithm 1).
 
-The search treats the problem as a black box. This module holds only the light types; the
+The search treats the problem as a black box. The package exports the light types (types.py); the
 loop (pymoo, scikit-learn) is imported on first use of `run_search`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Protocol
-
-import numpy as np
-
-from mergetool.errors import MergetoolError
-
-
-@dataclass
-class EvalResult:
-    """One real evaluation of a grouping G."""
-
-    performance: float  # P_G (Eq. 7), higher is better
-    per_task: dict[str, float]
-    storage_cost: float  # C_G (Eq. 8), lower is better
-    seconds: float = 0.0
-    cache: dict[str, Any] = field(default_factory=dict)  # counters; keys ending in "hits"/"misses" feed the hit rate
-
-
-class SearchProblem(Protocol):
-    """What the search needs from the evaluation engine."""
-
-    T: int
-    L: int
-
-    def evaluate(self, G: np.ndarray) -> EvalResult: ...
-
-    def storage_cost(self, G: np.ndarray) -> float: ...
-
-    # optional: def task_vectors(self) -> Sequence[np.ndarray]  # L arrays of shape (T, D_l)
-
-
-SURROGATES = ("random_forest", "none")
-INITS = ("kmeans", "random")
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """Search knobs. Defaults follow the paper (Sec. IV-C): population 20, 300 real evaluations."""
-
-    population: int = 20
-    evaluations: int = 300
-    surrogate: str = "random_forest"  # "random_forest" | "none"
-    init: str = "kmeans"  # "kmeans" | "random"
-    seed: int = 0
-    offspring: Optional[int] = None  # candidates per generation; default 4 x population (surrogate) or the per-generation cap
-    max_evals_per_generation: Optional[int] = None  # real evaluations per generation; default population
-    crossover_prob: float = 0.9
-    rf_trees: int = 100
-    hv_ref: Optional[tuple[float, float]] = None  # (P_ref, C_ref); default (0, T + 1)
-    write_artifacts: bool = True  # front.json, hv.csv, pareto.png, hv.png next to the journal
-
-    def __post_init__(self) -> None:
-        def bad(k: str, msg: str, fix: str) -> MergetoolError:
-            return MergetoolError(msg, key=f"search.{k}", fix=fix)
-
-        if self.population < 2:
-            raise bad("population", f"population must be at least 2, got {self.population}", "use 20 (paper)")
-        if self.evaluations < 1:
-            raise bad("evaluations", f"evaluations must be at least 1, got {self.evaluations}", "use 300 (paper)")
-        if self.surrogate not in SURROGATES:
-            raise bad("surrogate", f"unknown surrogate {self.surrogate!r}", f"use one of {', '.join(SURROGATES)}")
-        if self.init not in INITS:
-            raise bad("init", f"unknown init {self.init!r}", f"use one of {', '.join(INITS)}")
-        if self.offspring is not None and self.offspring < 1:
-            raise bad("offspring", "offspring must be at least 1", "leave it unset for 4 x population")
-        if self.max_evals_per_generation is not None and self.max_evals_per_generation < 1:
-            raise bad("max_evals_per_generation", "max_evals_per_generation must be at least 1", "leave it unset")
-        if not 0.0 <= self.crossover_prob <= 1.0:
-            raise bad("crossover_prob", "crossover_prob must be in [0, 1]", "use 0.9")
-        if self.rf_trees < 1:
-            raise bad("rf_trees", "rf_trees must be at least 1", "use 100")
-
-    @property
-    def per_generation(self) -> int:
-        return self.max_evals_per_generation or self.population
-
-    @property
-    def n_offspring(self) -> int:
-        if self.offspring:
-            return self.offspring
-        return 4 * self.population if self.surrogate == "random_forest" else self.per_generation
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Settings that fix the search trajectory (the budget may grow on resume; outputs may change)."""
-        d = asdict(self)
-        for k in ("evaluations", "write_artifacts", "hv_ref"):
-            d.pop(k)
-        return d
-
-
-@dataclass
-class SearchResult:
-    records: list[dict]  # every journal record, sorted by "i"
-    front: list[dict]  # non-dominated records as front.json entries
-    hv: float
-    hv_ref: tuple[float, float]
-    hv_curve: list[tuple[int, float]]  # (evaluations, hv)
-    evaluations: int  # real evaluations in the journal
-    evaluated_now: int  # evaluate() calls made by this process
-    replayed: int  # records taken from the journal instead of evaluate()
-    screened: int  # candidates whose P the surrogate predicted
-    generations: int
-    kendall_tau: Optional[float]  # predicted vs real P over the journal
-    init_used: str
-    stopped: str  # "budget" | "exhausted"
-    artifacts: dict[str, str] = field(default_factory=dict)
+from mergetool.search.types import EvalResult, SearchProblem, SearchResult, SearchSettings
 
 
 def run_search(problem, settings: SearchSettings, journal_path, *, progress=None, executor=None) -> SearchResult:

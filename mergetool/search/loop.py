@@ -18,7 +18,7 @@ import numpy as np
 
 from mergetool import grouping
 from mergetool.errors import MergetoolError
-from mergetool.search import EvalResult, SearchResult, SearchSettings
+from mergetool.search.types import EvalResult, SearchResult, SearchSettings
 from mergetool.search.executors import LocalExecutor
 from mergetool.search.front import hv_curve, hv_reference, hypervolume, nondominated, objectives, pareto_front, write_artifacts
 from mergetool.search.init import initial_population
