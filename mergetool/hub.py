@@ -292,3 +292,13 @@ def push(lib_dir, repo_id: str, *, private: bool = False, revision: Optional[str
                                      commit_message=message, delete_patterns="*")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def open_library(ref, *, budget: Optional[float] = None, solution: Optional[int] = None, verify: bool = True):
+    """A stored library from a folder, or from `hub:REPO_ID@REV` through the HF cache (always fully verified)."""
+    from mergetool.library.reader import ExpertLibrary, select_solution
+
+    if str(ref).startswith("hub:"):
+        folder, m = resolve_library(str(ref))
+        return ExpertLibrary(folder, m, select_solution(m, budget=budget, solution=solution))
+    return ExpertLibrary.load(Path(ref), budget=budget, solution=solution, verify=verify)

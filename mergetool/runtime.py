@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -63,7 +62,9 @@ class ExpertLibrary:
     def load(cls, path, device: str = "auto", *, budget: Optional[float] = None, solution: Optional[int] = None,
              verify: bool = True, max_resident_models: int = 4) -> "ExpertLibrary":
         """Open and check a library (sha256 of every file unless verify=False)."""
-        return cls(StoredLibrary.load(Path(path), budget=budget, solution=solution, verify=verify),
+        from mergetool.hub import open_library  # folders and hub:REPO@REV references
+
+        return cls(open_library(path, budget=budget, solution=solution, verify=verify),
                    device=device, max_resident_models=max_resident_models)
 
     # --- chains and assembly --------------------------------------------------------------------

@@ -23,7 +23,7 @@ from hub_server import HubServer, hub_env, hub_offline  # noqa: E402
 from mergetool import hub  # noqa: E402
 from mergetool.cli.app import app  # noqa: E402
 from mergetool.errors import LibraryError, MergetoolError  # noqa: E402
-from mergetool.library import ExpertLibrary, load_task_state  # noqa: E402
+from mergetool.library import ExpertLibrary  # noqa: E402
 from mergetool.library.card import render_card  # noqa: E402
 from mergetool.library.reader import read_manifest  # noqa: E402
 from mergetool.toy import make_zoo, recipe_text, write_jsonl  # noqa: E402
@@ -66,7 +66,8 @@ def _files(lib: Path) -> dict[str, bytes]:
 
 
 def _states(lib) -> dict:
-    return {t: load_task_state(lib, t) for t in ExpertLibrary.load(lib).tasks}
+    opened = hub.open_library(lib)  # a folder or a hub: reference
+    return {t: opened.task_state(t) for t in opened.tasks}
 
 
 def _same_states(a: dict, b: dict) -> bool:
@@ -242,7 +243,7 @@ def test_tampered_repo_is_refused_and_dir_stays_empty(hub_server, libs, tmp_path
     assert needle in line and REPO in line, line
     assert _left_behind(parent) == []  # nothing in DIR, no temporary folder
     with pytest.raises(LibraryError, match=needle.replace(".", r"\.")):
-        ExpertLibrary.load(f"hub:{REPO}")
+        hub.open_library(f"hub:{REPO}")
 
 
 def test_hub_bookkeeping_is_ignored_and_never_copied(hub_server, libs, tmp_path):
@@ -250,7 +251,7 @@ def test_hub_bookkeeping_is_ignored_and_never_copied(hub_server, libs, tmp_path)
     hub_server.add_file(REPO, ".cache/huggingface/evil.pkl", b"\x80\x04K\x01.")
     path = hub.pull(f"hub:{REPO}", tmp_path / "lib")
     assert sorted(p.name for p in path.iterdir()) == sorted(_files(libs["a"]))  # no .gitattributes, no .cache
-    ExpertLibrary.load(f"hub:{REPO}")
+    hub.open_library(f"hub:{REPO}")
 
 
 def test_cache_links_must_stay_in_the_blob_store(hub_server, libs, tmp_path):
@@ -278,7 +279,7 @@ def test_offline_pull_serves_the_cache_without_requests(hub_server, libs, tmp_pa
     with hub_offline(True):
         result, text = _invoke("pull", REPO, tmp_path / "offline")
         assert result.exit_code == 0, text
-        lib = ExpertLibrary.load(f"hub:{REPO}")
+        lib = hub.open_library(f"hub:{REPO}")
         assert lib.tasks == ["t0", "t1"]
     assert hub_server.request_count == 0
     assert _same_states(_states(tmp_path / "offline"), _states(libs["a"]))
@@ -292,7 +293,7 @@ def test_offline_pull_of_uncached_repo_fails_fast(hub_server, libs, tmp_path):
         result, text = _invoke("pull", REPO, tmp_path / "lib")
         assert time.monotonic() - t0 < 5
         with pytest.raises(MergetoolError, match="HF_HUB_OFFLINE"):
-            ExpertLibrary.load(f"hub:{REPO}")
+            hub.open_library(f"hub:{REPO}")
         r2, t2 = _invoke("push", libs["a"], REPO)
     assert result.exit_code == 2 and "HF_HUB_OFFLINE=1" in _one_line(text)
     assert r2.exit_code == 2 and "HF_HUB_OFFLINE=1" in _one_line(t2)

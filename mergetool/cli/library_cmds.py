@@ -183,10 +183,10 @@ def inspect(
     solution: SolutionOpt = None,
 ) -> None:
     """Show an expert library: tasks, components, groups, chains, storage (computed and on disk)."""
+    from mergetool.hub import open_library
     from mergetool.library.card import group_letters
-    from mergetool.library.reader import ExpertLibrary
 
-    L = ExpertLibrary.load(lib, verify=verify, solution=solution)
+    L = open_library(lib, verify=verify, solution=solution)
     m, s = L.manifest, L.solution
     disk = L.disk_report()
     manifest_bytes = (L.path / "manifest.json").stat().st_size
@@ -283,9 +283,11 @@ def export_model(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder.")] = False,
 ) -> None:
     """Write one task's chain, dequantised, as a plain Hugging Face checkpoint."""
+    from mergetool.hub import open_library
     from mergetool.library.export_model import export_model as run
 
-    path = run(lib, task, out, force=force, budget=parse_budget(budget), solution=solution)
+    B = parse_budget(budget)
+    path = run(open_library(lib, budget=B, solution=solution), task, out, force=force)
     typer.echo(f"wrote {path} (task {task})")
 
 

@@ -24,12 +24,15 @@ def _check_out(out: Path, force: bool) -> None:
                            key="--out", fix="choose another --out")
 
 
-def export_model(lib_dir, task: str, out, *, force: bool = False, budget: Optional[float] = None,
+def export_model(lib, task: str, out, *, force: bool = False, budget: Optional[float] = None,
                  solution: Optional[int] = None) -> Path:
-    """Write config.json (the task's labels), model.safetensors (original names) and the tokenizer."""
+    """Write config.json (the task's labels), model.safetensors (original names) and the tokenizer.
+
+    `lib` is a library folder or an opened (verified) ExpertLibrary."""
     out = Path(out).absolute()
     _check_out(out, force)
-    lib = ExpertLibrary.load(lib_dir, budget=budget, solution=solution, verify=True)
+    if not isinstance(lib, ExpertLibrary):
+        lib = ExpertLibrary.load(lib, budget=budget, solution=solution, verify=True)
     t = lib.manifest.task(task)
     tmp = make_tmp(out)
     try:

@@ -107,12 +107,7 @@ class ExpertLibrary:
     @classmethod
     def load(cls, path, *, budget: Optional[float] = None, solution: Optional[int] = None,
              verify: bool = True) -> "ExpertLibrary":
-        if str(path).startswith("hub:"):  # hub:REPO_ID@REV, through the HF cache, always fully verified
-            from mergetool.hub import resolve_library
-
-            folder, m = resolve_library(str(path))
-            return cls(folder, m, select_solution(m, budget=budget, solution=solution))
-        path = Path(path)
+        path = Path(path)  # a local folder; `hub:` references go through mergetool.hub.open_library
         m = read_manifest(path)
         check_folder(path, m, verify=verify)
         return cls(path, m, select_solution(m, budget=budget, solution=solution))
