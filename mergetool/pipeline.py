@@ -13,7 +13,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from mergetool.errors import MergetoolError
 from mergetool.evaluation.engine import Evaluator
 from mergetool.experts import ExpertStore
 from mergetool.grouping import all_shared, all_singletons, canonical, key
@@ -149,14 +148,6 @@ def select(front: list[dict], reference: dict, baselines: Optional[dict]) -> dic
             out["G2"] = cheapest_above(best["validation"]["performance"])
             out["G2_baseline"] = best["name"]
     return out
-
-
-def require_trained(reference: dict) -> None:
-    """Refuse nothing, but say so when the task models score like chance: the search can't help then."""
-    ind = reference["individual"]["validation"]["performance"]
-    if ind <= 0:
-        raise MergetoolError("the individual task models score 0 on validation", key="tasks",
-                             fix="check the label columns and the models' id2label")
 
 
 def write_summary(run_dir: Path, front: list[dict], reference: dict, stats: dict,
