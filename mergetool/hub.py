@@ -184,27 +184,17 @@ def resolve_library(ref: str, *, token=None, endpoint=None) -> tuple[Path, Manif
 # ------------------------------------------------------------------------------------------- pull
 
 
-def _check_dest(dest: Path, force: bool) -> None:
-    if not dest.exists() and not dest.is_symlink():
-        return
-    if not force:
-        raise LibraryError(f"{dest} already exists", key="DIR", fix="choose another DIR or pass --force")
-    if not dest.is_dir() or dest.is_symlink() or (any(dest.iterdir()) and not (dest / MANIFEST).is_file()):
-        raise LibraryError(f"{dest} exists and is not an expert library; --force only replaces libraries",
-                           key="DIR", fix="choose another DIR")
-
-
 def pull(repo_id: str, dest, *, revision: Optional[str] = None, token=None, endpoint=None,
          force: bool = False) -> Path:
     """Download a library into `dest` through the HF cache; only a fully verified copy is moved there."""
     from mergetool.library.reader import check_folder, read_manifest
-    from mergetool.library.writer import make_tmp, swap_in
+    from mergetool.library.writer import check_target, make_tmp, swap_in
 
     if is_hub_ref(repo_id):
         repo_id, rev = parse_ref(repo_id)
         revision = revision or rev
     dest = Path(dest).absolute()
-    _check_dest(dest, force)
+    check_target(dest, force, key="DIR")
     snap = _download(repo_id, revision, token, endpoint)
     where = f"{repo_id}@{snap.name[:12]}"
     m = verify_snapshot(snap, where, hashes=False)  # structure first: nothing unsafe is copied

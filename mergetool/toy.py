@@ -76,6 +76,17 @@ def make_zoo(root: Path, arch: str, *, n_tasks: int = 2, layers: int = 2, labels
     return base_dir, dirs
 
 
+def save_bert_tokenizer(path: Path) -> Path:
+    """A BERT tokenizer for the random tiny zoo: [PAD] [UNK] [CLS] [SEP] [MASK] w0..w58, 64 ids."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = Path(tmp) / "vocab.txt"
+        vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]) + "\n")
+        tf.BertTokenizer(vocab_file=str(vocab)).save_pretrained(path)
+    return Path(path)
+
+
 def make_lora_zoo(root: Path, *, n_tasks: int = 2, layers: int = 2, rank: int = 4) -> tuple[Path, list[Path]]:
     """A tiny BERT base and LoRA adapters (query, value) with a per-task classifier head."""
     from peft import LoraConfig, get_peft_model

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers as tf
 from typer.testing import CliRunner
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -26,7 +25,7 @@ from mergetool.errors import LibraryError, MergetoolError  # noqa: E402
 from mergetool.library import ExpertLibrary  # noqa: E402
 from mergetool.library.card import render_card  # noqa: E402
 from mergetool.library.reader import read_manifest  # noqa: E402
-from mergetool.toy import make_zoo, recipe_text, write_jsonl  # noqa: E402
+from mergetool.toy import make_zoo, recipe_text, save_bert_tokenizer, write_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 runner = CliRunner()
@@ -45,9 +44,7 @@ def libs(tmp_path_factory):
     """Two libraries of one tiny BERT zoo (a mixed and an all-shared grouping), exported by the CLI."""
     root = tmp_path_factory.mktemp("hubzoo")
     base, tasks = make_zoo(root / "zoo", "bert", n_tasks=2)
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]) + "\n")
-    tf.BertTokenizer(vocab_file=str(vocab)).save_pretrained(tasks[0])
+    save_bert_tokenizer(tasks[0])
     data = [write_jsonl(root / f"d{i}.jsonl", [{"text": "w1 w2", "label": i % 2} for i in range(4)]) for i in range(2)]
     recipe = root / "r.yaml"
     recipe.write_text(recipe_text(base, tasks, data, out=f"output: {root / 'run'}"))

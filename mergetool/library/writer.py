@@ -59,15 +59,15 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-def check_target(out: Path, force: bool) -> None:
+def check_target(out: Path, force: bool, key: str = "--out") -> None:
     """Refuse an existing target unless --force; never replace a folder that is not a library."""
     if not out.exists() and not out.is_symlink():
         return
     if not force:
-        raise LibraryError(f"{out} already exists", key="--out", fix="choose another --out or pass --force")
+        raise LibraryError(f"{out} already exists", key=key, fix=f"choose another {key} or pass --force")
     if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
         raise LibraryError(f"{out} exists and is not an expert library; --force only replaces libraries",
-                           key="--out", fix="choose another --out")
+                           key=key, fix=f"choose another {key}")
 
 
 def sha256_file(path: Path) -> str:
