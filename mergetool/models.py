@@ -12,11 +12,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -31,7 +30,6 @@ BACKBONE_PREFIXES = {
     "t5": (), "mt5": (),
 }
 PEFT_PREFIX = "base_model.model."
-ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".ia3_l", ".lora_magnitude_vector")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -237,13 +235,6 @@ class ModelSource:
     def original_name(self, name: str) -> str:
         return self._index[name][1]
 
-    def items(self, names=None) -> Iterator[tuple[str, torch.Tensor]]:
-        for n in names if names is not None else self._index:
-            yield n, self.get(n)
-
-    def float_params(self) -> int:
-        return sum(m.numel for m in self._meta.values() if m.is_float)
-
     def close(self) -> None:
         self._handles.clear()
         self._bins.clear()
@@ -252,7 +243,3 @@ class ModelSource:
 def open_model(ref: str, *, key: str = "model", base_type: Optional[str] = None) -> ModelSource:
     """Resolve a reference and open it lazily; adapters need the base's model_type."""
     return ModelSource(resolve_model_ref(ref, key=key), label=key, base_type=base_type)
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
