@@ -93,7 +93,7 @@ class MergeProblem:
 def settings_for(recipe: Recipe) -> SearchSettings:
     s = recipe.search
     return SearchSettings(population=s.population, evaluations=s.evaluations, surrogate=s.surrogate,
-                          init=s.init, seed=s.seed)
+                          init=s.init, seed=s.seed, crossover=s.crossover)
 
 
 def references(session: Session, search_dir: Path, progress: Optional[Callable[[str], None]] = None) -> dict:

@@ -291,3 +291,35 @@ def test_ray_executor_matches_local(tmp_path, reference):
         ray.shutdown()
     assert res.evaluations == 48
     assert front_of(res) == front_of(ref)
+
+
+def test_one_point_crossover_keeps_parent_prefixes():
+    from mergetool.search.loop import crossover
+
+    A = np.zeros((3, 8), dtype=np.int64)
+    B = np.array([[0] * 8, [1] * 8, [2] * 8], dtype=np.int64)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        c1, c2 = crossover(A, B, rng, 1.0, "one_point")
+        cut = int(np.argmax((c1 != A).any(axis=0)))  # first column taken from B
+        assert 1 <= cut <= 7
+        assert (c1[:, :cut] == A[:, :cut]).all() and (c1[:, cut:] == B[:, cut:]).all()
+        assert (c2[:, :cut] == B[:, :cut]).all() and (c2[:, cut:] == A[:, cut:]).all()
+    c1, c2 = crossover(A, B, rng, 0.0, "one_point")  # no crossover: copies
+    assert (c1 == A).all() and (c2 == B).all()
+
+
+def test_chain_order_puts_shared_prefixes_next_to_each_other():
+    from mergetool.search.loop import chain_order
+
+    a = np.array([[0, 0, 0], [1, 1, 1]])
+    b = np.array([[0, 0, 0], [0, 1, 1]])
+    c = np.array([[0, 1, 0], [1, 1, 1]])  # same first column as a, then differs
+    ordered = chain_order([a, b, c])
+    assert [x.tolist() for x in ordered] == [b.tolist(), c.tolist(), a.tolist()]
+    assert chain_order([2, 0, 1], key=lambda j: [a, b, c][j]) == [1, 2, 0]
+
+
+def test_unknown_crossover_is_refused():
+    with pytest.raises(MergetoolError, match="crossover"):
+        SearchSettings(crossover="two_point")

@@ -26,6 +26,7 @@ def search(
     no_surrogate: Annotated[bool, typer.Option("--no-surrogate", help="Ablation: evaluate offspring directly.")] = False,
     init: Annotated[Optional[str], typer.Option(help="Ablation: kmeans | random.")] = None,
     granularity: Annotated[Optional[str], typer.Option(help="Ablation: component | layer | kind | model.")] = None,
+    crossover: Annotated[Optional[str], typer.Option(help="Ablation: one_point | uniform.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -37,7 +38,7 @@ def search(
     from mergetool.search import run_search
     from mergetool.search.executors import make_executor
 
-    r = _override(load_recipe(recipe), evaluations, seed, no_surrogate, init, granularity)
+    r = _override(load_recipe(recipe), evaluations, seed, no_surrogate, init, granularity, crossover)
     plan = check_recipe(r)
     run_dir = prepare_run(r, resume=resume, force=force)
     console = Console(stderr=True, quiet=quiet)
@@ -95,8 +96,8 @@ def front(
     plot_pareto(records, fr, run_dir / "search" / "pareto.png")
 
 
-def _override(r, evaluations, seed, no_surrogate, init, granularity):
-    search = {k: v for k, v in {"evaluations": evaluations, "seed": seed, "init": init,
+def _override(r, evaluations, seed, no_surrogate, init, granularity, crossover=None):
+    search = {k: v for k, v in {"evaluations": evaluations, "seed": seed, "init": init, "crossover": crossover,
                                 "surrogate": "none" if no_surrogate else None}.items() if v is not None}
     if not search and not granularity:
         return r

@@ -57,11 +57,19 @@ def _seed_int(*parts: int) -> int:
 
 # ---- operators -------------------------------------------------------------------------------
 
-def crossover(A: np.ndarray, B: np.ndarray, rng: np.random.Generator, prob: float) -> list[np.ndarray]:
-    """Uniform crossover by component column (each column is a whole partition)."""
-    if rng.random() >= prob:
+def crossover(A: np.ndarray, B: np.ndarray, rng: np.random.Generator, prob: float,
+              kind: str = "one_point") -> list[np.ndarray]:
+    """Crossover of whole component columns (each column is a partition of the tasks).
+
+    one_point: children are A[:, :c] + B[:, c:] and B[:, :c] + A[:, c:], a cut along the components
+    in forward order, so each child keeps a parent's chain prefix (prefix-activation reuse);
+    uniform: each column from either parent."""
+    if rng.random() >= prob or A.shape[1] < 2:
         return [A.copy(), B.copy()]
-    mask = rng.random(A.shape[1]) < 0.5
+    if kind == "one_point":
+        mask = np.arange(A.shape[1]) >= int(rng.integers(1, A.shape[1]))
+    else:
+        mask = rng.random(A.shape[1]) < 0.5
     c1, c2 = A.copy(), B.copy()
     c1[:, mask], c2[:, mask] = B[:, mask], A[:, mask]
     return [c1, c2]
@@ -82,6 +90,12 @@ def mutate(G: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if targets:
             G[t, l] = targets[int(rng.integers(len(targets)))]
     return G
+
+
+def chain_order(items: list, key: Callable = lambda G: G) -> list:
+    """Items sorted by their grouping's columns in forward order: consecutive evaluations then
+    share the longest chain prefixes, which the evaluator's prefix-activation cache reuses."""
+    return sorted(items, key=lambda x: grouping.canonical(np.asarray(key(x))).T.ravel().tolist())
 
 
 # ---- the search ------------------------------------------------------------------------------
@@ -199,7 +213,7 @@ def survive(pm, recs: list[dict], n: int, rng: np.random.Generator) -> tuple[lis
 
 
 def offspring(pm, pop, pop_recs: list[dict], n: int, rng: np.random.Generator, seen: set[str],
-              crossover_prob: float) -> list[np.ndarray]:
+              crossover_prob: float, kind: str = "one_point") -> list[np.ndarray]:
     """Up to n new canonical groupings from binary tournaments, crossover and mutation (deduped)."""
     algo = SimpleNamespace(tournament_type="comp_by_dom_and_crowding", random_state=rng)
     out: list[np.ndarray] = []
@@ -212,7 +226,7 @@ def offspring(pm, pop, pop_recs: list[dict], n: int, rng: np.random.Generator, s
         for a, b in pairs:
             A = np.asarray(pop_recs[int(a)]["grouping"], dtype=np.int64)
             B = np.asarray(pop_recs[int(b)]["grouping"], dtype=np.int64)
-            for child in crossover(A, B, rng, crossover_prob):
+            for child in crossover(A, B, rng, crossover_prob, kind):
                 G = grouping.canonical(mutate(child, rng))
                 k = grouping.key(G)
                 if k not in seen and k not in keys and len(out) < n:
@@ -267,7 +281,7 @@ def run_search(problem, settings: SearchSettings, journal_path, *, progress: Opt
         write_state(journal_path, state)
 
         run = _Run(problem, s, journal, executor, progress, ref)
-        run.evaluate([grouping.validate(G, T, L) for G in init[: s.evaluations]], None, 0)
+        run.evaluate(chain_order([grouping.validate(G, T, L) for G in init[: s.evaluations]]), None, 0)
         pop_recs, pop = survive(pm, run.records, s.population, np.random.default_rng([s.seed, 0, 3]))
         space = grouping.search_space_size(T, L)
         k, stalls, stopped = 1, 0, "budget"
@@ -276,16 +290,17 @@ def run_search(problem, settings: SearchSettings, journal_path, *, progress: Opt
                 stopped = "exhausted"
                 break
             rng = np.random.default_rng([s.seed, k])
-            cands = offspring(pm, pop, pop_recs, s.n_offspring, rng, run.keys, s.crossover_prob)
+            cands = offspring(pm, pop, pop_recs, s.n_offspring, rng, run.keys, s.crossover_prob, s.crossover)
             if not cands:
                 stalls, k = stalls + 1, k + 1
                 continue
             stalls = 0
             if s.surrogate == "random_forest":
                 chosen, pred = screen(pm, run, cands, s.per_generation, k, rng)
+                chosen = chain_order(chosen, key=lambda j: cands[j])
                 Gs, preds = [cands[j] for j in chosen], [float(pred[j]) for j in chosen]
             else:
-                Gs, preds = cands[: s.per_generation], None
+                Gs, preds = chain_order(cands[: s.per_generation]), None
             left = s.evaluations - run.n
             new = run.evaluate(Gs[:left], None if preds is None else preds[:left], k)
             pop_recs, pop = survive(pm, pop_recs + new, s.population, rng)

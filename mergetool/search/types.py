@@ -36,6 +36,7 @@ class SearchProblem(Protocol):
 
 SURROGATES = ("random_forest", "none")
 INITS = ("kmeans", "random")
+CROSSOVERS = ("one_point", "uniform")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class SearchSettings:
     offspring: Optional[int] = None  # candidates per generation; default 4 x population (surrogate) or the per-generation cap
     max_evals_per_generation: Optional[int] = None  # real evaluations per generation; default population
     crossover_prob: float = 0.9
+    crossover: str = "one_point"  # "one_point": cut along the components (forward order) | "uniform": by column
     rf_trees: int = 100
     hv_ref: Optional[tuple[float, float]] = None  # (P_ref, C_ref); default (0, T + 1)
     write_artifacts: bool = True  # front.json, hv.csv, pareto.png, hv.png next to the journal
@@ -66,6 +68,8 @@ class SearchSettings:
             raise bad("surrogate", f"unknown surrogate {self.surrogate!r}", f"use one of {', '.join(SURROGATES)}")
         if self.init not in INITS:
             raise bad("init", f"unknown init {self.init!r}", f"use one of {', '.join(INITS)}")
+        if self.crossover not in CROSSOVERS:
+            raise bad("crossover", f"unknown crossover {self.crossover!r}", f"use one of {', '.join(CROSSOVERS)}")
         if self.offspring is not None and self.offspring < 1:
             raise bad("offspring", "offspring must be at least 1", "leave it unset for 4 x population")
         if self.max_evals_per_generation is not None and self.max_evals_per_generation < 1:
