@@ -58,7 +58,6 @@ def final_table(run_dir: Path, evaluation: dict) -> str:
         vals = [per_task[t] for t in tasks]
         rows.append((name, f"{cost:.3f}", *(f"{v:.3f}" for v in vals), f"{sum(vals) / len(vals):.3f}"))
 
-    by_name = {m["name"]: m for m in base["methods"]}
     for m in base["methods"]:
         if m["kind"] == "individual" and m.get("test"):
             add(m["name"], m["storage_cost"], m["test"]["per_task"])

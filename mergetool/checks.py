@@ -59,14 +59,23 @@ def check_labels(recipe: Recipe, plan: Plan) -> list[MergetoolError]:
     errors: list[MergetoolError] = []
     for i, (task, entry) in enumerate(zip(plan.tasks, recipe.models)):
         config_path = resolve_model_ref(entry.model) / "config.json"
-        if not config_path.is_file():  # PEFT adapters carry no head config
-            continue
-        names = label_names(json.loads(config_path.read_text()))
         cfg = recipe.tasks[task]
+        if not config_path.is_file() and not cfg.kind.endswith("_choice"):  # PEFT adapters: no head config
+            continue
+        names = label_names(json.loads(config_path.read_text())) if config_path.is_file() else []
         for split_name in SPLITS:
             split = getattr(cfg, split_name)
             if split is None or cfg.kind == "custom":
                 continue
+            if cfg.kind.endswith("_choice"):  # a label indexes into its own row's choices
+                from mergetool.evaluation.choice import check_split
+
+                errors.extend(check_split(split, f"tasks.{task}.{split_name}"))
+                continue
+            if cfg.kind == "image_classification":
+                from mergetool.evaluation.images import check_images
+
+                errors.extend(check_images(split, f"tasks.{task}.{split_name}"))
             try:
                 values = [r[split.label] for r in read_split(split, limit=None)]
                 map_labels(values, names, cfg.metric in REGRESSION, file=split.path,

@@ -72,7 +72,8 @@ def read_split(split: DataSplit, *, key: Optional[str] = None, limit: Optional[i
 
     The subset is drawn with `split.seed` so the same recipe always scores the same examples.
     """
-    columns = [c for c in (split.text, split.text_pair, split.image, split.choices, split.label) if c]
+    text = None if split.image and "text" not in split.model_fields_set else split.text  # images need no text
+    columns = [c for c in (text, split.text_pair, split.image, split.choices, split.label) if c]
     records = []
     for i, rec in iter_records(split.path, key=key):
         missing = [c for c in columns if c not in rec or rec[c] is None]

@@ -21,7 +21,8 @@ import torch
 
 from mergetool.evaluation.metrics import score
 from mergetool.evaluation.runner import TaskModel, pick_device
-from mergetool.evaluation.tasks import TaskData, load_task_data, load_tokenizer, tokenizer_dir
+from mergetool.evaluation.choice import choice_score
+from mergetool.evaluation.tasks import TaskData, task_data
 from mergetool.experts import ExpertStore
 from mergetool.grouping import chain_key, members
 from mergetool.search import EvalResult
@@ -40,12 +41,10 @@ class Evaluator:
         self.use_experts = caches if experts is None else experts
         self.split = split
         self.data: list[TaskData] = []
-        tok_cache: dict = {}
+        prep_cache: dict = {}  # tokenizers and image processors, by folder
         for t, name in enumerate(self.plan.tasks):
-            src = store.tasks[t]
-            tdir = tokenizer_dir(src.path, store.base.path)
-            tok = tok_cache.setdefault(tdir, load_tokenizer(tdir))
-            self.data.append(load_task_data(self.recipe, name, src.config, tok, split=split, batch_size=batch_size))
+            self.data.append(task_data(self.recipe, name, store.tasks[t], store.base.path, split=split,
+                                       batch_size=batch_size, cache=prep_cache))
         self._models: dict[int, TaskModel] = {}
         self._memo: dict[tuple, float] = {}
         self._prefix: OrderedDict[tuple, list] = OrderedDict()
@@ -57,6 +56,8 @@ class Evaluator:
     # --- public ---------------------------------------------------------------------------------
     def evaluate(self, G) -> EvalResult:
         start = time.perf_counter()
+        if not self.use_experts:
+            self.store.clear()  # naive: every expert of G is merged (once) for this configuration
         before = dict(self.counts, **self.store.stats())
         per_task = {name: self.score_task(G, t) for t, name in enumerate(self.plan.tasks)}
         cost = self.store.storage_cost(G)
@@ -71,8 +72,6 @@ class Evaluator:
             self.counts["memo_hits"] += 1
             return self._memo[key]
         self.counts["memo_misses"] += 1
-        if not self.use_experts:
-            self.store.clear()
         outputs = self._run(G, t)
         value = self._score(t, outputs)
         if self.use_memo:
@@ -152,16 +151,23 @@ class Evaluator:
             module_name, _, fn_name = cfg.evaluator.partition(":")
             fn = getattr(importlib.import_module(module_name), fn_name)
             return float(fn(outputs, data.labels, data.records))
+        if data.pairs is not None:  # choice kinds: outputs are per (row, choice) log-likelihoods
+            return choice_score(data.metric, outputs, data.pairs, data.labels, data.norms)
         return score(data.metric, outputs, data.labels)
 
 
 def default_prefix_budget() -> int:
-    """A quarter of physical memory, at most 8 GiB: one MiniLM evaluation's states are ~0.5 GB."""
+    """Half the memory available now, at most 12 GiB: one MiniLM evaluation's states are ~0.5 GB."""
     try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        total = 4 << 30
-    return int(min(8 << 30, total // 4))
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if ":" in line}
+        avail = info.get("MemAvailable", info["MemTotal"] // 2)
+    except (OSError, KeyError, ValueError, IndexError):
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        except (ValueError, OSError, AttributeError):
+            avail = 4 << 30
+    return int(min(12 << 30, avail // 2))
 
 
 def _to(batch: dict, device: torch.device) -> dict:

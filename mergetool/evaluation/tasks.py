@@ -1,4 +1,4 @@
-"""Task data ready for evaluation: tokenised once, length-sorted batches, labels as class ids."""
+"""Task data ready for evaluation: preprocessed once into batches, labels as class (or choice) ids."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from mergetool.errors import DataError, MergetoolError
+from mergetool.evaluation.choice import CHOICE_KINDS, causal_batches, read_rows, seq2seq_batches
 from mergetool.evaluation.data import read_split
+from mergetool.evaluation.images import image_batches
 from mergetool.evaluation.metrics import REGRESSION
 from mergetool.recipe.schema import Recipe, TaskConfig
 
@@ -22,9 +24,12 @@ class TaskData:
     name: str
     metric: str
     batches: list[dict[str, torch.Tensor]]  # model inputs, padded per batch
-    labels: np.ndarray  # references, in batch order
+    labels: np.ndarray  # references, in batch order (choice kinds: one per row, in record order)
     label_names: list[str]
     records: list[dict]  # the raw rows (custom evaluators get these)
+    kind: str = "sequence_classification"
+    pairs: Optional[np.ndarray] = None  # choice kinds: (row, choice) of each output, batch order
+    norms: Optional[np.ndarray] = None  # choice kinds: each choice's length in characters
 
     @property
     def size(self) -> int:
@@ -43,7 +48,30 @@ def tokenizer_dir(*dirs: Path) -> Path:
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # GPT-2 style tokenizers ship without one; masks keep padding out
+    return tok
+
+
+def load_preprocessor(kind: str, *dirs: Path, cache: Optional[dict] = None):
+    """The tokenizer, or for image tasks the image processor, from the first folder holding one."""
+    from mergetool.evaluation.images import load_processor, processor_dir
+
+    image = kind == "image_classification"
+    folder = processor_dir(*dirs) if image else tokenizer_dir(*dirs)
+    cache = {} if cache is None else cache
+    if (image, folder) not in cache:
+        cache[(image, folder)] = load_processor(folder) if image else load_tokenizer(folder)
+    return cache[(image, folder)]
+
+
+def task_data(recipe: Recipe, task: str, source, base_path: Path, *, split: str = "validation",
+              batch_size: Optional[int] = None, cache: Optional[dict] = None) -> TaskData:
+    """`load_task_data` with the task model's own preprocessor (else the base's)."""
+    kind = recipe.tasks[task].kind
+    prep = load_preprocessor(kind, source.path, base_path, cache=cache)
+    return load_task_data(recipe, task, source.config, prep, split=split, batch_size=batch_size)
 
 
 def label_names(config: dict) -> list[str]:
@@ -77,27 +105,49 @@ def map_labels(values: list, names: list[str], regression: bool, *, file, key) -
 
 def load_task_data(recipe: Recipe, task: str, model_config: dict, tokenizer, *, split: str = "validation",
                    batch_size: Optional[int] = None, limit: Optional[int] = None) -> TaskData:
-    """Read, label-map and tokenise one task's split into length-sorted batches."""
+    """Read, label-map and preprocess one task's split into batches (text: length-sorted).
+
+    `tokenizer` is the image processor for image_classification."""
     cfg: TaskConfig = recipe.tasks[task]
     spec = getattr(cfg, split)
     key = f"tasks.{task}.{split}"
     if spec is None:
         raise MergetoolError(f"task {task!r} has no {split} split", key=key, fix=f"add `{split}:` to the task")
-    if cfg.kind not in ("sequence_classification", "custom"):
-        raise MergetoolError(f"task kind {cfg.kind!r} is not supported by the evaluator yet", key=f"tasks.{task}.kind",
-                             fix="use sequence_classification or custom")
+    bs = batch_size or cfg.batch_size
+    if cfg.kind in CHOICE_KINDS:
+        return _choice_data(cfg, task, spec, key, model_config, tokenizer, bs, limit)
     records = read_split(spec, key=key, limit=limit)
     names = label_names(model_config)
     labels = map_labels([r[spec.label] for r in records], names, cfg.metric in REGRESSION, file=spec.path, key=key)
+    if cfg.kind == "image_classification":
+        if not spec.image:
+            raise MergetoolError("an image task's split needs an `image` column", key=key, fix="add `image: <column>`")
+        batches = image_batches(records, spec, tokenizer, batch_size=bs, key=key)
+        return TaskData(task, cfg.metric, batches, labels, names, records, kind=cfg.kind)
     texts = [str(r[spec.text]) for r in records]
     pairs = [str(r[spec.text_pair]) for r in records] if spec.text_pair else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
     lengths = np.asarray([len(ids) for ids in enc["input_ids"]])
     order = np.argsort(-lengths, kind="stable")
-    bs = batch_size or cfg.batch_size
     batches = []
     for start in range(0, len(order), bs):
         idx = order[start:start + bs]
         feats = [{k: enc[k][i] for k in enc.keys()} for i in idx]
         batches.append(dict(tokenizer.pad(feats, return_tensors="pt")))
-    return TaskData(task, cfg.metric, batches, labels[order], names, [records[i] for i in order])
+    return TaskData(task, cfg.metric, batches, labels[order], names, [records[i] for i in order], kind=cfg.kind)
+
+
+def _choice_data(cfg: TaskConfig, task: str, spec, key: str, model_config: dict, tokenizer, bs: int,
+                 limit: Optional[int]) -> TaskData:
+    if not spec.choices:
+        raise MergetoolError("a choice task's split needs a `choices` column", key=key, fix="add `choices: <column>`")
+    records = read_split(spec, key=key, limit=limit)
+    texts, choices, labels = read_rows(records, spec, key=key)
+    where = dict(max_length=cfg.max_length, batch_size=bs, file=spec.path, key=key)
+    if cfg.kind == "causal_lm_choice":
+        batches, pairs, norms = causal_batches(texts, choices, tokenizer, **where)
+    else:
+        start = model_config.get("decoder_start_token_id")
+        start = model_config.get("pad_token_id", 0) if start is None else start
+        batches, pairs, norms = seq2seq_batches(texts, choices, tokenizer, start_id=int(start or 0), **where)
+    return TaskData(task, cfg.metric, batches, labels, [], records, kind=cfg.kind, pairs=pairs, norms=norms)

@@ -12,7 +12,8 @@ PRESETS = ("auto", "bert", "roberta", "distilbert", "gpt2", "llama", "vit", "cli
 GRANULARITIES = ("component", "layer", "kind", "model")
 KINDS = ("embeddings", "attention", "mlp", "norm", "other")
 TASK_KINDS = ("sequence_classification", "image_classification", "causal_lm_choice", "seq2seq_choice", "custom")
-METRICS = ("accuracy", "f1", "f1_macro", "matthews", "pearson_spearman", "pearson", "spearman")
+METRICS = ("accuracy", "f1", "f1_macro", "matthews", "pearson_spearman", "pearson", "spearman", "acc_norm")
+CHOICE_METRICS = ("accuracy", "acc_norm", "f1", "f1_macro", "matthews")  # for the *_choice kinds
 DEFAULT_TASK_SPECIFIC = (r"^classifier\.", r"^pre_classifier\.", r"^score\.", r"^qa_outputs\.")
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -132,6 +133,15 @@ class TaskConfig(Strict):
                 raise ValueError("kind 'custom' needs `evaluator: \"module:function\"`")
         elif self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+        elif self.kind.endswith("_choice") and self.metric not in CHOICE_METRICS:
+            raise ValueError(f"kind {self.kind!r} scores with one of {', '.join(CHOICE_METRICS)}")
+        elif self.metric == "acc_norm" and not self.kind.endswith("_choice"):
+            raise ValueError("metric 'acc_norm' (length-normalised accuracy) is for the *_choice kinds")
+        column = {"image_classification": "image"}.get(self.kind, "choices" if self.kind.endswith("_choice") else None)
+        for name in ("validation", "test"):
+            split = getattr(self, name)
+            if column and split is not None and not getattr(split, column):
+                raise ValueError(f"kind {self.kind!r} needs `{column}: <column>` in its {name} split")
         return self
 
 
@@ -145,6 +155,9 @@ class SearchConfig(Strict):
     evaluations: int = Field(300, ge=1)
     surrogate: Literal["random_forest", "none"] = "random_forest"
     init: Literal["kmeans", "random"] = "kmeans"
+    crossover: Literal["one_point", "uniform"] = Field(
+        "one_point", description="one_point: cut along the components in forward order (keeps chain prefixes); "
+                                 "uniform: each component column from either parent")
     seed: int = 0
     executor: Literal["local", "ray"] = "local"
     ray: RayConfig = RayConfig()

@@ -1,0 +1,139 @@
+"""The paper's Table I on the demo zoo: baselines, MERGE G1/G2/G3 over seeds, routed test accuracy.
+
+    python benchmarks/table1.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1 2 --evaluations 300
+
+For every seed: `mergetool search` (own run directory), then the baselines (run once, on the first
+seed's run directory, copied to the others: they do not depend on the search seed), G1/G2/G3 selected
+on validation and scored on test, and libraries exported at G2 and G3 (`export --solution`) whose
+routed test accuracy comes from `mergetool evaluate`. Writes its block into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import command_line, write_block  # noqa: E402
+
+from mergetool.grouping import key  # noqa: E402
+from mergetool.pipeline import select  # noqa: E402
+
+
+def mergetool(*args: str) -> None:
+    print("$ mergetool " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "mergetool", *args, "--quiet"] if args[0] in ("search", "baselines")
+                   else [sys.executable, "-m", "mergetool", *args], check=True)
+
+
+def fmt(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    return f"{np.mean(vals):.4f}" + (f" ± {np.std(vals):.4f}" if len(vals) > 1 else "")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--evaluations", type=int, default=300)
+    ap.add_argument("--methods", default="wa,ta,ties,bc,twin,emr")
+    ap.add_argument("--workdir", type=Path, default=None, help="reuse a previous run (searches resume)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="mergetool-table1-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = yaml.safe_load(args.recipe.read_text())
+    here = args.recipe.resolve().parent
+
+    runs = {}
+    for seed in args.seeds:
+        d = dict(data, output=str(work / f"seed-{seed}"))
+        d["search"] = dict(data.get("search") or {}, seed=seed, evaluations=args.evaluations)
+        recipe = here / f".table1-{work.name}-seed{seed}.yaml"  # next to the original: relative paths hold
+        recipe.write_text(yaml.safe_dump(d, sort_keys=False))
+        try:
+            mergetool("search", str(recipe), "--resume", "--device", args.device)
+        finally:
+            recipe.unlink()
+        runs[seed] = work / f"seed-{seed}"
+    first = runs[args.seeds[0]]
+    if not (first / "baselines" / "baselines.json").is_file():
+        mergetool("baselines", str(first), "--split", "test", "--methods", args.methods, "--device", args.device)
+    baselines = json.loads((first / "baselines" / "baselines.json").read_text())
+
+    rows = ["| method | C | P (validation) | P (test) | routed test accuracy |", "|---|---|---|---|---|"]
+    for m in baselines["methods"]:
+        test = (m.get("test") or {}).get("performance")
+        rows.append(f"| {m['name']} | {m['storage_cost']:.4f} | {m['validation']['performance']:.4f} | "
+                    f"{fmt([test])} | |")
+    picks: dict[str, dict[str, list]] = {g: {"C": [], "val": [], "test": [], "routed": [], "routing": []}
+                                          for g in ("G1", "G2", "G3")}
+    for seed, run in runs.items():
+        if run != first:
+            (run / "baselines").mkdir(exist_ok=True)
+            shutil.copy(first / "baselines" / "baselines.json", run / "baselines" / "baselines.json")
+        front = json.loads((run / "search" / "front.json").read_text())
+        refs = json.loads((run / "search" / "reference.json").read_text())
+        chosen = select(front, refs, baselines)
+        tests = json.loads((run / "search" / "test_scores.json").read_text()) \
+            if (run / "search" / "test_scores.json").is_file() else {}
+        for g in ("G1", "G2", "G3"):
+            f = chosen.get(g)
+            if f is None:
+                continue
+            p = picks[g]
+            p["C"].append(f["storage_cost"])
+            p["val"].append(f["performance"])
+            p["test"].append((tests.get(key(f["grouping"])) or {}).get("performance"))
+            if g in ("G2", "G3"):
+                lib = run / "libraries" / f"{g}-solution-{f['id']}"
+                if not (lib / "manifest.json").is_file():
+                    mergetool("export", str(run), "--solution", str(f["id"]), "--out", str(lib), "--force",
+                              "--device", args.device)
+                report = lib.parent / f"{lib.name}-test.json"
+                if not report.is_file():
+                    mergetool("evaluate", str(lib), "--split", "test", "--out", str(report), "--device", args.device)
+                ev = json.loads(report.read_text())
+                p["routed"].append(ev["mean"].get("routed"))
+                p["routing"].append(ev.get("routing_accuracy"))
+                if p["test"][-1] is None:
+                    p["test"][-1] = ev["mean"].get("oracle")
+    merging = [m for m in baselines["methods"] if m["kind"] in ("static", "dynamic")]
+    best = max(merging, key=lambda m: m["validation"]["performance"])["name"] if merging else "–"
+    for g, p in picks.items():
+        label = {"G1": "MERGE G1 (cheapest beating its static merge)", "G2": f"MERGE G2 (cheapest beating {best})",
+                 "G3": "MERGE G3 (best performance)"}[g]
+        rows.append(f"| {label} | {fmt(p['C'])} | {fmt(p['val'])} | {fmt(p['test'])} | {fmt(p['routed'])} |")
+    routing = [a for g in ("G2", "G3") for a in picks[g]["routing"] if a is not None]
+    indiv = next((m for m in baselines["methods"] if m["id"] == "individual"), None)
+    body = "\n".join(rows + [
+        "",
+        f"- seeds {args.seeds}, {args.evaluations} real evaluations each; MERGE rows are mean ± std over seeds "
+        f"(selected on validation, reported on test); baselines tuned on validation",
+        f"- routing accuracy of the exported G2/G3 libraries on test: {fmt(routing)}",
+        "- G3 test / individual models' test: "
+        + (f"{np.mean([t for t in picks['G3']['test'] if t]) / indiv['test']['performance']:.4f}"
+           if indiv and indiv.get("test") and any(picks["G3"]["test"]) else "–"),
+        f"- run directories: {work}",
+    ])
+    print(body)
+    if not args.no_write:
+        write_block("table1", "Table I on the demo zoo (MiniLM, 4 text tasks)", body, command_line(), args.seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
