@@ -6,13 +6,17 @@
 Like with like: mergetool exports an all-shared grouping (one group per component), TIES with the same
 density, no quantisation, no router — that is a static TIES merge. Also measured: a full-library
 export (every task its own expert, int8 conditional per channel). Each run is its own process, so its
-peak RSS is its own (`ru_maxrss` of the child). Writes its block into BENCHMARKS.md.
+peak RSS is its own (`ru_maxrss` of the child). The static merge's tensors are then compared with
+mergekit-yaml's output bit for bit. Writes its block into BENCHMARKS.md; the temporary models are
+removed unless --keep.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,6 +89,31 @@ export_library(r, plan, sources, [SolutionIn(grouping=G)], Path(sys.argv[2]), sh
 """
 
 
+def compare_outputs(lib: Path, merged: Path) -> str:
+    """How many tensors of mergetool's static TIES library equal mergekit-yaml's output, bit for bit."""
+    import torch
+    from safetensors import safe_open
+
+    ref = {}
+    for f in sorted(merged.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            ref.update({k.removeprefix("model."): (f, k) for k in h.keys()})
+    same = total = 0
+    worst = 0.0
+    for f in sorted(lib.glob("experts-*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():
+                name = key.split("/", 1)[1]
+                if name not in ref:
+                    continue
+                with safe_open(str(ref[name][0]), framework="pt") as r:
+                    a, b = h.get_tensor(key), r.get_tensor(ref[name][1])
+                total += 1
+                same += int(a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
+                worst = max(worst, float((a.double() - b.double()).abs().max()))
+    return f"{same}/{total} tensors bitwise equal (max |difference| {worst:.3g})"
+
+
 def recipe(root: Path, base: Path, tasks: list[Path], bits: str) -> Path:
     lines = ["name: bench", f"base_model: {base}", "models:"]
     lines += [f"  - {{name: t{i}, model: {p}}}" for i, p in enumerate(tasks)]
@@ -100,8 +129,18 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=30, help="30 = SmolLM2-135M")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the models and outputs (in a temp folder)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mergetool-export-bench-"))
+    try:
+        return run(args, root)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args, root: Path) -> int:
+    load0 = os.getloadavg()[0]
     base, tasks = build_models(root, args.layers, args.seed)
     n_params = count_params(base / "model.safetensors")
     config = root / "mergekit.yml"
@@ -120,12 +159,15 @@ def main() -> int:
     mk = [str(Path(py).parent / "mergekit-yaml"), str(config), str(root / "mergekit-out"), "--quiet"]
     results["mergekit-yaml TIES"] = run_measured(mk)
     mk_wall, mk_rss = results["mergekit-yaml TIES"]
+    equal = compare_outputs(root / "lib-shared", root / "mergekit-out")
     rows = ["| run | wall time | peak RSS | wall / mergekit | RSS / mergekit |", "|---|---|---|---|---|"]
     for name, (wall, rss) in results.items():
         rows.append(f"| {name} | {wall:.1f} s | {rss:.2f} GB | {wall / mk_wall:.2f}× | {rss / mk_rss:.2f}× |")
     body = (f"{T} task variants of a Llama with {args.layers} layers (SmolLM2-135M shape; {n_params / 1e6:.0f}M "
             f"parameters, fp32), random weights + 1e-3 perturbations, TIES density 0.5.\n"
-            f"Goals: wall ≤ 1.0× and peak RSS ≤ 1/3 of mergekit's for the static merge.\n\n" + "\n".join(rows))
+            f"Goals: wall ≤ 1.0× and peak RSS ≤ 1/3 of mergekit's for the static merge.\n\n" + "\n".join(rows)
+            + f"\n\nmergetool's static TIES vs mergekit-yaml's output: {equal}. Load average at the start: "
+            f"{load0:.1f} (a shared machine: other jobs ran alongside).")
     print(body)
     if not args.no_write:
         write_block("export", "Export throughput and peak RSS vs mergekit-yaml", body, command_line(), [args.seed])

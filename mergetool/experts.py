@@ -2,6 +2,9 @@
 
 The search and the library export both call `ExpertStore.expert`, so the search scores exactly the
 experts that export writes. A task's chain of experts plus its own tensors gives its state dict.
+Tensors are streamed from the models (`LazyTensor`), so building an expert holds about the
+expert plus a few chunks, never whole models. For LoRA task models (mergetool.lora) an expert
+stores factors B', A' and `dense()` gives the effective weights W0 + ΔW under the base's names.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import torch
 
 from mergetool.cost import mask_bytes, tensor_data_bits
 from mergetool.errors import MergetoolError
+from mergetool.lora import LoraPair, lora_pairs, merge_lora, scaling_for
 from mergetool.merging import merge_group, resolve_method
 from mergetool.models import ModelSource
 from mergetool.plan import Plan
 from mergetool.quantize import QuantizedTensor, QuantSpec, dequantize, quantize
 from mergetool.recipe.schema import Recipe
+from mergetool.streaming import LazyTensor, unit_ranges
 
 
 @dataclass
@@ -29,12 +34,23 @@ class Expert:
     tensors: dict[str, QuantizedTensor]
     bits: int  # data bits on disk (Eq. 8 numerator, exact with packing), row masks excluded
     mask_bytes: int
+    # LoRA experts: base weight name -> (A name, B name, scaling); dense() gives W0 + scaling·B@A
+    lora: dict[str, LoraPair] = field(default_factory=dict)
+    base: Optional[ModelSource] = field(default=None, repr=False)
     _dense: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def dense(self) -> dict[str, torch.Tensor]:
-        """Dequantised tensors (computed once)."""
+        """Dequantised tensors (computed once). For LoRA experts: the effective weights W0 + ΔW
+        under the base model's tensor names, ready to copy into a model built from the base."""
         if not self._dense:
-            self._dense = {n: dequantize(q) for n, q in self.tensors.items()}
+            stored = {n: dequantize(q) for n, q in self.tensors.items()}
+            if not self.lora:
+                self._dense = stored
+            else:
+                for target, (a, b, scaling) in self.lora.items():
+                    w0 = self.base.get(target)
+                    delta = scaling * (stored[b].double() @ stored[a].double())
+                    self._dense[target] = (w0.double() + delta).to(w0.dtype)
         return self._dense
 
     @property
@@ -53,9 +69,9 @@ class ExpertStore:
 
     def __init__(self, recipe: Recipe, plan: Plan, base: ModelSource, tasks: Sequence[ModelSource], *,
                  quantization: Optional[QuantSpec] = None, cache_bytes: int = 2 << 30):
-        if plan.adapter:
-            raise MergetoolError("merging PEFT adapters is not supported by the expert builder yet",
-                                 key="models", fix="use full fine-tunes for now")
+        if plan.adapter and plan.adapter.get("type") != "LORA":
+            raise MergetoolError(f"merging PEFT {plan.adapter.get('type')} adapters is not supported",
+                                 key="models", fix="use LoRA adapters or full fine-tunes")
         self.recipe, self.plan, self.base, self.tasks = recipe, plan, base, list(tasks)
         q = recipe.quantization
         self.spec = quantization or QuantSpec(bits=q.bits if q.enabled else 32, granularity=q.granularity,
@@ -99,25 +115,68 @@ class ExpertStore:
         return params
 
     def _build(self, component: int, members: tuple[int, ...]) -> Expert:
+        if self.plan.adapter:
+            return self._build_lora(component, members)
         comp = self.plan.components[component]
         params = self._params_for(members)
         out: dict[str, QuantizedTensor] = {}
         for name in comp.tensors:
-            base_t = self.base.get(name)
-            sources = [self.tasks[t].get(name) for t in members]
+            dtype = self.base.meta(name).dtype
+            sources = [LazyTensor(self.tasks[t], name) for t in members]  # streamed, never mapped
+            base_t = LazyTensor(self.base, name) if len(members) > 1 else None
             merged = merge_group(base_t, sources, self.method, params,
                                  seed_key=f"{comp.name}|{','.join(map(str, members))}/{name}")
-            merged = merged.to(base_t.dtype)
-            out[name] = quantize(merged, self.spec, sources=sources, meta_dtype=base_t.dtype)
+            merged = merged.to(dtype)
+            out[name] = quantize(merged, self.spec, meta_dtype=dtype, source_range=self._range(merged, sources))
+        return self._expert(component, members, out)
+
+    def _range(self, merged: torch.Tensor, sources) -> Optional[torch.Tensor]:
+        """Mean source range per unit for the conditional rule; None for a singleton (own source)."""
+        if len(sources) < 2 or not self.spec.enabled or self.spec.mode != "conditional":
+            return None
+        if not merged.is_floating_point() or merged.numel() == 0:
+            return None
+        per_channel = self.spec.granularity == "per_channel" and merged.ndim >= 2
+        return torch.stack([unit_ranges(s, per_channel) for s in sources]).mean(dim=0)
+
+    def _expert(self, component, members, out, **extra) -> Expert:
         bits = sum(tensor_data_bits(q, self.plan.base_bits) for q in out.values())
-        return Expert(component, members, out, bits, sum(mask_bytes(q) for q in out.values()))
+        return Expert(component, members, out, bits, sum(mask_bytes(q) for q in out.values()), **extra)
+
+    def _build_lora(self, component: int, members: tuple[int, ...]) -> Expert:
+        """A LoRA group: merge ΔW_t = s_t·B_t@A_t with F, re-factorise by truncated SVD at the members'
+        largest rank, quantise B', A'. A singleton keeps the task's own B, A (and its scaling)."""
+        comp = self.plan.components[component]
+        params = self._params_for(members)
+        out: dict[str, QuantizedTensor] = {}
+        lora: dict[str, LoraPair] = {}
+        for target, (a_name, b_name) in lora_pairs(comp.tensors).items():
+            dtype = self.base.meta(target).dtype  # b⁺: factors are stored in the base's width
+            A = [self.tasks[t].get(a_name) for t in members]
+            B = [self.tasks[t].get(b_name) for t in members]
+            scales = [scaling_for(self.tasks[t], target, A_t.shape[0]) for t, A_t in zip(members, A)]
+            if len(members) == 1:
+                out[a_name] = quantize(A[0].to(dtype), self.spec, meta_dtype=dtype)
+                out[b_name] = quantize(B[0].to(dtype), self.spec, meta_dtype=dtype)
+                lora[target] = (a_name, b_name, scales[0])
+                continue
+            key = f"{comp.name}|{','.join(map(str, members))}/{target}"
+            (B2, A2), (src_B, src_A) = merge_lora(A, B, scales, self.method, params, seed_key=key)
+            B2, A2 = B2.to(dtype), A2.to(dtype)
+            out[b_name] = quantize(B2, self.spec, sources=[t.to(dtype) for t in src_B], meta_dtype=dtype)
+            out[a_name] = quantize(A2, self.spec, sources=[t.to(dtype) for t in src_A], meta_dtype=dtype)
+            lora[target] = (a_name, b_name, 1.0)  # the merge's ΔW is B'@A' itself
+        return self._expert(component, members, out, lora=lora, base=self.base)
 
     # --- chains ---------------------------------------------------------------------------------
     def storage_cost(self, G) -> float:
-        """C(G), Eq. 8, exact to the bytes export writes (experts only; heads are reported apart)."""
+        """C(G), Eq. 8, exact to the bytes export writes (experts only; heads are reported apart).
+        For adapter zoos the frozen base is one shared component stored once: it adds 1 (as in
+        `Plan.individual_cost`)."""
         from mergetool.grouping import experts
 
-        return sum(self.expert(l, m).bits for l, m in experts(G)) / (self.plan.base_bits * self.plan.d)
+        base = 1.0 if self.plan.adapter else 0.0
+        return base + sum(self.expert(l, m).bits for l, m in experts(G)) / (self.plan.base_bits * self.plan.d)
 
     def task_state(self, G, task: int, components: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
         """Normalised-name state dict of `task`'s chain (dequantised experts) for some components."""

@@ -2,6 +2,10 @@
 
 Every method is delegated to mergekit's in-memory API (`merge_tensors`); mergekit is imported
 lazily because its import takes seconds. mergekit's from-disk `run_merge` path is never used.
+The deterministic task-vector methods (task_arithmetic, ties, breadcrumbs, breadcrumbs_ties) run
+by default through `mergetool.fast_merge.gta_merge`, a streaming kernel that is bitwise equal to
+mergekit's `merge_tensors` (tested against it) but needs no argsort and no T-fold stacked copy;
+`merge_group(..., fast=False)` is mergekit's own path, the reference.
 
 Conventions:
 - A group with one member is not merged: the member's own tensor is returned (|Θ| ≥ 2 rule).
@@ -22,6 +26,7 @@ Conventions:
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Optional
@@ -30,6 +35,7 @@ import torch
 from torch import Tensor
 
 from mergetool.errors import MergetoolError
+from mergetool.streaming import TensorLike, as_tensor
 
 METHOD_ALIASES = {"wa": "linear", "ta": "task_arithmetic", "tm": "ties", "bc": "breadcrumbs"}
 
@@ -224,27 +230,32 @@ def _bind(spec, parameters: Mapping, ids: list[Hashable], n_tasks: int) -> dict[
 
 
 def merge_group(
-    base: Optional[Tensor],
-    members: Sequence[Tensor],
+    base: Optional[TensorLike],
+    members: Sequence[TensorLike],
     method: str,
     parameters: Mapping,
     *,
     seed_key: Optional[str] = None,
     out_dtype: Optional[torch.dtype] = None,
+    fast: bool = True,
 ) -> Tensor:
     """F(θ_pre, Θ) for one tensor. A singleton returns the member's own tensor (not a copy).
 
     16-bit inputs are merged in float32; the result has `out_dtype` (default: the members'
-    dtype). Non-float tensors must be equal across inputs and are passed through.
+    dtype). Non-float tensors must be equal across inputs and are passed through. Inputs may be
+    `LazyTensor`s. With `fast`, deterministic task-vector methods (task_arithmetic, ties,
+    breadcrumbs, breadcrumbs_ties) run the streaming kernel of mergetool.fast_merge, which is
+    bitwise equal to mergekit's; everything else goes through mergekit's `merge_tensors`.
     """
     if not members:
         raise ValueError("merge_group needs at least one member")
     if len(members) == 1:
-        t = members[0]
+        t = as_tensor(members[0])
         return t if out_dtype is None else t.to(out_dtype)
     first = members[0]
-    if not first.is_floating_point():
-        others = [*members[1:]] + ([base] if base is not None else [])
+    if not first.dtype.is_floating_point:
+        first = as_tensor(first)
+        others = [as_tensor(t) for t in members[1:]] + ([as_tensor(base)] if base is not None else [])
         if any(not torch.equal(first, t) for t in others):
             raise MergetoolError(
                 f"non-float tensor {seed_key or ''} differs between models",
@@ -269,13 +280,19 @@ def merge_group(
     dtype = torch.float32 if half else None
     out_dtype = out_dtype or first.dtype
 
-    def run() -> Tensor:
-        return _mergekit().merge_tensors(
-            tensors, canonical, parameters=kwargs, ids=ids, base_index=base_index,
-            name=seed_key, dtype=dtype, out_dtype=out_dtype,
-        )
-
     try:
+        if fast and with_base and not uses_randomness(canonical):
+            out = _fast_merge(tensors, canonical, kwargs, ids, dtype, out_dtype, seed_key)
+            if out is not None:
+                return out
+        tensors = [as_tensor(t) for t in tensors]
+
+        def run() -> Tensor:
+            return _mergekit().merge_tensors(
+                tensors, canonical, parameters=kwargs, ids=ids, base_index=base_index,
+                name=seed_key, dtype=dtype, out_dtype=out_dtype,
+            )
+
         if not uses_randomness(canonical):
             return run()
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -288,6 +305,22 @@ def merge_group(
             key=seed_key,
             fix="check the method's parameters and that all models have equal shapes",
         ) from None
+
+
+def _fast_merge(tensors, canonical, kwargs, ids, dtype, out_dtype, seed_key) -> Optional[Tensor]:
+    """The streaming kernel with mergekit's own parameter binding; None when it does not apply."""
+    from mergekit.merge_methods.base import TensorGroup
+
+    from mergetool.fast_merge import fast_method, gta_merge
+
+    method = _mergekit().get(canonical)
+    if not fast_method(method) or any(getattr(t, "device", torch.device("cpu")).type != "cpu" for t in tensors):
+        return None
+    metas = [torch.empty(tuple(t.shape), dtype=t.dtype, device="meta") for t in tensors]
+    group = TensorGroup.from_tensors(metas, ids=ids, base_index=0, name=seed_key)
+    bound = method._bind_parameters((group,), kwargs)[0]
+    work = dtype or functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    return gta_merge(tensors[0], tensors[1:], method, bound, ids=ids[1:], work=work, out_dtype=out_dtype)
 
 
 def merge_component(

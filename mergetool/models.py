@@ -96,10 +96,13 @@ def _hub_model(ref: str, key: str) -> Path:
 
     offline = bool(constants.HF_HUB_OFFLINE)
     try:
-        return Path(snapshot_download(
-            repo_id, revision=revision or None, local_files_only=offline,
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.bin"],
-        ))
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+        path = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=offline,
+                                      allow_patterns=patterns))
+        if not any(path.glob("*.safetensors")):  # .bin weights only when the repo has no safetensors
+            path = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=offline,
+                                          allow_patterns=patterns + ["*.bin"]))
+        return path
     except LocalEntryNotFoundError:
         raise ModelLoadError(f"hub model {ref!r} is not in the local cache and HF_HUB_OFFLINE is set",
                              key=key, fix="download it once online, or use a local path") from None
@@ -234,6 +237,10 @@ class ModelSource:
 
     def original_name(self, name: str) -> str:
         return self._index[name][1]
+
+    def location(self, name: str) -> tuple[Path, str]:
+        """(weight file, key in it) of a tensor, for readers that stream it (mergetool.streaming)."""
+        return self._index[name]
 
     def close(self) -> None:
         self._handles.clear()

@@ -212,9 +212,12 @@ def quantize(
     sources: Optional[Sequence[Tensor]] = None,
     *,
     meta_dtype: Optional[torch.dtype] = None,
+    source_range: Optional[Tensor] = None,
 ) -> QuantizedTensor:
     """Q(tensor) under `spec`. `sources` are the group's members before merging (conditional
     mode); None means the tensor is its own source (a singleton group: always quantised).
+    `source_range` may replace `sources`: the mean over the sources of each unit's max − min
+    (float64), as `mergetool.streaming.unit_ranges` computes it without holding the sources.
     `meta_dtype` is the dtype of scale/zero, normally the base model's float dtype (default:
     the tensor's). A unit whose scale or zero-point overflows meta_dtype stays unquantised."""
     gran = _effective_granularity(tensor, spec)
@@ -230,7 +233,9 @@ def quantize(
             fix="check the models for non-finite weights, or disable quantisation",
         )
     flags = torch.ones_like(lo, dtype=torch.bool)
-    if spec.mode == "conditional" and sources is not None:
+    if spec.mode == "conditional" and source_range is not None:
+        flags = (hi - lo) <= source_range.to(hi)
+    elif spec.mode == "conditional" and sources is not None:
         ranges = []
         for src in sources:
             if tuple(src.shape) != qt.shape:

@@ -169,3 +169,95 @@ def test_lora_refactor_is_exact_for_rank_r_delta():
     s = torch.linalg.svdvals(delta)
     B1, A1 = refactor_lora(delta, 1)
     assert torch.allclose(torch.linalg.matrix_norm(delta - B1 @ A1), s[1:].norm(), atol=1e-10)
+
+
+# ---------------------------------------------------------------- the streaming kernel (fast_merge)
+
+def _bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def _same_as_mergekit(base, members, method, params):
+    fast = merge_group(base, members, method, params)
+    ref = merge_group(base, members, method, params, fast=False)  # mergekit's merge_tensors
+    return fast.dtype == ref.dtype and torch.equal(_bits(fast), _bits(ref))
+
+
+def test_kept_ranks_by_hand():
+    from mergetool.fast_merge import kept_ranks
+
+    # magnitude: the k = max(1, int(d·n)) largest of n, i.e. ascending ranks [n − k, n)
+    assert kept_ranks(10, "magnitude", 0.5) == (5, 10)
+    assert kept_ranks(10, "magnitude", 0.01) == (9, 10)
+    assert kept_ranks(10, "magnitude", 0.0) == (0, 0)
+    assert kept_ranks(10, "magnitude", 1.0) is None
+    # outliers: drop int(γ·n) largest, keep int(d·n) below them: 10 − 5 − 1 = 4 → [4, 9)
+    assert kept_ranks(10, "magnitude_outliers", 0.5, 0.1) == (4, 9)
+    assert kept_ranks(10, None, 0.5) is None
+
+
+def test_fast_ties_literal_with_ties_off_the_threshold():
+    # τ1 = [3, −3, 1, 1, 2, 0] (density 0.5 → keep the 3 largest |τ|: 3, −3, 2; the tied 1s are
+    # below the threshold, so no tie straddles it), τ2 = [−1, 2, 4, −4, 0, 1] (keep 2, 4, −4).
+    #   τ1' = [3, −3, 0, 0, 2, 0], τ2' = [0, 2, 4, −4, 0, 0]; signs by sum [3, −1, 4, −4, 2, 0]
+    #   → [+, −, +, −, +, + (0 ≥ 0)]; disjoint mean: [3, −3, 4, −4, 2, 0].
+    base = torch.zeros(6)
+    t1, t2 = T([3.0, -3.0, 1.0, 1.0, 2.0, 0.0]), T([-1.0, 2.0, 4.0, -4.0, 0.0, 1.0])
+    out = merge_group(base, [t1, t2], "ties", {"density": 0.5})
+    assert torch.equal(out, T([3.0, -3.0, 4.0, -4.0, 2.0, 0.0]))
+    assert _same_as_mergekit(base, [t1, t2], "ties", {"density": 0.5})
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.5}), ("ties", {"density": 0.2, "weight": [1.0, 0.5, 2.0]}),
+    ("ties", {"density": 0.4, "normalize": False, "lambda": 0.7}), ("ties", {"density": 0.0}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}), ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05}),
+    ("task_arithmetic", {"lambda": 0.3}),
+])
+def test_fast_kernel_is_bitwise_mergekit(monkeypatch, chunk, method, params):
+    import mergetool.fast_merge as fm
+
+    monkeypatch.setattr(fm, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 33, generator=g) * 0.02
+    members = [base + 1e-3 * torch.randn(40, 33, generator=g) for _ in range(3)]
+    assert _same_as_mergekit(base, members, method, params)
+    # Heavy ties: |τ| takes 4 values, so tie groups straddle every threshold; the kernel then
+    # uses mergekit's own argsort for that task vector and must still agree bit for bit.
+    tied = [torch.randint(-3, 4, (40, 33), generator=g).float() * 0.5 for _ in range(3)]
+    assert _same_as_mergekit(torch.zeros(40, 33), tied, method, params)
+
+
+def test_fast_kernel_half_and_double_inputs():
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(50, 20, generator=g) * 0.02
+    members = [base + 1e-3 * torch.randn(50, 20, generator=g) for _ in range(3)]
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        assert _same_as_mergekit(base.to(dtype), [m.to(dtype) for m in members], "ties", {"density": 0.5})
+
+
+def test_lazy_tensors_stream_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from mergetool.models import ModelSource
+    from mergetool.streaming import LazyTensor, unit_ranges
+
+    g = torch.Generator().manual_seed(5)
+    tensors = []
+    for i in range(3):
+        t = {"w": torch.randn(30, 11, generator=g), "b": torch.randn(11, generator=g)}
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file(t, str(d / "model.safetensors"))
+        (d / "config.json").write_text('{"model_type": "custom"}')
+        tensors.append(t)
+    lazy = [LazyTensor(ModelSource(tmp_path / f"m{i}"), "w") for i in range(3)]
+    assert torch.equal(lazy[1].full(), tensors[1]["w"])
+    assert torch.equal(lazy[1].read(5, 40), tensors[1]["w"].reshape(-1)[5:40])
+    w = tensors[2]["w"]
+    assert torch.equal(unit_ranges(lazy[2], True), w.amax(1).double() - w.amin(1).double())
+    assert torch.equal(unit_ranges(lazy[2], False), (w.max().double() - w.min().double()).reshape(1))
+    out = merge_group(lazy[0], lazy[1:], "ties", {"density": 0.5})
+    ref = merge_group(tensors[0]["w"], [t["w"] for t in tensors[1:]], "ties", {"density": 0.5}, fast=False)
+    assert torch.equal(out, ref)

@@ -89,6 +89,9 @@ def export_library(recipe: Recipe, plan: Plan, sources: tuple[ModelSource, Seque
     the unfinished library folder, given the draft manifest, and returns their RouterInfo."""
     out = Path(out).absolute()
     check_target(out, force)
+    if plan.adapter:  # format v1 has no frozen base or LoRA scaling; experts work, libraries not yet
+        raise LibraryError("exporting a library of PEFT adapter experts is not supported yet", key="models",
+                           fix="search and evaluate work for LoRA zoos; export full fine-tunes for now")
     if not solutions:
         raise LibraryError("nothing to export", key="solutions")
     tmp = make_tmp(out)
