@@ -47,6 +47,15 @@ class Session:
             self._evaluators[k] = Evaluator(store, split=split, device=self.device, caches=caches)
         return self._evaluators[k]
 
+    def score_store(self, store: ExpertStore, G, split: str = "validation") -> EvalResult:
+        """G scored with another store's experts (baselines) on this session's data and modules."""
+        k = ("other store", split)
+        if k not in self._evaluators:
+            self._evaluators[k] = Evaluator(store, split=split, device=self.device, memo=False, prefix=False)
+        ev = self._evaluators[k]
+        ev.use_store(store)
+        return ev.evaluate(G)
+
     def has_split(self, split: str) -> bool:
         return all(getattr(self.recipe.tasks[t], split) is not None for t in self.plan.tasks)
 

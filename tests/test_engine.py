@@ -70,3 +70,20 @@ def test_staged_outputs_equal_full_forward(session):
     staged = session.evaluator().outputs(G, 1)
     full = session.evaluator(caches=False).outputs(G, 1)
     assert np.array_equal(staged, full)
+
+
+def test_score_store_swaps_experts_exactly(session):
+    """Baselines score other stores on the session's prepared data: same numbers as a fresh evaluator."""
+    from mergetool.baselines.static import variant
+    from mergetool.evaluation.engine import Evaluator
+    from mergetool.experts import ExpertStore
+    from mergetool.quantize import QuantSpec
+
+    p = session.plan
+    G = all_shared(p.T, p.L)
+    stores = [ExpertStore(variant(session.recipe, "task_arithmetic", {"lambda": lam}), p, session.base,
+                          session.tasks, quantization=QuantSpec(bits=32)) for lam in (0.3, 1.0)]
+    swapped = [session.score_store(s, G) for s in stores]
+    fresh = [Evaluator(s, device="cpu", caches=False).evaluate(G) for s in stores]
+    assert [r.per_task for r in swapped] == [r.per_task for r in fresh]
+    assert swapped[0].per_task != swapped[1].per_task  # the swap really changed the experts

@@ -127,7 +127,7 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
                           {"bits": q.bits, "granularity": q.granularity, "mode": q.mode}))
 
     pre = static.pretrained_store(s)
-    val, tst = evaluate(lambda sp: static.score(pre, shared, sp, device)[:2], "pre-trained")
+    val, tst = evaluate(lambda sp: static.score(s, pre, shared, sp)[:2], "pre-trained")
     out.append(_entry("Pre-trained", "pretrained", "pretrained", pre.storage_cost(shared), val, tst))
     pre.clear()
 
@@ -139,7 +139,7 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
             continue
         if test:
             say(f"{key} (test)")
-        tst = static.score(best.store, shared, "test", device)[:2] if test else None
+        tst = static.score(s, best.store, shared, "test")[:2] if test else None
         name, method, _, grid = static.STATIC[key]
         out.append(_entry(name, key, "static", best.storage_cost, (best.performance, best.per_task), tst,
                           {"method": method, **best.params}, grid=rows))

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from mergetool.cost import tensor_data_bits
-from mergetool.evaluation.engine import Evaluator
 from mergetool.experts import Expert, ExpertStore
 from mergetool.grouping import all_shared
 from mergetool.quantize import QuantSpec, quantize
@@ -62,8 +61,8 @@ class PretrainedStore(ExpertStore):
         return Expert(component, members, out, bits, 0)
 
 
-def score(store: ExpertStore, G, split: str, device: str) -> tuple[float, dict, float]:
-    r = Evaluator(store, split=split, device=device).evaluate(G)
+def score(session, store: ExpertStore, G, split: str) -> tuple[float, dict, float]:
+    r = session.score_store(store, G, split)
     return r.performance, r.per_task, r.storage_cost
 
 
@@ -89,7 +88,7 @@ def tune(session, key: str, device: str, progress: Optional[Callable[[str], None
             progress(f"{key} {params}")
         store = ExpertStore(variant(session.recipe, method, params), session.plan, session.base, session.tasks,
                             quantization=FULL)
-        perf, per_task, cost = score(store, G, "validation", device)
+        perf, per_task, cost = score(session, store, G, "validation")
         rows.append({**point, "performance": perf})
         if best is None or perf > best.performance:
             best = Scored(params, perf, per_task, cost, store)

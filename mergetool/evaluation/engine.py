@@ -78,6 +78,18 @@ class Evaluator:
             self._memo[key] = value
         return value
 
+    def use_store(self, store: ExpertStore) -> None:
+        """Score another store's experts (same plan and data: the baselines' variants) on the data and
+        modules already prepared; every cache keyed by chain is dropped."""
+        if store.plan is not self.plan:
+            raise ValueError("use_store needs a store over the same plan")
+        self.store = store
+        self._memo.clear()
+        self._prefix.clear()
+        self._prefix_bytes = 0
+        for model in self._models.values():
+            model.loaded.clear()
+
     def outputs(self, G, t: int) -> np.ndarray:
         """Raw outputs of task t's assembled chain on its split (batch order)."""
         return self._run(G, t)
