@@ -4,7 +4,9 @@ The search and the library export both call `ExpertStore.expert`, so the search 
 experts that export writes. A task's chain of experts plus its own tensors gives its state dict.
 Tensors are streamed from the models (`LazyTensor`), so building an expert holds about the
 expert plus a few chunks, never whole models. For LoRA task models (mergetool.lora) an expert
-stores factors B', A' and `dense()` gives the effective weights W0 + ΔW under the base's names.
+stores factors B', A' and `dense()` gives the effective weights W0 + ΔW under the base's names;
+for IA3 task models (mergetool.ia3) it stores the merged scaling vectors and `dense()` gives W0
+scaled along the dim each vector scales (and the bias, for output scaling).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 from mergetool.cost import mask_bytes, tensor_data_bits
 from mergetool.errors import MergetoolError
-from mergetool.lora import LoraPair, lora_pairs, merge_lora, scaling_for
+from mergetool.ia3 import Ia3Slot, ia3_dense, ia3_targets, merge_ia3, scaled_dim
+from mergetool.lora import LoraPair, lora_dense, lora_pairs, merge_lora, scaling_for
 from mergetool.merging import merge_group, resolve_method
 from mergetool.models import ModelSource
 from mergetool.plan import Plan
@@ -36,6 +39,8 @@ class Expert:
     mask_bytes: int
     # LoRA experts: base weight name -> (A name, B name, scaling); dense() gives W0 + scaling·B@A
     lora: dict[str, LoraPair] = field(default_factory=dict)
+    # IA3 experts: base weight name -> (vector name, the dim of W0 it scales)
+    ia3: dict[str, Ia3Slot] = field(default_factory=dict)
     base: Optional[ModelSource] = field(default=None, repr=False)
     _dense: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -44,14 +49,17 @@ class Expert:
         under the base model's tensor names, ready to copy into a model built from the base."""
         if not self._dense:
             stored = {n: dequantize(q) for n, q in self.tensors.items()}
-            if not self.lora:
+            if self.ia3:
+                self._dense = ia3_dense(self.ia3, stored, self._base_get)
+            elif not self.lora:
                 self._dense = stored
             else:
                 for target, (a, b, scaling) in self.lora.items():
-                    w0 = self.base.get(target)
-                    delta = scaling * (stored[b].double() @ stored[a].double())
-                    self._dense[target] = (w0.double() + delta).to(w0.dtype)
+                    self._dense[target] = lora_dense(self.base.get(target), stored[a], stored[b], scaling)
         return self._dense
+
+    def _base_get(self, name: str) -> Optional[torch.Tensor]:
+        return self.base.get(name) if name in self.base else None
 
     @property
     def nbytes(self) -> int:
@@ -69,9 +77,9 @@ class ExpertStore:
 
     def __init__(self, recipe: Recipe, plan: Plan, base: ModelSource, tasks: Sequence[ModelSource], *,
                  quantization: Optional[QuantSpec] = None, cache_bytes: int = 2 << 30):
-        if plan.adapter and plan.adapter.get("type") != "LORA":
+        if plan.adapter and plan.adapter.get("type") not in ("LORA", "IA3"):
             raise MergetoolError(f"merging PEFT {plan.adapter.get('type')} adapters is not supported",
-                                 key="models", fix="use LoRA adapters or full fine-tunes")
+                                 key="models", fix="use LoRA or IA3 adapters, or full fine-tunes")
         self.recipe, self.plan, self.base, self.tasks = recipe, plan, base, list(tasks)
         q = recipe.quantization
         self.spec = quantization or QuantSpec(bits=q.bits if q.enabled else 32, granularity=q.granularity,
@@ -116,6 +124,8 @@ class ExpertStore:
 
     def _build(self, component: int, members: tuple[int, ...]) -> Expert:
         if self.plan.adapter:
+            if self.plan.adapter["type"] == "IA3":
+                return self._build_ia3(component, members)
             return self._build_lora(component, members)
         comp = self.plan.components[component]
         params = self._params_for(members)
@@ -167,6 +177,27 @@ class ExpertStore:
             out[a_name] = quantize(A2, self.spec, sources=[t.to(dtype) for t in src_A], meta_dtype=dtype)
             lora[target] = (a_name, b_name, 1.0)  # the merge's ΔW is B'@A' itself
         return self._expert(component, members, out, lora=lora, base=self.base)
+
+    def _build_ia3(self, component: int, members: tuple[int, ...]) -> Expert:
+        """An IA3 group: F over the members' vectors with a base of ones (mergetool.ia3), stored flat
+        in the base's width and quantised against the members' vectors. A singleton keeps its own."""
+        comp = self.plan.components[component]
+        params = self._params_for(members)
+        fifo = bool(getattr(self.tasks[members[0]].peft_config, "fan_in_fan_out", False))
+        out: dict[str, QuantizedTensor] = {}
+        slots: dict[str, Ia3Slot] = {}
+        for target, vec in ia3_targets(comp.tensors).items():
+            dtype = self.base.meta(target).dtype
+            vectors = [self.tasks[t].get(vec) for t in members]
+            slots[target] = (vec, scaled_dim(vectors[0].shape, self.base.meta(target).shape, fifo))
+            flat = [v.reshape(-1).to(dtype) for v in vectors]
+            if len(members) == 1:
+                out[vec] = quantize(flat[0], self.spec, meta_dtype=dtype)
+                continue
+            key = f"{comp.name}|{','.join(map(str, members))}/{vec}"
+            merged = merge_ia3(vectors, self.method, params, seed_key=key).to(dtype)
+            out[vec] = quantize(merged, self.spec, sources=flat, meta_dtype=dtype)
+        return self._expert(component, members, out, ia3=slots, base=self.base)
 
     # --- chains ---------------------------------------------------------------------------------
     def storage_cost(self, G) -> float:

@@ -79,3 +79,8 @@ def merge_lora(A: Sequence[Tensor], B: Sequence[Tensor], scales: Sequence[float]
     del deltas
     sources = [lowrank_refactor(b, a, s, rank) for a, b, s in zip(A, B, scales)]
     return refactor_lora(merged, rank), ([b for b, _ in sources], [a for _, a in sources])
+
+
+def lora_dense(w0: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """W0 + scaling·B@A, computed in float64 and cast to W0's dtype (search and library alike)."""
+    return (w0.double() + scaling * (B.double() @ A.double())).to(w0.dtype)

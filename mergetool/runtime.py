@@ -56,6 +56,7 @@ class ExpertLibrary:
         self._resident: OrderedDict[tuple, _Chain] = OrderedDict()
         self._params: dict[str, dict[str, nn.Parameter]] = {}
         self._tokenizer = self._router = self._extractor = None
+        self._frozen_params: Optional[dict] = None
         self.stats: Counter = Counter()
 
     @classmethod
@@ -87,13 +88,16 @@ class ExpertLibrary:
         module = self._new_module(task)
         names = self.manifest.task(task).original_names
         loaded = set()
+        for n, p in self._frozen().items():  # adapter libraries: the shared frozen base, under the experts
+            if n in names:
+                loaded.add(bb.put(module, names[n], p))
         for eid in chain:
             for n, p in self._expert(eid).items():
                 loaded.add(bb.put(module, names.get(n, n), p))
         for n, st in self.manifest.buffers.items():
             loaded.add(bb.put(module, names.get(n, n), self.store.read(st).to(self.device)))
         loaded |= self._load_head(module, task)
-        missing = sorted(set(module.state_dict()) - loaded)
+        missing = bb.unloaded(module, loaded)
         if missing:
             raise LibraryError(f"the library holds no tensors for {missing[:3]} of task {task!r}",
                                key="experts", fix="re-export the library")
@@ -136,6 +140,12 @@ class ExpertLibrary:
                                                  requires_grad=False)
                                  for n, t in self.store.expert_state(eid).items()}
         return self._params[eid]
+
+    def _frozen(self) -> dict[str, nn.Parameter]:
+        if self._frozen_params is None:
+            self._frozen_params = {n: nn.Parameter(t.to(self.device), requires_grad=False)
+                                   for n, t in self.store.frozen_state().items()}
+        return self._frozen_params
 
     def _load_head(self, module: nn.Module, task: str) -> set:
         t = self.manifest.task(task)

@@ -197,3 +197,22 @@ def test_predict_empty_unknown_task_long_csv_stdin(routed, tmp_path):
     assert result.exit_code == 2 and "no column 'text'" in text
     result, text = invoke("predict", routed["lib"], "--input", "-", "-q", input='{"text": "w1 w2"}\n')
     assert result.exit_code == 0 and json.loads(result.stdout.splitlines()[0])["line"] == 1
+
+
+def test_put_moves_tied_aliases_and_counts_them_loaded(tmp_path):
+    """Assembling a model with tied weights (GPT-2 lm_head = wte) keeps the tie and reports nothing missing."""
+    import transformers
+
+    from mergetool.routing import backbone as bb
+    from mergetool.toy_kinds import make_tiny_gpt2
+
+    module = transformers.GPT2LMHeadModel.from_pretrained(make_tiny_gpt2(tmp_path / "gpt2"))
+    sd = module.state_dict()
+    loaded = set()
+    for name, t in sd.items():
+        if name != "lm_head.weight":
+            loaded.add(bb.put(module, name, torch.full_like(t, 0.5)))
+    assert module.lm_head.weight is module.transformer.wte.weight
+    assert float(module.lm_head.weight[0, 0]) == 0.5
+    assert bb.unloaded(module, loaded) == []
+    assert bb.unloaded(module, loaded - {"transformer.ln_f.bias"}) == ["transformer.ln_f.bias"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mergetool.evaluation.metrics import score
-from mergetool.evaluation.runner import TaskModel, pick_device
+from mergetool.evaluation.runner import TaskModel, adapter_config, pick_device
 from mergetool.evaluation.choice import choice_score
 from mergetool.evaluation.tasks import TaskData, task_data
 from mergetool.experts import ExpertStore
@@ -43,8 +43,10 @@ class Evaluator:
         self.data: list[TaskData] = []
         prep_cache: dict = {}  # tokenizers and image processors, by folder
         for t, name in enumerate(self.plan.tasks):
-            self.data.append(task_data(self.recipe, name, store.tasks[t], store.base.path, split=split,
-                                       batch_size=batch_size, cache=prep_cache))
+            src, kind = store.tasks[t], self.recipe.tasks[name].kind
+            config = adapter_config(src, store.base, kind) if src.is_adapter else None  # no config.json
+            self.data.append(task_data(self.recipe, name, src, store.base.path, split=split,
+                                       batch_size=batch_size, cache=prep_cache, config=config))
         self._models: dict[int, TaskModel] = {}
         self._memo: dict[tuple, float] = {}
         self._prefix: OrderedDict[tuple, list] = OrderedDict()
@@ -97,7 +99,8 @@ class Evaluator:
     # --- internals -----------------------------------------------------------------------------
     def _model(self, t: int) -> TaskModel:
         if t not in self._models:
-            self._models[t] = TaskModel(self.plan, self.store.tasks[t], self.store.own_tensors(t), self.device)
+            self._models[t] = TaskModel(self.plan, self.store.tasks[t], self.store.own_tensors(t), self.device,
+                                        base=self.store.base, kind=self.recipe.tasks[self.plan.tasks[t]].kind)
         return self._models[t]
 
     def _load(self, model: TaskModel, G, t: int, components) -> None:

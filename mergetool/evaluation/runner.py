@@ -10,10 +10,16 @@ Checkpoint names are mapped to the module's own parameters through transformers'
 renaming (ViT's checkpoints say `encoder.layer.N`, its module `layers.N`). Tied weights (an LM head
 sharing the input embeddings) follow the embeddings component; a checkpoint that stores both
 tensors gets them untied, so each holds its own expert.
+
+PEFT adapter tasks (LoRA, IA3) have no config.json: the module is the base's architecture with the
+task's head (`adapter_module`), the frozen base weights are loaded once, the adapter's saved
+modules (`modules_to_save`, e.g. the classifier) are the task's own tensors, and each component
+writes the effective weights its expert's `dense()` gives under the base's names.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Optional
 
 import torch
@@ -21,7 +27,8 @@ import torch
 from mergetool.errors import MergetoolError
 from mergetool.evaluation.choice import TARGET_KEYS, choice_logprobs
 from mergetool.evaluation.stages import staging
-from mergetool.models import ModelSource
+from mergetool.components import adapter_module_weight
+from mergetool.models import PEFT_PREFIX, ModelSource
 from mergetool.plan import Plan
 
 
@@ -47,6 +54,75 @@ def build_module(source: ModelSource) -> torch.nn.Module:
     return model.eval()
 
 
+# PEFT task_type, else the recipe's task kind -> the transformers auto class of an adapter's module
+AUTO_CLASS = {"SEQ_CLS": "AutoModelForSequenceClassification", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+              "CAUSAL_LM": "AutoModelForCausalLM", "TOKEN_CLS": "AutoModelForTokenClassification",
+              "sequence_classification": "AutoModelForSequenceClassification",
+              "seq2seq_choice": "AutoModelForSeq2SeqLM", "causal_lm_choice": "AutoModelForCausalLM",
+              "image_classification": "AutoModelForImageClassification"}
+
+
+LABEL_KEYS = ("num_labels", "id2label", "label2id")
+
+
+def adapter_class(source: ModelSource, kind: Optional[str] = None):
+    """The auto class for an adapter's task: peft's task_type, else the task kind."""
+    import transformers
+
+    task_type = getattr(source.peft_config, "task_type", None)
+    task_type = getattr(task_type, "value", task_type)
+    name = AUTO_CLASS.get(task_type) or AUTO_CLASS.get(kind)
+    if name is None:
+        raise MergetoolError(f"cannot tell which model the adapter at {source.path} belongs to", file=source.path,
+                             key="task_type", fix="save the adapter with a task_type (e.g. SEQ_CLS) in its config")
+    return getattr(transformers, name)
+
+
+def head_names(source: ModelSource) -> dict[str, str]:
+    """An adapter's saved non-adapter tensors (its `modules_to_save`): normalised -> module name."""
+    return {n: source.original_name(n).removeprefix(PEFT_PREFIX) for n in source.keys()
+            if adapter_module_weight(n) is None}
+
+
+def adapter_config(source: ModelSource, base: ModelSource, kind: Optional[str] = None) -> dict:
+    """The task's model config: the base's config.json plus the task's labels (from a config.json
+    saved next to the adapter, else num_labels from the saved head's shape)."""
+    import transformers
+
+    config = dict(base.config)
+    own = source.path / "config.json"
+    saved = json.loads(own.read_text()) if own.is_file() else {}
+    config.update({k: saved[k] for k in LABEL_KEYS if k in saved})
+    heads = head_names(source)
+    if "id2label" in saved or not heads:
+        return config
+    cls = adapter_class(source, kind)
+    with torch.device("meta"):
+        probe = cls.from_config(transformers.AutoConfig.from_pretrained(str(base.path)))
+    shapes = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    n_default = probe.config.num_labels
+    for n, key in heads.items():
+        saved, built = tuple(source.meta(n).shape), shapes.get(key)
+        if built and saved != built and len(saved) == len(built) and built[0] == n_default and saved[1:] == built[1:]:
+            n_labels = saved[0]
+            config["id2label"] = {str(i): f"LABEL_{i}" for i in range(n_labels)}
+            config["label2id"] = {f"LABEL_{i}": i for i in range(n_labels)}
+            config["num_labels"] = n_labels
+            break
+    return config
+
+
+def adapter_module(source: ModelSource, base: ModelSource, kind: Optional[str] = None):
+    """(module, parameters the base did not provide): the base's weights in the task's architecture."""
+    import transformers
+
+    labels = {k: v for k, v in adapter_config(source, base, kind).items() if k in LABEL_KEYS}
+    config = transformers.AutoConfig.from_pretrained(str(base.path), **labels)
+    module, info = adapter_class(source, kind).from_pretrained(str(base.path), config=config,
+                                                               output_loading_info=True)
+    return module.eval(), set(info.get("missing_keys", ()))
+
+
 def checkpoint_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's tensors by module name and by checkpoint name (transformers' renaming reversed)."""
     params = dict(module.state_dict(keep_vars=True))
@@ -60,18 +136,72 @@ def checkpoint_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _adapter_names(plan: Plan, source: ModelSource, module: torch.nn.Module) -> dict[str, str]:
+    """The base weights (and biases) an adapter's components write: normalised -> module name."""
+    names, params = {}, checkpoint_params(module)
+    for c in plan.components:
+        for n in c.tensors:
+            target = adapter_module_weight(n)
+            key = adapter_module_weight(source.original_name(n).removeprefix(PEFT_PREFIX))
+            names[target] = key
+            bias = key.removesuffix("weight") + "bias"
+            if bias in params:  # IA3 output scaling scales the bias too
+                names[target.removesuffix("weight") + "bias"] = bias
+    return names
+
+
+def adapter_layout(plan: Plan, source: ModelSource, base: ModelSource, kind: Optional[str] = None):
+    """For library export: (the task's config with `architectures`, module names of everything the
+    task's module needs: adapted weights, heads, and the frozen base tensors it takes)."""
+    import transformers
+
+    config = adapter_config(source, base, kind)
+    labels = {k: v for k, v in config.items() if k in LABEL_KEYS}
+    with torch.device("meta"):
+        module = adapter_class(source, kind).from_config(transformers.AutoConfig.from_pretrained(str(base.path),
+                                                                                                  **labels))
+    config["architectures"] = [type(module).__name__]
+    names = _adapter_names(plan, source, module)
+    names.update(head_names(source))
+    keys = set(checkpoint_params(module))
+    prefix = getattr(module, "base_model_prefix", "") or ""
+    for n in base.keys():
+        if n in names or not base.meta(n).is_float:
+            continue
+        orig = base.original_name(n)
+        for key in (orig, f"{prefix}.{orig}", orig.removeprefix(prefix + ".")):
+            if key in keys:
+                names[n] = key
+                break
+    return config, names
+
+
 class TaskModel:
     """One task's module; `load(l, members, tensors)` swaps component l's expert in."""
 
-    def __init__(self, plan: Plan, source: ModelSource, own: dict[str, torch.Tensor], device: torch.device):
+    def __init__(self, plan: Plan, source: ModelSource, own: dict[str, torch.Tensor], device: torch.device,
+                 *, base: Optional[ModelSource] = None, kind: Optional[str] = None):
         self.plan = plan
         self.device = device
-        self.module = build_module(source).to(device)
-        self._name = {n: source.original_name(n) for c in plan.components for n in c.tensors}
-        self._name.update({n: source.original_name(n) for n in own})
+        self.adapter = source.is_adapter
+        if self.adapter:
+            if base is None:
+                raise MergetoolError("a PEFT adapter task model needs the base model to build its module",
+                                     file=source.path, key="models", fix="pass base= to TaskModel")
+            module, missing = adapter_module(source, base, kind)
+            self.module = module.to(device)
+            self._name = _adapter_names(plan, source, self.module)
+            self._name.update(head_names(source))
+        else:
+            self.module = build_module(source).to(device)
+            self._name = {n: source.original_name(n) for c in plan.components for n in c.tensors}
+            self._name.update({n: source.original_name(n) for n in own})
         self._params = checkpoint_params(self.module)
         self._untie()
-        self._check_covered(source)
+        if self.adapter:
+            self._check_heads(source, missing, own)
+        else:
+            self._check_covered(source)
         self.loaded: dict[int, tuple[int, ...]] = {}
         with torch.no_grad():
             for n, t in own.items():
@@ -111,11 +241,22 @@ class TaskModel:
                                  f"and not task-specific: {', '.join(left[:4])}", file=source.path, key="models",
                                  fix="the checkpoint lacks them; save the full fine-tune")
 
+    def _check_heads(self, source: ModelSource, missing: set, own: dict) -> None:
+        """Every parameter the base lacks (the task's head) comes from the adapter's saved modules."""
+        written = {self._name[n] for n in own}
+        left = sorted(k for k in missing if k not in written and k in dict(self.module.named_parameters()))
+        if left:
+            raise MergetoolError(f"{len(left)} parameter(s) of {type(self.module).__name__} are neither in the base "
+                                 f"nor saved with the adapter: {', '.join(left[:4])}", file=source.path, key="models",
+                                 fix="train the adapter with modules_to_save for the head and list it in "
+                                     "components.task_specific")
+
     def load(self, component: int, members: tuple[int, ...], tensors: dict[str, torch.Tensor]) -> None:
         if self.loaded.get(component) == members:
             return
+        names = tensors if self.adapter else self.plan.components[component].tensors  # adapters: dense() names
         with torch.no_grad():
-            for n in self.plan.components[component].tensors:
+            for n in names:
                 self._target(n).copy_(tensors[n])
         self.loaded[component] = members
 

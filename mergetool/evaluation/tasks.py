@@ -67,11 +67,14 @@ def load_preprocessor(kind: str, *dirs: Path, cache: Optional[dict] = None):
 
 
 def task_data(recipe: Recipe, task: str, source, base_path: Path, *, split: str = "validation",
-              batch_size: Optional[int] = None, cache: Optional[dict] = None) -> TaskData:
-    """`load_task_data` with the task model's own preprocessor (else the base's)."""
+              batch_size: Optional[int] = None, cache: Optional[dict] = None,
+              config: Optional[dict] = None) -> TaskData:
+    """`load_task_data` with the task model's own preprocessor (else the base's); `config` replaces
+    the model's config.json (adapters: see runner.adapter_config)."""
     kind = recipe.tasks[task].kind
     prep = load_preprocessor(kind, source.path, base_path, cache=cache)
-    return load_task_data(recipe, task, source.config, prep, split=split, batch_size=batch_size)
+    return load_task_data(recipe, task, source.config if config is None else config, prep, split=split,
+                          batch_size=batch_size)
 
 
 def label_names(config: dict) -> list[str]:

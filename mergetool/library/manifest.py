@@ -73,6 +73,18 @@ class StoredTensor(Frozen):
                 "granularity": self.granularity, "keys": self.keys}
 
 
+class AdapterSlot(Frozen):
+    """How a PEFT adapter expert's stored tensors give one base weight (mergetool.lora, mergetool.ia3):
+    LoRA W0 + scaling·B@A (scaling: the task's own for a singleton, 1 for a merged B'A');
+    IA3 W0 scaled along `dim` by `vector` (0: rows, and the bias; 1: columns)."""
+
+    a: Optional[str] = None
+    b: Optional[str] = None
+    scaling: float = 1.0
+    vector: Optional[str] = None
+    dim: Optional[int] = None
+
+
 class Expert(Frozen):
     id: str
     component: int  # index into Manifest.components
@@ -80,6 +92,7 @@ class Expert(Frozen):
     tensors: dict[str, StoredTensor]  # normalised tensor name -> storage
     data_bits: int  # exact data bits (Eq. 8 numerator), row masks excluded
     mask_bytes: int
+    adapter: dict[str, AdapterSlot] = Field(default_factory=dict)  # base weight name -> slot (adapters)
 
 
 class Component(Frozen):
@@ -125,6 +138,14 @@ class Base(Frozen):
     model_type: Optional[str]
     config_sha256: str
     config: FileName  # the base architecture's config.json, copied
+
+
+class FrozenBase(Frozen):
+    """Adapter libraries: the PEFT type and the frozen base's float tensors, stored once, full precision
+    (storage_cost counts them as 1, like the search)."""
+
+    type: Literal["LORA", "IA3"]
+    tensors: dict[str, StoredTensor]  # normalised base name -> storage
 
 
 class FeatureStorage(Frozen):
@@ -179,6 +200,7 @@ class Manifest(Frozen):
     merge: dict
     recipe: str
     router: Optional[RouterInfo] = None
+    adapter: Optional[FrozenBase] = None
     files: dict[FileName, FileEntry]
 
     def task(self, name: str) -> Task:
@@ -223,6 +245,7 @@ def _check_references(m: Manifest, where: str) -> None:
     used |= {s.shard for e in m.experts for s in e.tensors.values()}
     used |= {s.shard for t in m.tasks for s in t.heads.values()} | {s.shard for s in m.buffers.values()}
     used |= set(m.router.files) if m.router else set()
+    used |= {s.shard for s in m.adapter.tensors.values()} if m.adapter else set()
     missing = sorted(used - set(m.files))
     if missing:
         raise LibraryError(f"manifest uses files it does not list: {', '.join(missing)}", file=where,

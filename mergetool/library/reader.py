@@ -154,12 +154,43 @@ class ExpertLibrary:
         return t
 
     def expert_state(self, eid: str) -> dict[str, torch.Tensor]:
-        return {n: self.read(st) for n, st in self.manifest.expert(eid).tensors.items()}
+        """An expert's tensors, dequantised; for adapter experts the effective base weights (as
+        ExpertStore's `dense()`): W0 + scaling·B@A (LoRA) or W0 scaled by the vector (IA3)."""
+        e = self.manifest.expert(eid)
+        stored = {n: self.read(st) for n, st in e.tensors.items()}
+        if not e.adapter:
+            return stored
+        from mergetool.ia3 import ia3_dense
+        from mergetool.lora import lora_dense
+
+        try:
+            out = ia3_dense({w: (s.vector, s.dim) for w, s in e.adapter.items() if s.vector}, stored, self.frozen)
+        except ValueError as exc:
+            raise _fail(f"expert {eid}: {exc}", self.path / MANIFEST) from None
+        for w, s in e.adapter.items():
+            if s.a:
+                out[w] = lora_dense(self._frozen_or_fail(w), stored[s.a], stored[s.b], s.scaling)
+        return out
+
+    def frozen(self, name: str) -> Optional[torch.Tensor]:
+        """A frozen base tensor of an adapter library (None when the library has no such tensor)."""
+        st = self.manifest.adapter.tensors.get(name) if self.manifest.adapter else None
+        return None if st is None else self.read(st)
+
+    def _frozen_or_fail(self, name: str) -> torch.Tensor:
+        t = self.frozen(name)
+        if t is None:
+            raise _fail(f"the library stores no frozen base tensor {name!r}", self.path / MANIFEST)
+        return t
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        """Every frozen base tensor (empty for libraries of full fine-tunes)."""
+        return {n: self.read(st) for n, st in self.manifest.adapter.tensors.items()} if self.manifest.adapter else {}
 
     def task_state(self, task: str, *, original_names: bool = True) -> dict[str, torch.Tensor]:
         """The task's full state dict: its chain of experts (dequantised), heads and buffers."""
         t = self.manifest.task(task)
-        state: dict[str, torch.Tensor] = {}
+        state = {n: v for n, v in self.frozen_state().items() if n in t.original_names}  # adapters: W0
         for eid in self.chain(task):
             state.update(self.expert_state(eid))
         for n, st in list(t.heads.items()) + list(self.manifest.buffers.items()):

@@ -3,6 +3,8 @@
 Experts come from `ExpertStore` (the same code the search scores), built with a cache of one
 expert, so peak memory is about (T + 1) tensors of the largest component plus one expert.
 Everything is written into a temporary folder next to the target, then renamed into place.
+PEFT adapter zoos (LoRA, IA3) also store the frozen base once (`frozen-*.safetensors`), and each
+expert's slots say how its factors or vectors turn into base weights (manifest.AdapterSlot).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import numpy as np
 
 from mergetool import __version__
 from mergetool.errors import LibraryError
+from mergetool.evaluation.runner import adapter_layout
 from mergetool.experts import ExpertStore
 from mergetool.grouping import canonical, experts as expert_keys, members as group_members
 from mergetool.library.card import render_card
-from mergetool.library.manifest import (MANIFEST, README, TOKENIZER_FILES, Base, Component, Expert,
-                                        FileEntry, Manifest, RouterInfo, Solution, Storage, StoredTensor,
-                                        Task, parse_manifest)
+from mergetool.library.manifest import (MANIFEST, README, TOKENIZER_FILES, AdapterSlot, Base, Component, Expert,
+                                        FileEntry, FrozenBase, Manifest, RouterInfo, Solution, Storage,
+                                        StoredTensor, Task, parse_manifest)
 from mergetool.library.safetensors_io import ShardSet, StreamWriter
 from mergetool.models import ModelSource
 from mergetool.plan import Plan
@@ -89,9 +92,6 @@ def export_library(recipe: Recipe, plan: Plan, sources: tuple[ModelSource, Seque
     the unfinished library folder, given the draft manifest, and returns their RouterInfo."""
     out = Path(out).absolute()
     check_target(out, force)
-    if plan.adapter:  # format v1 has no frozen base or LoRA scaling; experts work, libraries not yet
-        raise LibraryError("exporting a library of PEFT adapter experts is not supported yet", key="models",
-                           fix="search and evaluate work for LoRA zoos; export full fine-tunes for now")
     if not solutions:
         raise LibraryError("nothing to export", key="solutions")
     tmp = make_tmp(out)
@@ -154,8 +154,10 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
                 tensors[name] = dict(shard=idx, prefix=f"{eid}/{name}", **qt.info())
             if written * 8 != e.bits + 8 * e.mask_bytes:  # C must be the truth about the bytes
                 raise AssertionError(f"expert {eid}: {written} bytes written, {e.bits / 8 + e.mask_bytes} counted")
+            slots = {w: AdapterSlot(a=a, b=b, scaling=s) for w, (a, b, s) in e.lora.items()}
+            slots.update({w: AdapterSlot(vector=v, dim=d) for w, (v, d) in e.ia3.items()})
             raw.append(dict(id=eid, component=l, group_members=[names[t] for t in key[1]],
-                            tensors=tensors, data_bits=e.bits, mask_bytes=e.mask_bytes))
+                            tensors=tensors, data_bits=e.bits, mask_bytes=e.mask_bytes, adapter=slots))
             del e
         for src in (base, *tasks):
             _release(src)
@@ -167,7 +169,7 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
     experts = [Expert(**r) for r in raw]
 
     # task-specific tensors (heads) per task, non-float buffers once
-    task_entries, head_bytes = [], 0
+    task_entries, head_bytes, frozen_names = [], 0, set()
     for t, src in enumerate(tasks):
         own = {n: v for n, v in store.own_tensors(t).items() if n not in plan.buffers}
         heads = {}
@@ -180,12 +182,18 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
                                         bits=v.element_size() * 8, granularity="per_tensor", keys=[""])
             head_bytes += w.close()
         cfg_name = f"config-{names[t]}.json"
-        shutil.copyfile(src.path / "config.json", tmp / cfg_name)
-        used = [n for c in plan.components for n in c.tensors] + list(own) + list(plan.buffers)
-        arch = (src.config.get("architectures") or [None])[0]
+        if plan.adapter:  # no config.json: the base's, with the task's labels and architecture
+            config, original = adapter_layout(plan, src, base, recipe.tasks[names[t]].kind)
+            (tmp / cfg_name).write_text(json.dumps(config, indent=1), encoding="utf-8")
+            frozen_names.update(n for n in original if n in base and n not in own)
+        else:
+            config = src.config
+            shutil.copyfile(src.path / "config.json", tmp / cfg_name)
+            used = [n for c in plan.components for n in c.tensors] + list(own) + list(plan.buffers)
+            original = {n: src.original_name(n) for n in used if n in src}
+        arch = (config.get("architectures") or [None])[0]
         task_entries.append(Task(name=names[t], config=cfg_name, architecture=arch,
-                                 labels=_labels(src.config), heads=heads,
-                                 original_names={n: src.original_name(n) for n in used if n in src}))
+                                 labels=_labels(config), heads=heads, original_names=original))
     buffers = {}
     if plan.buffers:
         w = StreamWriter(tmp / "buffers.safetensors")
@@ -196,6 +204,8 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
                                       bits=v.element_size() * 8, granularity="per_tensor", keys=[""])
         w.close()
 
+    frozen = _write_frozen(base, sorted(frozen_names), tmp, shard_size) if plan.adapter else None
+
     # configs and tokenizer: the library runs without the original models
     shutil.copyfile(base.path / "config.json", tmp / "config.json")
     _copy_tokenizer([s.path for s in tasks] + [base.path], tmp)
@@ -205,8 +215,9 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
     def storage(eids) -> Storage:
         bits = sum(by_id[i].data_bits for i in eids)
         masks = sum(by_id[i].mask_bytes for i in eids)
-        return Storage(d=plan.d, base_bits=plan.base_bits, storage_cost=bits / (plan.base_bits * plan.d),
-                       storage_cost_with_heads=(bits + 8 * head_bytes) / (plan.base_bits * plan.d),
+        once = 1.0 if plan.adapter else 0.0  # the frozen base of an adapter zoo, as the search counts it
+        return Storage(d=plan.d, base_bits=plan.base_bits, storage_cost=once + bits / (plan.base_bits * plan.d),
+                       storage_cost_with_heads=once + (bits + 8 * head_bytes) / (plan.base_bits * plan.d),
                        expert_data_bytes=bits // 8 + masks, mask_bytes=masks, head_data_bytes=head_bytes)
 
     sols = []
@@ -234,7 +245,8 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
         default_solution=default, chains=sols[default].chains, storage_cost=all_storage.storage_cost,
         storage=all_storage, disk_bytes={}, quantization=asdict(store.spec),
         merge={"method": store.method, "parameters": dict(recipe.merge.parameters)},
-        recipe=recipe.text, router=None, files={})
+        recipe=recipe.text, router=None, files={},
+        adapter=FrozenBase(type=plan.adapter["type"], tensors=frozen) if plan.adapter else None)
     if router is not None:
         draft = draft.model_copy(update={"router": router(tmp, draft)})
     draft = draft.model_copy(update={"disk_bytes": disk_bytes(tmp, draft)})
@@ -251,6 +263,8 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
 def disk_bytes(folder: Path, m: Manifest) -> dict[str, int]:
     """On-disk bytes per category (manifest.json excluded)."""
     cats = dict(experts=0, heads=0, buffers=0, router=0, base_features=0, other=0)
+    if m.adapter:
+        cats["frozen_base"] = 0
     router = {m.router.weights, m.router.config} if m.router else set()
     for p in folder.iterdir():
         if p.name == MANIFEST:
@@ -258,10 +272,25 @@ def disk_bytes(folder: Path, m: Manifest) -> dict[str, int]:
         n = p.name
         cat = ("experts" if n.startswith("experts-") else "heads" if n.startswith("heads-")
                else "buffers" if n == "buffers.safetensors" else "router" if n in router
-               else "base_features" if n.startswith("base-features") else "other")
+               else "base_features" if n.startswith("base-features")
+               else "frozen_base" if n.startswith("frozen-") and m.adapter else "other")
         cats[cat] += p.stat().st_size
     cats["total"] = sum(cats.values())
     return cats
+
+
+def _write_frozen(base: ModelSource, names: list[str], tmp: Path, shard_size: int) -> dict[str, StoredTensor]:
+    """The frozen base tensors the tasks' modules take, full precision, in shards."""
+    shards = ShardSet(tmp, "frozen", shard_size)
+    entries = {}
+    for n in names:
+        v = base.get(n)
+        idx = shards.add_group({n: v.contiguous()})
+        entries[n] = dict(shard=idx, prefix=n, shape=list(v.shape), dtype=_dt(v), bits=v.element_size() * 8,
+                          granularity="per_tensor", keys=[""])
+    shard_names = shards.close()
+    _release(base)
+    return {n: StoredTensor(**dict(e, shard=shard_names[e["shard"]])) for n, e in entries.items()}
 
 
 def _release(src: ModelSource) -> None:

@@ -126,6 +126,13 @@ def repad(states: tuple, rows) -> tuple[torch.Tensor, torch.Tensor]:
     return flat[idx.to(flat.device)], valid.long().to(flat.device)
 
 
+def unloaded(module: nn.Module, loaded: set) -> list[str]:
+    """State-dict names that put() did not set; tied aliases of set names count as set."""
+    sd = module.state_dict(keep_vars=True)
+    done = {id(sd[n]) for n in loaded if n in sd}
+    return sorted(n for n, t in sd.items() if n not in loaded and id(t) not in done)
+
+
 def put(module: nn.Module, name: str, tensor: torch.Tensor) -> str:
     """Make `tensor` the module's parameter (shared, not copied) or buffer `name`; returns name."""
     owner, _, leaf = name.rpartition(".")
@@ -140,7 +147,11 @@ def put(module: nn.Module, name: str, tensor: torch.Tensor) -> str:
     if tensor.dtype != old.dtype:
         tensor = tensor.to(old.dtype)
     if leaf in sub._parameters:
-        sub._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
+        new = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
+        for m in module.modules():  # every tied alias (e.g. lm_head.weight of shared embeddings) follows
+            for k, v in m._parameters.items():
+                if v is old:
+                    m._parameters[k] = new
     else:
         sub._buffers[leaf] = tensor.data
     return name
