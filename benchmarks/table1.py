@@ -1,6 +1,7 @@
 """The paper's Table I on the demo zoo: baselines, MERGE G1/G2/G3 over seeds, routed test accuracy.
 
     python benchmarks/table1.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1 2 --evaluations 300
+    python benchmarks/table1.py merge_recipes/demo-minilm-text4.yaml --run runs/demo-minilm-text4   # finished runs
 
 For every seed: `mergetool search` (own run directory), then the baselines (run once, on the first
 seed's run directory, copied to the others: they do not depend on the search seed), G1/G2/G3 selected
@@ -49,6 +50,8 @@ def main() -> int:
     ap.add_argument("--evaluations", type=int, default=300)
     ap.add_argument("--methods", default="wa,ta,ties,bc,twin,emr")
     ap.add_argument("--workdir", type=Path, default=None, help="reuse a previous run (searches resume)")
+    ap.add_argument("--run", type=Path, nargs="+", default=None,
+                    help="finished run directories to tabulate instead of searching (seed and budget from run.json)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -59,7 +62,14 @@ def main() -> int:
     here = args.recipe.resolve().parent
 
     runs = {}
-    for seed in args.seeds:
+    for run in args.run or []:
+        info = json.loads((run / "run.json").read_text())
+        search = (info.get("recipe") or {}).get("search") or {}
+        runs[int(info.get("seed", search.get("seed", 0)))] = run.resolve()
+        args.evaluations = len((run / "search" / "evaluations.jsonl").read_text().splitlines())
+    if runs:
+        args.seeds = sorted(runs)
+    for seed in [] if runs else args.seeds:
         d = dict(data, output=str(work / f"seed-{seed}"))
         d["search"] = dict(data.get("search") or {}, seed=seed, evaluations=args.evaluations)
         recipe = here / f".table1-{work.name}-seed{seed}.yaml"  # next to the original: relative paths hold
