@@ -278,3 +278,12 @@ def test_ia3_library_assembles_what_the_search_scored(ia3, tmp_path):
             want = torch.cat([choice_logprobs(module(**{k: v for k, v in b.items() if not k.startswith("target")},
                                                      use_cache=False).logits, b) for b in ev.data[t].batches])
         np.testing.assert_array_equal(ev.outputs(G, t), want.numpy())
+
+
+def test_baselines_refuse_adapter_zoos_with_one_line(lora):
+    from mergetool.baselines import run_baselines
+    from mergetool.errors import MergetoolError
+
+    with pytest.raises(MergetoolError, match="PEFT adapters") as e:
+        run_baselines(lora(), methods=["ta"])
+    assert "\n" not in e.value.one_line() and "models" in e.value.one_line()

@@ -88,6 +88,10 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
 
     if split not in SPLITS:
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")
+    if session.plan.adapter:
+        raise MergetoolError("`mergetool baselines` compares full fine-tunes; this recipe's task models are PEFT "
+                             "adapters", key="models", fix="run the baselines on merged (full) task models, "
+                             "or compare adapter libraries with `mergetool evaluate`")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise MergetoolError(f"unknown baseline {unknown[0]!r}", key="--methods",
