@@ -1,7 +1,8 @@
 """The paper's Table I on the demo zoo: baselines, MERGE G1/G2/G3 over seeds, routed test accuracy.
 
     python benchmarks/table1.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1 2 --evaluations 300
-    python benchmarks/table1.py merge_recipes/demo-minilm-text4.yaml --run runs/demo-minilm-text4   # finished runs
+    python benchmarks/table1.py merge_recipes/demo-minilm-text4.yaml --run runs/demo-minilm-text4 --seeds 0 1 2
+        (finished runs are tabulated as they are; the other seeds are searched; baselines from the first run)
 
 For every seed: `mergetool search` (own run directory), then the baselines (run once, on the first
 seed's run directory, copied to the others: they do not depend on the search seed), G1/G2/G3 selected
@@ -66,10 +67,7 @@ def main() -> int:
         info = json.loads((run / "run.json").read_text())
         search = (info.get("recipe") or {}).get("search") or {}
         runs[int(info.get("seed", search.get("seed", 0)))] = run.resolve()
-        args.evaluations = len((run / "search" / "evaluations.jsonl").read_text().splitlines())
-    if runs:
-        args.seeds = sorted(runs)
-    for seed in [] if runs else args.seeds:
+    for seed in [s for s in args.seeds if s not in runs]:
         d = dict(data, output=str(work / f"seed-{seed}"))
         d["search"] = dict(data.get("search") or {}, seed=seed, evaluations=args.evaluations)
         recipe = here / f".table1-{work.name}-seed{seed}.yaml"  # next to the original: relative paths hold
@@ -79,6 +77,8 @@ def main() -> int:
         finally:
             recipe.unlink()
         runs[seed] = work / f"seed-{seed}"
+    args.seeds = sorted(runs)
+    budgets = sorted({len((r / "search" / "evaluations.jsonl").read_text().splitlines()) for r in runs.values()})
     first = runs[args.seeds[0]]
     if not (first / "baselines" / "baselines.json").is_file():
         mergetool("baselines", str(first), "--split", "test", "--methods", args.methods, "--device", args.device)
@@ -131,7 +131,7 @@ def main() -> int:
     indiv = next((m for m in baselines["methods"] if m["id"] == "individual"), None)
     body = "\n".join(rows + [
         "",
-        f"- seeds {args.seeds}, {args.evaluations} real evaluations each; MERGE rows are mean ± std over seeds "
+        f"- seeds {args.seeds}, {'/'.join(map(str, budgets))} real evaluations each; MERGE rows are mean ± std over seeds "
         f"(selected on validation, reported on test); baselines tuned on validation",
         f"- routing accuracy of the exported G2/G3 libraries on test: {fmt(routing)}",
         "- G3 test / individual models' test: "
