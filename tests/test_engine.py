@@ -87,3 +87,16 @@ def test_score_store_swaps_experts_exactly(session):
     fresh = [Evaluator(s, device="cpu", caches=False).evaluate(G) for s in stores]
     assert [r.per_task for r in swapped] == [r.per_task for r in fresh]
     assert swapped[0].per_task != swapped[1].per_task  # the swap really changed the experts
+
+
+def test_prefix_budget_env_overrides(monkeypatch):
+    from mergetool.evaluation.engine import default_prefix_budget
+
+    monkeypatch.delenv("MERGETOOL_PREFIX_CACHE_BYTES", raising=False)
+    monkeypatch.delenv("MERGETOOL_PREFIX_CACHE_SHARE", raising=False)
+    whole = default_prefix_budget()
+    assert 0 < whole <= 12 << 30
+    monkeypatch.setenv("MERGETOOL_PREFIX_CACHE_SHARE", "3")  # Ray workers on one host split it
+    assert default_prefix_budget() <= whole // 3 + (64 << 20)  # free memory moves a little between calls
+    monkeypatch.setenv("MERGETOOL_PREFIX_CACHE_BYTES", "12345")
+    assert default_prefix_budget() == 12345

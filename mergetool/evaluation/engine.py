@@ -172,7 +172,15 @@ class Evaluator:
 
 
 def default_prefix_budget() -> int:
-    """Half the memory available now, at most 12 GiB: one MiniLM evaluation's states are ~0.5 GB."""
+    """Half the memory available now, at most 12 GiB: one MiniLM evaluation's states are ~0.5 GB.
+    $MERGETOOL_PREFIX_CACHE_BYTES sets it; $MERGETOOL_PREFIX_CACHE_SHARE divides it (Ray workers on one host)."""
+    if os.environ.get("MERGETOOL_PREFIX_CACHE_BYTES", "").isdigit():
+        return int(os.environ["MERGETOOL_PREFIX_CACHE_BYTES"])
+    share = os.environ.get("MERGETOOL_PREFIX_CACHE_SHARE", "1")
+    return _free_half() // max(1, int(share) if share.isdigit() else 1)
+
+
+def _free_half() -> int:
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if ":" in line}

@@ -6,6 +6,7 @@ order; the loop keys everything by i, so the search does not depend on completio
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -83,7 +84,7 @@ class RayExecutor:
         self._kill_actors()
         worker = ray.remote(**self.options)(_Worker)
         ref = ray.put(problem)
-        self._actors = [worker.remote(ref) for _ in range(self.num_workers)]
+        self._actors = [worker.remote(ref, self.num_workers + 1) for _ in range(self.num_workers)]
         self._problem_id = id(problem)
 
     def map(self, problem, items: Sequence[tuple[int, np.ndarray]]) -> Iterator[tuple[int, Any]]:
@@ -131,7 +132,9 @@ class RayExecutor:
 class _Worker:
     """Ray actor body: one problem per worker process."""
 
-    def __init__(self, problem):
+    def __init__(self, problem, share: int = 1):
+        # evaluators size their prefix-activation cache from free memory: workers on one host share it
+        os.environ["MERGETOOL_PREFIX_CACHE_SHARE"] = str(share)
         self.problem = problem
 
     def evaluate(self, i: int, G: np.ndarray):
