@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from mergetool.evaluation.engine import Evaluator
+from mergetool.evaluation.engine import Evaluator, default_prefix_budget
 from mergetool.experts import ExpertStore
 from mergetool.grouping import all_shared, all_singletons, canonical, key
 from mergetool.plan import Plan, build_plan, open_models
@@ -44,7 +44,11 @@ class Session:
         k = (split, quantized, caches)
         if k not in self._evaluators:
             store = self.store if quantized else self.full_precision_store
-            self._evaluators[k] = Evaluator(store, split=split, device=self.device, caches=caches)
+            # the search's evaluator (validation, quantised) gets the full prefix budget; one-off scoring
+            # (references, test scores, baselines) a quarter, so one process never holds several full ones
+            budget = None if (split, quantized) == ("validation", True) else default_prefix_budget() // 4
+            self._evaluators[k] = Evaluator(store, split=split, device=self.device, caches=caches,
+                                            prefix_cache_bytes=budget)
         return self._evaluators[k]
 
     def score_store(self, store: ExpertStore, G, split: str = "validation") -> EvalResult:
