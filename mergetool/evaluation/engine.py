@@ -86,11 +86,15 @@ class Evaluator:
         if store.plan is not self.plan:
             raise ValueError("use_store needs a store over the same plan")
         self.store = store
+        self.clear_caches()
+        for model in self._models.values():
+            model.loaded.clear()
+
+    def clear_caches(self) -> None:
+        """Drop the score memo and the prefix activations (memory back; results unchanged)."""
         self._memo.clear()
         self._prefix.clear()
         self._prefix_bytes = 0
-        for model in self._models.values():
-            model.loaded.clear()
 
     def outputs(self, G, t: int) -> np.ndarray:
         """Raw outputs of task t's assembled chain on its split (batch order)."""
