@@ -137,7 +137,7 @@ def main() -> int:
         "- G3 test / individual models' test: "
         + (f"{np.mean([t for t in picks['G3']['test'] if t]) / indiv['test']['performance']:.4f}"
            if indiv and indiv.get("test") and any(picks["G3"]["test"]) else "–"),
-        f"- run directories: {work}",
+        f"- run directories: {', '.join(str(r) for r in runs.values())}",
     ])
     print(body)
     if not args.no_write:
