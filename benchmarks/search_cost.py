@@ -129,6 +129,8 @@ def main() -> int:
         f"| replay with expert cache only | {replay['experts'] / len(groupings):.2f} s per configuration |",
         f"| replay with expert cache + score memo | {replay['experts+memo'] / len(groupings):.2f} s |",
         f"| replay with all three caches | {replay['all'] / len(groupings):.2f} s |",
+        f"| ratio replay with all caches / naive (the same evaluations, back to back: load-fair) | "
+        f"{replay['all'] / len(groupings) / naive_s:.3f}× |",
     ] + [f"| share of the savings: {k} | {v:.1%} |" for k, v in shares.items()] + ([
         f"| stages a task's chain shares with any earlier configuration (unbounded-cache bound) | {bound:.1%} |"]
         if bound is not None else [])
