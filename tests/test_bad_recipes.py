@@ -87,6 +87,8 @@ def cases(base, tasks, data, root: Path, zoo_factory):
                                     "smaller than population"),
         "unknown_literal": (good(base, tasks, data, extra="search: {surrogate: random_forrest}\n"),
                             "did you mean 'random_forest'"),
+        "unknown_crossover": (good(base, tasks, data, extra="search: {crossover: two_point}\n"),
+                              "did you mean 'one_point'"),
         "router_hidden": (good(base, tasks, data, extra="router: {hidden: [256]}\n"), "3-layer"),
         "unset_env_var": (good("${MERGETOOL_TEST_UNSET_VAR}", tasks, data), "MERGETOOL_TEST_UNSET_VAR"),
         "bad_task_name": (good(base, tasks, data, names=("t0", "bad name!")), "task names"),
@@ -109,7 +111,7 @@ CASE_IDS = [
     "task_without_model", "label_column_missing", "data_not_found", "data_not_json", "data_empty", "data_format",
     "bad_regex", "preset_mismatch", "uncovered", "custom_without_rules", "shape_mismatch", "nan_weights",
     "architecture_mismatch", "adapter_and_full_mix", "unknown_method", "fixed_arity_method",
-    "unknown_merge_parameter", "bits_out_of_range", "budget_below_population", "unknown_literal",
+    "unknown_merge_parameter", "bits_out_of_range", "budget_below_population", "unknown_literal", "unknown_crossover",
     "router_hidden", "unset_env_var", "bad_task_name", "custom_without_evaluator",
 ]
 
