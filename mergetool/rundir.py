@@ -24,8 +24,10 @@ from mergetool.recipe import Recipe, load_recipe, parse_recipe
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """Hash of everything that shapes a search's results (the evaluation budget may grow on resume)."""
+    """Hash of everything that shapes a search's results (the evaluation budget may grow on resume;
+    a run directory may be moved or copied, so `output` is left out)."""
     data = recipe.model_dump(mode="json")
+    data.pop("output", None)
     data["search"].pop("evaluations", None)
     data["search"].pop("executor", None)
     data["search"].pop("ray", None)

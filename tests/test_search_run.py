@@ -101,6 +101,19 @@ def test_resume_after_kill(trained_zoo, finished, tmp_path):
     assert front(run) == front(finished)
 
 
+def test_moved_run_dir_resumes_with_a_larger_budget(trained_zoo, finished, tmp_path):
+    """A run directory copied elsewhere (new `output`) still resumes; the budget may grow."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "toy-run"
+    shutil.copytree(finished, moved)
+    recipe = write_recipe(tmp_path, trained_zoo, evaluations=BUDGET + 2, extra=f"output: {moved}\n")
+    result = runner.invoke(app, ["search", str(recipe), "--resume", "--quiet"])
+    assert result.exit_code == 0, result.output
+    recs = journal(moved)
+    assert len(recs) == BUDGET + 2 and recs[:BUDGET] == journal(finished)
+
+
 def test_ray_executor_same_front(trained_zoo, finished, tmp_path):
     pytest.importorskip("ray") if os.environ.get("CI", "").lower() not in ("1", "true") else None
     recipe = write_recipe(tmp_path, trained_zoo, extra="")
