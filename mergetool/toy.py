@@ -121,6 +121,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def tiny_text_data(root: Path, n_tasks: int = 2, rows: int = 4) -> list[Path]:
+    """One small jsonl per task of tokenizer-known words (`w1 w2`), labels alternating 0/1."""
+    return [write_jsonl(Path(root) / f"d{i}.jsonl", [{"text": "w1 w2", "label": j % 2} for j in range(rows)])
+            for i in range(n_tasks)]
+
+
+def make_text_zoo(root: Path, n_tasks: int = 2) -> tuple[Path, list[Path], list[Path]]:
+    """A tiny BERT zoo whose first task ships a tokenizer, with `tiny_text_data`; returns (base, tasks, data)."""
+    base, tasks = make_zoo(Path(root) / "zoo", "bert", n_tasks=n_tasks)
+    save_bert_tokenizer(tasks[0])
+    return base, tasks, tiny_text_data(root, n_tasks)
+
+
 def recipe_text(base: Path, tasks: list[Path], data: list[Path], **extra: str) -> str:
     """A minimal valid recipe for a zoo; `extra` adds top-level YAML blocks verbatim.
 

@@ -25,7 +25,7 @@ from mergetool.errors import LibraryError, MergetoolError  # noqa: E402
 from mergetool.library import ExpertLibrary  # noqa: E402
 from mergetool.library.card import render_card  # noqa: E402
 from mergetool.library.reader import read_manifest  # noqa: E402
-from mergetool.toy import make_zoo, recipe_text, save_bert_tokenizer, write_jsonl  # noqa: E402
+from mergetool.toy import make_text_zoo, recipe_text  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 runner = CliRunner()
@@ -43,9 +43,7 @@ def _invoke(*args):
 def libs(tmp_path_factory):
     """Two libraries of one tiny BERT zoo (a mixed and an all-shared grouping), exported by the CLI."""
     root = tmp_path_factory.mktemp("hubzoo")
-    base, tasks = make_zoo(root / "zoo", "bert", n_tasks=2)
-    save_bert_tokenizer(tasks[0])
-    data = [write_jsonl(root / f"d{i}.jsonl", [{"text": "w1 w2", "label": i % 2} for i in range(4)]) for i in range(2)]
+    base, tasks, data = make_text_zoo(root)
     recipe = root / "r.yaml"
     recipe.write_text(recipe_text(base, tasks, data, out=f"output: {root / 'run'}"))
     out = {}

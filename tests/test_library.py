@@ -22,7 +22,7 @@ from mergetool.library.writer import SolutionIn, export_library
 from mergetool.plan import build_plan, open_models
 from mergetool.recipe import load_recipe
 from mergetool.rundir import prepare_run
-from mergetool.toy import make_zoo, recipe_text, save_bert_tokenizer, write_jsonl
+from mergetool.toy import make_text_zoo, recipe_text
 
 runner = CliRunner()
 L = 8  # components of the 2-layer toy BERT
@@ -33,9 +33,7 @@ MIXED = [[0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 0, 1, 0, 1, 1, 1]]
 def zoo(tmp_path_factory):
     """A tiny BERT zoo whose first task ships a tokenizer, and a recipe per quantisation setting."""
     root = tmp_path_factory.mktemp("libzoo")
-    base, tasks = make_zoo(root / "zoo", "bert", n_tasks=2)
-    save_bert_tokenizer(tasks[0])
-    data = [write_jsonl(root / f"d{i}.jsonl", [{"text": "w1 w2", "label": i % 2} for i in range(4)]) for i in range(2)]
+    base, tasks, data = make_text_zoo(root)
 
     def recipe(bits=8, granularity="per_channel", name="r"):
         q = f"quantization: {{bits: {bits}, granularity: {granularity}, mode: conditional}}"

@@ -11,7 +11,7 @@ from mergetool.lora import lora_pairs, lowrank_refactor, merge_lora
 from mergetool.plan import build_plan, open_models
 from mergetool.quantize import to_tensors
 from mergetool.recipe import load_recipe
-from mergetool.toy import make_lora_zoo, recipe_text, write_jsonl
+from mergetool.toy import make_lora_zoo, recipe_text, tiny_text_data
 
 T = torch.tensor
 
@@ -64,7 +64,7 @@ def test_lora_pairs_by_name():
 def lora_zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("lorazoo")
     base, tasks = make_lora_zoo(root / "zoo")  # ranks 4 and 5, lora_alpha 8, query + value
-    data = [write_jsonl(root / f"d{i}.jsonl", [{"text": "w1 w2", "label": i % 2} for i in range(4)]) for i in range(2)]
+    data = tiny_text_data(root)
 
     def store(bits="none", mode="conditional", method="linear"):
         path = root / f"r-{bits}-{mode}-{method}.yaml"
