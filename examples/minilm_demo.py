@@ -29,11 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "merge_recipes" / "demo-minilm-text4.yaml"
 
 
-def mergetool(*args: str) -> None:
-    print(f"\n$ mergetool {' '.join(args)}", flush=True)
-    rc = subprocess.call([sys.executable, "-m", "mergetool", *args])
+STEPS: list[tuple[str, float]] = []  # (step, seconds), printed at the end
+
+
+def run_step(step: str, shown: str, cmd: list[str]) -> None:
+    print(f"\n$ {shown}", flush=True)
+    t0 = time.time()
+    rc = subprocess.call(cmd)
+    STEPS.append((step, time.time() - t0))
     if rc:
         sys.exit(rc)
+
+
+def mergetool(*args: str) -> None:
+    run_step(args[0], f"mergetool {' '.join(args)}", [sys.executable, "-m", "mergetool", *args])
 
 
 def mixed_stream(data_dir: Path, tasks: list[str], out: Path, n: int, seed: int = 0) -> int:
@@ -86,10 +95,8 @@ def main() -> int:
 
     zoo_dir = Path(os.environ.get("MERGETOOL_DEMO_DIR", zoo.default_zoo_dir())).expanduser()
     os.environ["MERGETOOL_DEMO_DIR"] = str(zoo_dir)
-    print(f"$ python examples/build_demo_zoo.py   (cached in {zoo_dir})", flush=True)
-    rc = subprocess.call([sys.executable, str(ROOT / "examples" / "build_demo_zoo.py"), "--device", args.device])
-    if rc:
-        return rc
+    run_step("zoo", f"python examples/build_demo_zoo.py   (cached in {zoo_dir})",
+             [sys.executable, str(ROOT / "examples" / "build_demo_zoo.py"), "--device", args.device])
 
     from mergetool.recipe import load_recipe
 
@@ -119,7 +126,9 @@ def main() -> int:
     evaluation["storage_cost"] = manifest.get("storage", manifest)["storage_cost"]
     print("\nTest accuracy per task (C by Eq. 8, in units of one fp32 MiniLM):")
     print(final_table(run_dir, evaluation))
-    print(f"\nsummary: {run_dir / 'search' / 'summary.md'}   ({time.time() - start:.0f} s in all)")
+    print("\nwall time: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in STEPS)
+          + f"; {time.time() - start:.0f} s in all")
+    print(f"summary: {run_dir / 'search' / 'summary.md'}")
     return 0
 
 
