@@ -100,3 +100,28 @@ def test_prefix_budget_env_overrides(monkeypatch):
     assert default_prefix_budget() <= whole // 3 + (64 << 20)  # free memory moves a little between calls
     monkeypatch.setenv("MERGETOOL_PREFIX_CACHE_BYTES", "12345")
     assert default_prefix_budget() == 12345
+
+
+def test_prefix_cache_yields_to_memory_pressure(session, monkeypatch):
+    """With the host short of memory the prefix cache empties and keeps nothing; scores stay exact."""
+    import mergetool.evaluation.engine as engine
+
+    p = session.plan
+    G = all_singletons(p.T, p.L)
+    ev = session.evaluator()
+    expected = ev.evaluate(G).per_task
+    assert ev._prefix and ev._prefix_bytes > 0
+    monkeypatch.setattr(engine, "memory_is_short", lambda extra: True)
+    G2 = G.copy()
+    G2[0, 0] = 1
+    assert ev.evaluate(G2).per_task == session.evaluator(caches=False).evaluate(G2).per_task
+    assert not ev._prefix and ev._prefix_bytes == 0
+    monkeypatch.setattr(engine, "memory_is_short", lambda extra: False)
+    assert ev.evaluate(G).per_task == expected
+
+
+def test_memory_is_short_reads_meminfo():
+    from mergetool.evaluation.engine import memory_is_short
+
+    assert memory_is_short(1 << 50)  # a petabyte more would not fit anywhere
+    assert isinstance(memory_is_short(0), bool)

@@ -154,14 +154,21 @@ class Evaluator:
         return torch.cat([o.float().cpu() for o in states]).numpy()
 
     def _remember(self, key: tuple, states: list) -> None:
-        size = sum(h.numel() * h.element_size() for h, _ in states)
+        """Keep `states` under the budget, evicting the oldest. States in host memory also yield to
+        memory pressure (other processes, other caches): evict further, or keep nothing, rather than
+        push the machine into the OOM killer."""
+        size = _nbytes(states)
         if size > self.prefix_cache_bytes:
+            return
+        host = self.device.type == "cpu"
+        while self._prefix and (self._prefix_bytes + size > self.prefix_cache_bytes
+                                or (host and memory_is_short(size))):
+            _, old = self._prefix.popitem(last=False)
+            self._prefix_bytes -= _nbytes(old)
+        if host and memory_is_short(size):
             return
         self._prefix[key] = states
         self._prefix_bytes += size
-        while self._prefix_bytes > self.prefix_cache_bytes:
-            _, old = self._prefix.popitem(last=False)
-            self._prefix_bytes -= sum(h.numel() * h.element_size() for h, _ in old)
 
     def _score(self, t: int, outputs: np.ndarray) -> float:
         data = self.data[t]
@@ -184,10 +191,27 @@ def default_prefix_budget() -> int:
     return _free_half() // max(1, int(share) if share.isdigit() else 1)
 
 
+def _nbytes(states: list) -> int:
+    return sum(h.numel() * h.element_size() for h, _ in states)
+
+
+def _meminfo() -> dict:
+    with open("/proc/meminfo") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if ":" in line}
+
+
+def memory_is_short(extra: int) -> bool:
+    """Would holding `extra` more bytes leave less than max(1 GiB, 10% of RAM) available? (False off Linux.)"""
+    try:
+        info = _meminfo()
+        return info["MemAvailable"] - extra < max(1 << 30, info["MemTotal"] // 10)
+    except (OSError, KeyError, ValueError, IndexError):
+        return False
+
+
 def _free_half() -> int:
     try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if ":" in line}
+        info = _meminfo()
         avail = info.get("MemAvailable", info["MemTotal"] // 2)
     except (OSError, KeyError, ValueError, IndexError):
         try:
