@@ -44,6 +44,26 @@ def fmt(values: list) -> str:
     return f"{np.mean(vals):.4f}" + (f" ± {np.std(vals):.4f}" if len(vals) > 1 else "")
 
 
+def cheapest(recipe_path: Path, device: str) -> str:
+    """The least C any grouping reaches (exhaustive per component) under the recipe's conditional
+    quantisation, with its validation P, and under unconditional quantisation: where G1's C goal lies."""
+    from mergetool.experts import ExpertStore
+    from mergetool.pipeline import Session
+    from mergetool.quantize import QuantSpec
+    from mergetool.recipe import load_recipe
+
+    session = Session(load_recipe(recipe_path), device=device)
+    G = session.store.cheapest_grouping()
+    result = session.evaluator().evaluate(G)
+    q = session.recipe.quantization
+    always = ExpertStore(session.recipe, session.plan, session.base, session.tasks,
+                         quantization=QuantSpec(bits=q.bits, granularity=q.granularity, mode="always"))
+    return (f"- least C of any grouping (exhaustive per component): {result.storage_cost:.4f} with the recipe's "
+            f"conditional {q.bits}-bit rule (that grouping: P = {result.performance:.4f} on validation; "
+            f"{int((G.max(axis=0) == 0).sum())}/{session.plan.L} components shared by all tasks); "
+            f"{always.storage_cost(always.cheapest_grouping()):.4f} if every unit were quantised")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipe", type=Path)
@@ -138,6 +158,7 @@ def main() -> int:
         + (f"{np.mean([t for t in picks['G3']['test'] if t]) / indiv['test']['performance']:.4f}"
            if indiv and indiv.get("test") and any(picks["G3"]["test"]) else "–"),
         f"- run directories: {', '.join(str(r) for r in runs.values())}",
+        cheapest(args.recipe, args.device),
     ])
     print(body)
     if not args.no_write:

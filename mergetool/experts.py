@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from mergetool.cost import mask_bytes, tensor_data_bits
@@ -208,6 +209,21 @@ class ExpertStore:
 
         base = 1.0 if self.plan.adapter else 0.0
         return base + sum(self.expert(l, m).bits for l, m in experts(G)) / (self.plan.base_bits * self.plan.d)
+
+    def cheapest_grouping(self):
+        """The grouping of least C: per component, the partition of the tasks whose experts take the
+        fewest bits. Exhaustive (B(T) partitions, 2^T - 1 experts per component), so for T <= 8."""
+        from mergetool.grouping import set_partitions
+
+        T, L = self.plan.T, self.plan.L
+        if T > 8:
+            raise ValueError(f"cheapest_grouping enumerates B(T) partitions; T = {T} is too many")
+
+        def bits(l: int, rgs: tuple) -> int:
+            return sum(self.expert(l, tuple(t for t in range(T) if rgs[t] == g)).bits for g in set(rgs))
+
+        parts = set_partitions(T)
+        return np.array([min(parts, key=lambda rgs: bits(l, rgs)) for l in range(L)], dtype=int).T
 
     def task_state(self, G, task: int, components: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
         """Normalised-name state dict of `task`'s chain (dequantised experts) for some components."""

@@ -140,6 +140,14 @@ def bell(n: int) -> int:
     return row[0]
 
 
+def set_partitions(n: int) -> list[tuple[int, ...]]:
+    """All B(n) partitions of n tasks, as restricted growth strings (task t is in group rgs[t])."""
+    out = [()]
+    for _ in range(n):
+        out = [rgs + (g,) for rgs in out for g in range(max(rgs, default=-1) + 2)]
+    return out
+
+
 def search_space_size(T: int, L: int) -> int:
     """Number of distinct configurations: Bell(T)^L."""
     return bell(T) ** L

@@ -125,3 +125,12 @@ def test_memory_is_short_reads_meminfo():
 
     assert memory_is_short(1 << 50)  # a petabyte more would not fit anywhere
     assert isinstance(memory_is_short(0), bool)
+
+
+def test_cheapest_grouping_costs_least(session):
+    """Exhaustive per component, so no grouping (random, all shared, all singletons) costs less."""
+    p, store = session.plan, session.store
+    best = store.storage_cost(store.cheapest_grouping())
+    rng = np.random.default_rng(1)
+    others = [all_shared(p.T, p.L), all_singletons(p.T, p.L)] + [rng.integers(0, p.T, (p.T, p.L)) for _ in range(30)]
+    assert all(best <= store.storage_cost(G) + 1e-12 for G in others)

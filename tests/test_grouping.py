@@ -87,3 +87,12 @@ def test_bell_and_search_space():
     assert grouping.search_space_log10(4, 6) == pytest.approx(6 * math.log10(15))
     assert grouping.search_space_size(3, 2) == 25
     assert grouping.search_space_log10(8, 200) == pytest.approx(200 * math.log10(4140))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_set_partitions_are_all_distinct_partitions(n):
+    parts = grouping.set_partitions(n)
+    assert len(parts) == grouping.bell(n)
+    as_groups = {frozenset(frozenset(t for t in range(n) if p[t] == g) for g in set(p)) for p in parts}
+    assert len(as_groups) == len(parts)  # no partition twice, under any labelling
+    assert all(p[0] == 0 and max(p) <= n - 1 for p in parts)
