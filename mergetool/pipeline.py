@@ -141,7 +141,7 @@ def test_scores(session: Session, search_dir: Path, groupings: list) -> dict:
         if k not in cache:
             r = session.evaluator("test").evaluate(np.asarray(G))
             cache[k] = {"performance": r.performance, "per_task": r.per_task}
-    write_json_atomic(path, cache)
+            write_json_atomic(path, cache)  # after each: a killed run keeps what it scored
     return cache
 
 
