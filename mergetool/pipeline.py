@@ -60,6 +60,14 @@ class Session:
         ev.use_store(store)
         return ev.evaluate(G)
 
+    def release(self) -> None:
+        """Drop what one-off scoring built (other splits' evaluators, full-precision experts) and keep
+        the search's own evaluator: the memory goes back before a long search."""
+        for k in [k for k in self._evaluators if k != ("validation", True, True)]:
+            self._evaluators.pop(k).clear_caches()
+        if "full_precision_store" in self.__dict__:
+            self.__dict__.pop("full_precision_store").clear()
+
     def has_split(self, split: str) -> bool:
         return all(getattr(self.recipe.tasks[t], split) is not None for t in self.plan.tasks)
 

@@ -20,6 +20,15 @@ from routed import routed  # noqa: E402,F401  (a routed library of the trained z
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+@pytest.fixture(autouse=True)
+def plenty_of_memory(monkeypatch):
+    """Cache behaviour must not depend on how loaded the test machine is: the prefix cache's memory
+    pressure check (tested on its own in test_engine) reports no pressure."""
+    import mergetool.evaluation.engine as engine
+
+    monkeypatch.setattr(engine, "memory_is_short", lambda extra: False)
+
+
 @pytest.fixture(scope="session")
 def zoo_factory(tmp_path_factory):
     """zoo_factory(arch) -> (base_dir, [task_dirs]); each architecture is built once."""

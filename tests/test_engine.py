@@ -120,7 +120,8 @@ def test_prefix_cache_yields_to_memory_pressure(session, monkeypatch):
     assert ev.evaluate(G).per_task == expected
 
 
-def test_memory_is_short_reads_meminfo():
+def test_memory_is_short_reads_meminfo(monkeypatch):
+    monkeypatch.undo()  # the real check, not conftest's stand-in
     from mergetool.evaluation.engine import memory_is_short
 
     assert memory_is_short(1 << 50)  # a petabyte more would not fit anywhere
@@ -134,3 +135,15 @@ def test_cheapest_grouping_costs_least(session):
     rng = np.random.default_rng(1)
     others = [all_shared(p.T, p.L), all_singletons(p.T, p.L)] + [rng.integers(0, p.T, (p.T, p.L)) for _ in range(30)]
     assert all(best <= store.storage_cost(G) + 1e-12 for G in others)
+
+
+def test_release_keeps_only_the_search_evaluator(session):
+    p = session.plan
+    G = all_shared(p.T, p.L)
+    search_ev = session.evaluator()
+    session.evaluator(quantized=False).evaluate(G)
+    assert len(session.full_precision_store._cache) > 0
+    session.release()
+    assert list(session._evaluators) == [("validation", True, True)] and session.evaluator() is search_ev
+    assert "full_precision_store" not in session.__dict__
+    assert session.evaluator(quantized=False).evaluate(G).per_task  # rebuilt on demand

@@ -48,6 +48,7 @@ def search(
     with _progress(console) as bar:
         task = bar.add_task("references", total=None, hv=0.0, best=0.0, hits=0.0)
         refs = references(session, search_dir, lambda what: bar.update(task, description=what))
+        session.release()  # the references' evaluators and fp32 experts are not used by the search
         settings = settings_for(r)
         bar.update(task, description="search", total=settings.evaluations, completed=0)
 
