@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -48,6 +49,7 @@ def cheapest(recipe_path: Path, device: str) -> str:
     """The least C any grouping reaches (exhaustive per component) under the recipe's conditional
     quantisation, with its validation P, and under unconditional quantisation: where G1's C goal lies."""
     from mergetool.experts import ExpertStore
+    from mergetool.grouping import experts
     from mergetool.pipeline import Session
     from mergetool.quantize import QuantSpec
     from mergetool.recipe import load_recipe
@@ -58,9 +60,15 @@ def cheapest(recipe_path: Path, device: str) -> str:
     q = session.recipe.quantization
     always = ExpertStore(session.recipe, session.plan, session.base, session.tasks,
                          quantization=QuantSpec(bits=q.bits, granularity=q.granularity, mode="always"))
+    kept = total = 0  # values the conditional rule leaves in full precision, over that grouping's experts
+    for l, m in experts(G):
+        for qt in session.store.expert(l, m).tensors.values():
+            kept += qt.full.numel() if qt.full is not None else 0
+            total += math.prod(qt.shape)
     return (f"- least C of any grouping (exhaustive per component): {result.storage_cost:.4f} with the recipe's "
             f"conditional {q.bits}-bit rule (that grouping: P = {result.performance:.4f} on validation; "
-            f"{int((G.max(axis=0) == 0).sum())}/{session.plan.L} components shared by all tasks); "
+            f"{int((G.max(axis=0) == 0).sum())}/{session.plan.L} components shared by all tasks; "
+            f"{kept / total:.1%} of its expert values fail the range test and stay full precision); "
             f"{always.storage_cost(always.cheapest_grouping()):.4f} if every unit were quantised")
 
 
@@ -107,8 +115,9 @@ def main() -> int:
     rows = ["| method | C | P (validation) | P (test) | routed test accuracy |", "|---|---|---|---|---|"]
     for m in baselines["methods"]:
         test = (m.get("test") or {}).get("performance")
+        routed = fmt([test]) if m["kind"] == "dynamic" else ""  # Twin/EMR always run through their router
         rows.append(f"| {m['name']} | {m['storage_cost']:.4f} | {m['validation']['performance']:.4f} | "
-                    f"{fmt([test])} | |")
+                    f"{fmt([test])} | {routed} |")
     picks: dict[str, dict[str, list]] = {g: {"C": [], "val": [], "test": [], "routed": [], "routing": []}
                                           for g in ("G1", "G2", "G3")}
     for seed, run in runs.items():
@@ -153,6 +162,9 @@ def main() -> int:
         "",
         f"- seeds {args.seeds}, {'/'.join(map(str, budgets))} real evaluations each; MERGE rows are mean ± std over seeds "
         f"(selected on validation, reported on test); baselines tuned on validation",
+        "- P: the task of each input is given (MERGE, individual, static), except Twin and EMR, which always "
+        "route (so their P is routed); routed test accuracy: MERGE libraries run by their own router on the "
+        "test split",
         f"- routing accuracy of the exported G2/G3 libraries on test: {fmt(routing)}",
         "- G3 test / individual models' test: "
         + (f"{np.mean([t for t in picks['G3']['test'] if t]) / indiv['test']['performance']:.4f}"
