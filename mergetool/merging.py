@@ -34,6 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from mergetool.compat import bind_merge_parameters
 from mergetool.errors import MergetoolError
 from mergetool.streaming import TensorLike, as_tensor
 
@@ -318,7 +319,7 @@ def _fast_merge(tensors, canonical, kwargs, ids, dtype, out_dtype, seed_key) -> 
         return None
     metas = [torch.empty(tuple(t.shape), dtype=t.dtype, device="meta") for t in tensors]
     group = TensorGroup.from_tensors(metas, ids=ids, base_index=0, name=seed_key)
-    bound = method._bind_parameters((group,), kwargs)[0]
+    bound = bind_merge_parameters(method, group, kwargs)
     work = dtype or functools.reduce(torch.promote_types, [t.dtype for t in tensors])
     return gta_merge(tensors[0], tensors[1:], method, bound, ids=ids[1:], work=work, out_dtype=out_dtype)
 

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from mergetool.errors import LibraryError, MergetoolError
-from mergetool.evaluation.runner import pick_device
+from mergetool.compat import skip_weight_init
+from mergetool.evaluation import stages
+from mergetool.evaluation.runner import instantiate, pick_device
 from mergetool.library.reader import ExpertLibrary as StoredLibrary
 from mergetool.routing import backbone as bb
 from mergetool.routing.features import config_from_dict, load_extractor, max_length_of, shared_prefix
@@ -127,10 +129,10 @@ class ExpertLibrary:
         t = self.manifest.task(task)
         config = config_from_dict(self.store.config(task))
         cls = getattr(transformers, t.architecture, None) if t.architecture else None
-        with bb.no_init():
-            if cls is not None and hasattr(cls, "_from_config"):
-                module = cls._from_config(config)
-            else:
+        if cls is not None:
+            module = instantiate(cls, config, skip_init=True)
+        else:
+            with skip_weight_init():
                 module = transformers.AutoModelForSequenceClassification.from_config(config)
         return module.eval()
 
@@ -273,9 +275,9 @@ class ExpertLibrary:
 
     def _prefix(self, batch: dict) -> torch.Tensor:
         backbone = self._entry(self.tasks[0]).backbone  # every chain shares these stages
-        h = bb.embed(backbone, batch)
-        h = bb.run_layers(backbone, h, bb.extended_mask(backbone, batch["attention_mask"], h), 0,
-                          self.prefix_stages - 1)
+        h = stages.encoder_embed(backbone, batch)
+        h = stages.encoder_layers(backbone, h, stages.encoder_mask(backbone, batch["attention_mask"], h), 0,
+                                  self.prefix_stages - 1)
         self.stats["prefix_calls"] += 1
         return h
 
@@ -348,8 +350,8 @@ class ExpertLibrary:
         if all(bb.has_head(m) for m in modules.values()):
             if states is not None:
                 h, mask = bb.repad(states, rows)
-                ext = bb.extended_mask(entry.backbone, mask, h)
-                h = bb.run_layers(entry.backbone, h, ext, self.prefix_stages - 1, bb.n_layers(entry.backbone))
+                ext = stages.encoder_mask(entry.backbone, mask, h)
+                h = stages.encoder_layers(entry.backbone, h, ext, self.prefix_stages - 1, bb.n_layers(entry.backbone))
                 seq, pooled = bb.finish(entry.backbone, h)
             else:
                 seq, pooled = bb.full(entry.backbone, self._pad(encs, rows))

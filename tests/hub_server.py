@@ -1303,9 +1303,9 @@ def hub_env(
       implicit_token``: by default the dummy HF_TOKEN is sent on every call, as a logged-in user's would be),
       ``HF_HUB_DISABLE_UPDATE_CHECK``;
     * ``huggingface_hub.hf_api.api.endpoint`` (the module-level HfApi behind ``huggingface_hub.upload_file``,
-      ``create_repo``... and ``ModelCard.push_to_hub``), and the from-imported copies
-      ``utils._cache_manager.HF_HUB_CACHE`` (``scan_cache_dir``) / ``utils._cache_assets.HF_ASSETS_CACHE``;
-    * closes the shared httpx client (``close_session``) on enter and exit so no pooled connection or
+      ``create_repo``... and ``ModelCard.push_to_hub``). Only public names are patched: mergetool calls
+      ``snapshot_download``/``HfApi``, which read ``constants`` at call time;
+    * closes the shared httpx client (``huggingface_hub.close_session``) on enter and exit so no pooled connection or
       proxy setting leaks across tests.
 
     The user's real token file is never read: HF_TOKEN_PATH points into ``home``.
@@ -1357,7 +1357,7 @@ def hub_env(
         if C is not None:
             from urllib.parse import urlsplit
 
-            from huggingface_hub.utils import _http
+            import huggingface_hub
 
             _patch(C, "ENDPOINT", endpoint)
             _patch(C, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
@@ -1375,13 +1375,9 @@ def hub_env(
             _patch(C, "HF_HUB_DISABLE_IMPLICIT_TOKEN", not implicit_token)
             _patch(C, "HF_HUB_DISABLE_UPDATE_CHECK", True)
             import huggingface_hub.hf_api as hf_api_mod
-            import huggingface_hub.utils._cache_assets as cache_assets_mod
-            import huggingface_hub.utils._cache_manager as cache_manager_mod
 
             _patch(hf_api_mod.api, "endpoint", endpoint)
-            _patch(cache_manager_mod, "HF_HUB_CACHE", str(hub_cache))
-            _patch(cache_assets_mod, "HF_ASSETS_CACHE", str(home / "assets"))
-            _http.close_session()
+            huggingface_hub.close_session()
         yield HubEnv(endpoint=endpoint, home=home, hub_cache=hub_cache, token=token)
     finally:
         for obj, name, old in reversed(patches):
@@ -1392,9 +1388,9 @@ def hub_env(
             else:
                 os.environ[k] = v
         if patches:
-            from huggingface_hub.utils import _http
+            import huggingface_hub
 
-            _http.close_session()
+            huggingface_hub.close_session()
 
 
 @contextlib.contextmanager

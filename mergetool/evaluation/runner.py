@@ -19,11 +19,13 @@ writes the effective weights its expert's `dense()` gives under the base's names
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Callable, Optional
 
 import torch
 
+from mergetool.compat import skip_weight_init
 from mergetool.errors import MergetoolError
 from mergetool.evaluation.choice import TARGET_KEYS, choice_logprobs
 from mergetool.evaluation.stages import staging
@@ -50,8 +52,25 @@ def build_module(source: ModelSource) -> torch.nn.Module:
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         cls = transformers.AutoModelForSequenceClassification
-    model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
-    return model.eval()
+    return instantiate(cls, config).eval()
+
+
+def instantiate(cls, config, *, skip_init: bool = False) -> torch.nn.Module:
+    """`cls(config)` with its floating tensors in the config's dtype (fp32 when it names none), as
+    `from_pretrained` would build it. `skip_init` skips the random weight init when every weight is
+    loaded afterwards."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        dtype = torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with skip_weight_init() if skip_init else contextlib.nullcontext():
+            return cls(config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 # PEFT task_type, else the recipe's task kind -> the transformers auto class of an adapter's module

@@ -8,6 +8,11 @@ A state between stages is a pair (hidden states, extras); extras carry what late
 (the attention mask, positions, the choice targets). `staging(module)` returns a `Staging` for the
 supported architectures, else None: BERT/RoBERTa classifiers, ViT and CLIP image classifiers, GPT-2
 and Llama causal LMs (their head reduces logits to choice log-likelihoods, see choice.py).
+
+This is the only staged forward in mergetool: the runtime (inference) runs BERT-like backbones through
+`encoder_embed`, `encoder_mask` and `encoder_layers` below, the same functions the search evaluates
+with. Attention masks come from `mergetool.compat`, which builds them with transformers' public mask
+functions, never a model's private helpers.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
+from mergetool.compat import bidirectional_mask, causal_mask
 from mergetool.evaluation.choice import choice_logprobs
 
 
@@ -44,19 +50,36 @@ def staging(module) -> Optional[Staging]:
     return None
 
 
+def encoder_embed(backbone, batch: dict) -> torch.Tensor:
+    """Stage 0 of a BERT-like encoder: the embeddings of the token ids."""
+    return backbone.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+
+
+def encoder_mask(backbone, attention_mask: torch.Tensor, h: torch.Tensor):
+    """The mask the encoder layers take for a padding mask, as the encoder's own forward builds it."""
+    return bidirectional_mask(backbone.config, h, attention_mask)
+
+
+def encoder_layers(backbone, h: torch.Tensor, mask, start: int, stop: int) -> torch.Tensor:
+    """Encoder layers [start, stop) on hidden states h."""
+    for block in backbone.encoder.layer[start:stop]:
+        h = _hidden(block(h, mask))
+    return h
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _bert(m) -> Staging:
     backbone = getattr(m, "bert", None) or getattr(m, "roberta")
 
     def embed(batch):
-        h = backbone.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
-        mask = backbone._create_attention_masks(attention_mask=batch["attention_mask"],
-                                                encoder_attention_mask=None, embedding_output=h,
-                                                encoder_hidden_states=None, past_key_values=None)[0]
-        return h, mask
+        h = encoder_embed(backbone, batch)
+        return h, encoder_mask(backbone, batch["attention_mask"], h)
 
     def layer(i):
-        block = backbone.encoder.layer[i]
-        return lambda state: (block(state[0], state[1]), state[1])
+        return lambda state: (encoder_layers(backbone, state[0], state[1], i, i + 1), state[1])
 
     if hasattr(m, "bert"):
         head = lambda state: m.classifier(m.dropout(backbone.pooler(state[0])))  # noqa: E731
@@ -66,18 +89,16 @@ def _bert(m) -> Staging:
 
 
 def _vit(m) -> Staging:
-    from transformers.masking_utils import create_bidirectional_mask
-
     vit = m.vit
 
     def embed(batch):
         pixels = batch["pixel_values"].to(vit.embeddings.patch_embeddings.projection.weight.dtype)
         h = vit.embeddings(pixels, bool_masked_pos=None, interpolate_pos_encoding=None)
-        return h, create_bidirectional_mask(config=vit.config, inputs_embeds=h, attention_mask=None)
+        return h, bidirectional_mask(vit.config, h, None)
 
     def layer(i):
         block = vit.layers[i]
-        return lambda state: (block(state[0], state[1]), state[1])
+        return lambda state: (_hidden(block(state[0], state[1])), state[1])
 
     return Staging(len(vit.layers), embed, layer, lambda state: m.classifier(vit.layernorm(state[0])[:, 0, :]))
 
@@ -109,8 +130,6 @@ def _lm_head(m, norm) -> Callable:
 
 
 def _gpt2(m) -> Staging:
-    from transformers.masking_utils import create_causal_mask
-
     tr = m.transformer
 
     def embed(batch):
@@ -121,8 +140,7 @@ def _gpt2(m) -> Staging:
         mask = batch.get("attention_mask")
         if mask is not None and mask.ndim < 4:
             mask = mask.view(ids.shape[0], -1)
-        causal = create_causal_mask(config=tr.config, inputs_embeds=inputs_embeds, attention_mask=mask,
-                                    past_key_values=None, position_ids=pos)
+        causal = causal_mask(tr.config, inputs_embeds, mask, pos)
         return tr.drop(h), {"mask": causal, "pos": pos, "targets": _targets(batch)}
 
     def layer(i):
@@ -130,23 +148,19 @@ def _gpt2(m) -> Staging:
 
         def run(state):
             x = state[1]
-            return block(state[0], None, x["mask"], None, encoder_attention_mask=None, use_cache=False,
-                         position_ids=x["pos"]), x
+            return _hidden(block(state[0], attention_mask=x["mask"], use_cache=False, position_ids=x["pos"])), x
         return run
 
     return Staging(len(tr.h), embed, layer, _lm_head(m, tr.ln_f))
 
 
 def _llama(m) -> Staging:
-    from transformers.masking_utils import create_causal_mask
-
     model = m.model
 
     def embed(batch):
         h = model.embed_tokens(batch["input_ids"])
         pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        causal = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=batch.get("attention_mask"),
-                                    past_key_values=None, position_ids=pos)
+        causal = causal_mask(model.config, h, batch.get("attention_mask"), pos)
         rope = model.rotary_emb(h, position_ids=pos)
         return h, {"mask": causal, "pos": pos, "rope": rope, "targets": _targets(batch)}
 
@@ -155,8 +169,8 @@ def _llama(m) -> Staging:
 
         def run(state):
             x = state[1]
-            return block(state[0], attention_mask=x["mask"], position_ids=x["pos"], past_key_values=None,
-                         use_cache=False, position_embeddings=x["rope"]), x
+            return _hidden(block(state[0], attention_mask=x["mask"], position_ids=x["pos"], use_cache=False,
+                                 position_embeddings=x["rope"])), x
         return run
 
     return Staging(len(model.layers), embed, layer, _lm_head(m, model.norm))

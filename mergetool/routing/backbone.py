@@ -8,7 +8,6 @@ The runtime runs a chain's backbone once per batch and each input's own task hea
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -27,18 +26,6 @@ def set_backbone(module: torch.nn.Module, backbone: torch.nn.Module) -> None:
     setattr(module, module.base_model_prefix, backbone)
 
 
-def no_init():
-    """Skip transformers' random weight init (every tensor is loaded from the library afterwards)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            return nullcontext()
-    return no_init_weights()
-
-
 def stage_of(name: str, n_layers: int) -> int:
     """The stage a normalised tensor name belongs to."""
     if name.startswith("embeddings."):
@@ -47,32 +34,8 @@ def stage_of(name: str, n_layers: int) -> int:
     return int(m.group(1)) + 1 if m else n_layers + 1
 
 
-def stageable(backbone: torch.nn.Module) -> bool:
-    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
-    return (hasattr(backbone, "embeddings") and layers is not None
-            and hasattr(backbone, "_create_attention_masks"))
-
-
 def n_layers(backbone: torch.nn.Module) -> int:
     return len(backbone.encoder.layer)
-
-
-def extended_mask(backbone, mask: torch.Tensor, h: torch.Tensor):
-    return backbone._create_attention_masks(attention_mask=mask, encoder_attention_mask=None, embedding_output=h,
-                                            encoder_hidden_states=None, past_key_values=None)[0]
-
-
-def embed(backbone, batch: dict) -> torch.Tensor:
-    """Stage 0, exactly as the evaluation engine runs it."""
-    return backbone.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
-
-
-def run_layers(backbone, h: torch.Tensor, ext, start: int, stop: int) -> torch.Tensor:
-    """Encoder layers [start, stop) on hidden states h."""
-    for layer in backbone.encoder.layer[start:stop]:
-        out = layer(h, ext)
-        h = out[0] if isinstance(out, tuple) else out
-    return h
 
 
 def finish(backbone, h: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -133,6 +96,16 @@ def unloaded(module: nn.Module, loaded: set) -> list[str]:
     return sorted(n for n, t in sd.items() if n not in loaded and id(t) not in done)
 
 
+def _own_tensor(sub: Optional[nn.Module], leaf: str) -> tuple[Optional[torch.Tensor], bool]:
+    """(the parameter or buffer `leaf` of `sub` itself, whether it is a parameter)."""
+    if sub is None:
+        return None, False
+    params = dict(sub.named_parameters(recurse=False, remove_duplicate=False))
+    if leaf in params:
+        return params[leaf], True
+    return dict(sub.named_buffers(recurse=False, remove_duplicate=False)).get(leaf), False
+
+
 def put(module: nn.Module, name: str, tensor: torch.Tensor) -> str:
     """Make `tensor` the module's parameter (shared, not copied) or buffer `name`; returns name."""
     owner, _, leaf = name.rpartition(".")
@@ -140,18 +113,18 @@ def put(module: nn.Module, name: str, tensor: torch.Tensor) -> str:
         sub = module.get_submodule(owner) if owner else module
     except AttributeError:
         sub = None
-    old = None if sub is None else (sub._parameters.get(leaf) if leaf in sub._parameters else sub._buffers.get(leaf))
+    old, is_param = _own_tensor(sub, leaf)
     if old is None or tuple(old.shape) != tuple(tensor.shape):
         raise LibraryError(f"library tensor {name!r} has no place of shape {list(tensor.shape)} in "
                            f"{type(module).__name__}", key="experts", fix="re-export the library")
     if tensor.dtype != old.dtype:
         tensor = tensor.to(old.dtype)
-    if leaf in sub._parameters:
-        new = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
-        for m in module.modules():  # every tied alias (e.g. lm_head.weight of shared embeddings) follows
-            for k, v in m._parameters.items():
-                if v is old:
-                    m._parameters[k] = new
-    else:
-        sub._buffers[leaf] = tensor.data
+    if not is_param:
+        setattr(sub, leaf, tensor.data)  # an existing buffer keeps its persistence
+        return name
+    new = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
+    for m in module.modules():  # every tied alias (e.g. lm_head.weight of shared embeddings) follows
+        for k, v in list(m.named_parameters(recurse=False, remove_duplicate=False)):
+            if v is old:
+                setattr(m, k, new)
     return name

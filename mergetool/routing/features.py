@@ -19,7 +19,8 @@ import torch
 
 from mergetool.errors import LibraryError
 from mergetool.library.manifest import FeatureStorage, Manifest
-from mergetool.routing.backbone import LAYER, mean_pool, no_init, stage_of
+from mergetool.compat import skip_weight_init
+from mergetool.routing.backbone import LAYER, mean_pool, stage_of
 
 FEATURE_FILE = "base-features.safetensors"
 STAGEABLE_TYPES = ("bert", "roberta", "xlm-roberta")
@@ -97,7 +98,7 @@ class FeatureModel:
         from transformers import AutoModel
 
         self.kind = kind
-        with no_init():
+        with skip_weight_init():
             model = AutoModel.from_config(config_from_dict(base_config))
         state = load_file(str(file))
         if kind == "base":
