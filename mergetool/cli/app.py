@@ -11,6 +11,7 @@ from mergetool.cli import library_cmds, recipe_cmds, search_cmds
 from mergetool.cli import hub_cmds
 from mergetool.cli import baselines_cmds
 from mergetool.cli import runtime_cmds
+from mergetool.cli import doctor_cmds
 from mergetool.cli._errors import set_debug
 
 app = typer.Typer(
@@ -43,6 +44,7 @@ library_cmds.register(app)
 hub_cmds.register(app)
 baselines_cmds.register(app)
 runtime_cmds.register(app)
+doctor_cmds.register(app)
 
 
 def main() -> None:
