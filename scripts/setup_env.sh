@@ -28,19 +28,27 @@ if [ "$mode" = locked ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
 fi
 t0=$(date +%s)
 
-have_torch=$(python -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true)
+torch_version() { python -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true; }
+have_torch=$(torch_version)
+need_torch=
 if [ -z "$have_torch" ] || { [ -n "${TORCH_VERSION:-}" ] && [ "${have_torch%%+*}" != "$TORCH_VERSION" ]; }; then
-  python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-  have_torch=$(python -c 'import importlib.metadata as m; print(m.version("torch"))')
+  need_torch="torch==${TORCH_VERSION:-2.13.0}"
 fi
 
 if ensure_uv; then
   mapfile -t sources < <(pip_sources)
   install() { uv pip install -q "${sources[@]}" "$@"; }
+  if [ -n "$need_torch" ]; then  # pip picks the file (its config, its caps), uv installs it: 44 s -> 6 s
+    url=$(python -m pip install --dry-run --no-deps -q --report - "$need_torch" 2>/dev/null \
+          | python -c 'import json, sys; r = json.load(sys.stdin)["install"]; print(r[0]["download_info"]["url"] if r else "")')
+    if [ -n "$url" ]; then install "torch @ $url"; else python -m pip install -q "$need_torch"; fi
+  fi
 else
   [ "$mode" = locked ] || { echo "error: $mode needs uv $UV_VERSION (fix: pip install uv==$UV_VERSION)" >&2; exit 2; }
   install() { python -m pip install -q "$@"; }
+  [ -z "$need_torch" ] || python -m pip install -q "$need_torch"
 fi
+have_torch=$(torch_version)
 
 if [ "$mode" = locked ]; then
   if python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
