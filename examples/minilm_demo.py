@@ -3,6 +3,7 @@
     python examples/minilm_demo.py            # ≈ 30 min on 2 CPU cores the first time, then cached
     python examples/minilm_demo.py --evaluations 80
 
+0. mergetool doctor  (a few seconds: the environment, the staged forward per architecture, the assets);
 1. builds the demo zoo (all-MiniLM-L6-v2 fine-tuned on 4 text tasks from wheels; cached);
 2. mergetool search merge_recipes/demo-minilm-text4.yaml  (resumable; 40 evaluations by default);
 3. mergetool baselines --split test --methods wa,ta,ties,bc  (static baselines, tuned on validation);
@@ -90,6 +91,9 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     start = time.time()
+    # a few seconds that catch a broken environment (versions, staged forward, offline assets) before
+    # the zoo build spends minutes
+    mergetool("doctor", "--device", args.device)
 
     from mergetool.demo import zoo
 

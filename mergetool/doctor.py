@@ -117,7 +117,8 @@ def staged_forward_checks() -> list[CheckResult]:
 
 def lock_check() -> CheckResult:
     found = envcheck.mismatches()
-    return CheckResult("locked packages", not found, envcheck.summary(found), envcheck.FIX if found else "")
+    return CheckResult("locked packages", not found, envcheck.summary(found, with_fix=False),
+                       envcheck.FIX if found else "")
 
 
 def asset_checks() -> list[CheckResult]:

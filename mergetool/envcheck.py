@@ -64,14 +64,14 @@ def mismatches(lock_files=LOCK_FILES) -> Optional[list[Mismatch]]:
     return out
 
 
-def summary(found: Optional[list[Mismatch]]) -> str:
-    """One line: the verdict, the packages that differ, and the fix."""
+def summary(found: Optional[list[Mismatch]], *, with_fix: bool = True) -> str:
+    """One line: the verdict, the packages that differ, and (with_fix) the fix."""
     if found is None:
         return "no lock file next to this installation (installed from a wheel?): nothing to compare"
     if not found:
         return "every locked package is installed at its locked version"
     shown = ", ".join(str(m) for m in found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
-    return f"{len(found)} package(s) differ from the lock: {shown} (fix: {FIX})"
+    return f"{len(found)} package(s) differ from the lock: {shown}" + (f" (fix: {FIX})" if with_fix else "")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
