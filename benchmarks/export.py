@@ -80,7 +80,7 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from mergetool.recipe import load_recipe
-from mergetool.plan import open_models, build_plan
+from mergetool.models.plan import open_models, build_plan
 from mergetool.library.writer import SolutionIn, export_library
 r = load_recipe(sys.argv[1]); sources = open_models(r)
 plan = build_plan(r, sources=sources, check_values=False)

@@ -39,7 +39,7 @@ FEATURES = ("prefix", "base", "embeddings")
 
 
 def toy_recipe(workdir: Path) -> Path:
-    from mergetool.toy import make_trained_zoo, trained_recipe
+    from mergetool.testing.toy import make_trained_zoo, trained_recipe
 
     zoo_dir = workdir / "zoo"
     if not (zoo_dir / "zoo.json").is_file():
@@ -82,7 +82,7 @@ def prefix_grouping(plan, shared_layers: int) -> np.ndarray:
 def export(recipe, plan, sources, G, out: Path, features=None):
     from mergetool.library.writer import SolutionIn, export_library
     from mergetool.recipe import parse_recipe
-    from mergetool.routing.train import RouterBuilder
+    from mergetool.pipeline.router_training import RouterBuilder
 
     router = None
     if features:
@@ -176,9 +176,9 @@ def main(argv=None) -> int:
     from transformers.utils import logging
 
     from mergetool.evaluation.runner import pick_device
-    from mergetool.plan import build_plan, open_models
+    from mergetool.models.plan import build_plan, open_models
     from mergetool.recipe import load_recipe
-    from mergetool.runtime import ExpertLibrary
+    from mergetool.inference.runtime import ExpertLibrary
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()

@@ -25,7 +25,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
 
-from mergetool.pipeline import MergeProblem, Session, settings_for  # noqa: E402
+from mergetool.pipeline.session import MergeProblem, Session, settings_for  # noqa: E402
 from mergetool.recipe import parse_recipe  # noqa: E402
 from mergetool.search import run_search  # noqa: E402
 
@@ -33,7 +33,7 @@ from mergetool.search import run_search  # noqa: E402
 def timed_replay(session: Session, groupings: list, **flags) -> float:
     """Seconds to evaluate `groupings` in order on a fresh evaluator (data prepared beforehand)."""
     from mergetool.evaluation.engine import Evaluator
-    from mergetool.experts import ExpertStore
+    from mergetool.merge.experts import ExpertStore
 
     store = ExpertStore(session.recipe, session.plan, session.base, session.tasks)
     ev = Evaluator(store, device=session.device, **flags)
@@ -46,7 +46,7 @@ def timed_replay(session: Session, groupings: list, **flags) -> float:
 def prefix_bound(groupings: list, stages: list) -> float:
     """Mean share of the cacheable stages (all but the head) that a task's chain shares with the
     longest matching prefix of any earlier configuration: what an unbounded prefix cache could skip."""
-    from mergetool.grouping import members
+    from mergetool.core.grouping import members
 
     Gs = [np.asarray(G) for G in groupings]
     cacheable = stages[:-1]

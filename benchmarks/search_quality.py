@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
 
-from mergetool import grouping  # noqa: E402
-from mergetool.pipeline import MergeProblem, Session  # noqa: E402
+from mergetool.core import grouping  # noqa: E402
+from mergetool.pipeline.session import MergeProblem, Session  # noqa: E402
 from mergetool.recipe import load_recipe, parse_recipe  # noqa: E402
 from mergetool.search import SearchSettings, run_search  # noqa: E402
 
@@ -69,7 +69,7 @@ def evals_to_reach(curve: list, target: float) -> int | None:
 
 
 def toy_recipe(workdir: Path):
-    from mergetool.toy import make_trained_zoo, trained_recipe
+    from mergetool.testing.toy import make_trained_zoo, trained_recipe
 
     zoo = make_trained_zoo(workdir / "zoo", n_tasks=4, classes=(2, 3, 4, 2), layers=4)
     text = trained_recipe(zoo) + f"output: {workdir / 'run'}\n"

@@ -28,8 +28,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
 
-from mergetool.grouping import key  # noqa: E402
-from mergetool.pipeline import select  # noqa: E402
+from mergetool.core.grouping import key  # noqa: E402
+from mergetool.pipeline.session import select  # noqa: E402
 
 
 def mergetool(*args: str) -> None:
@@ -48,10 +48,10 @@ def fmt(values: list) -> str:
 def cheapest(recipe_path: Path, device: str) -> str:
     """The least C any grouping reaches (exhaustive per component) under the recipe's conditional
     quantisation, with its validation P, and under unconditional quantisation: where G1's C goal lies."""
-    from mergetool.experts import ExpertStore
-    from mergetool.grouping import experts
-    from mergetool.pipeline import Session
-    from mergetool.quantize import QuantSpec
+    from mergetool.merge.experts import ExpertStore
+    from mergetool.core.grouping import experts
+    from mergetool.pipeline.session import Session
+    from mergetool.merge.quantize import QuantSpec
     from mergetool.recipe import load_recipe
 
     session = Session(load_recipe(recipe_path), device=device)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mergetool.toy import make_trained_zoo
+from mergetool.testing.toy import make_trained_zoo
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "merge_recipes" / "tiny-bert.yaml"

@@ -1,7 +1,7 @@
 """`mergetool doctor`: is this environment fit to run mergetool? A few seconds, before anything long.
 
 Checks, each a pass/fail line:
-- the installed packages match the lock (`mergetool.envcheck`);
+- the installed packages match the lock (`mergetool.core.envcheck`);
 - the staged forward (`evaluation/stages.py`, used by the search and the runtime) gives the plain
   forward's outputs on a tiny random model of every architecture it supports: BERT, RoBERTa, ViT, CLIP,
   GPT-2 and Llama. This is what breaks first when a transformers release changes its internals;
@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from mergetool import envcheck
+from mergetool.core import envcheck
 
 PACKAGES = ("torch", "transformers", "mergekit", "peft", "huggingface_hub", "safetensors", "accelerate",
             "pymoo", "scikit-learn", "pydantic", "numpy")
@@ -33,7 +33,7 @@ class CheckResult:
 
 
 def versions() -> dict[str, str]:
-    from mergetool.compat import installed_version
+    from mergetool.core.compat import installed_version
 
     return {p: installed_version(p) for p in PACKAGES}
 

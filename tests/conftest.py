@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 
-from mergetool.toy import make_lora_zoo, make_zoo, write_jsonl  # noqa: E402
+from mergetool.testing.toy import make_lora_zoo, make_zoo, write_jsonl  # noqa: E402
 from hub_server import hub_server, hub_server_raw  # noqa: E402,F401  (loopback Hub fixtures)
 from routed import routed  # noqa: E402,F401  (a routed library of the trained zoo)
 
@@ -55,6 +55,6 @@ def data_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_zoo(tmp_path_factory):
     """Tiny BERTs fine-tuned on three conflicting synthetic tasks (trained, not random)."""
-    from mergetool.toy import make_trained_zoo
+    from mergetool.testing.toy import make_trained_zoo
 
     return make_trained_zoo(tmp_path_factory.mktemp("trained"))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mergetool.toy import trained_recipe
+from mergetool.testing.toy import trained_recipe
 
 # embeddings, layer.0.{attention,norm,mlp}, layer.1.{attention,norm,mlp}, pooler
 G = np.asarray([[0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1]])

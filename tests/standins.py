@@ -10,7 +10,7 @@ variables that point the recipes at it:
 Same architectures as the real checkpoints (CLIPModel + CLIPForImageClassification, RoBERTa MLM +
 sequence classification, GPT-2 LM + sequence classification, T5 gated-gelu + PEFT IA3), 2 layers,
 width 16. Weights are random; only shapes, names, configs and data columns matter to `validate`.
-CLIP, the GPT-2 base, tokenizers, images and choice rows come from mergetool.toy_kinds.
+CLIP, the GPT-2 base, tokenizers, images and choice rows come from mergetool.testing.toy_kinds.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import transformers as tf
 
-from mergetool.toy import write_jsonl
-from mergetool.toy_kinds import (VOCAB, make_kind_zoo, make_tiny_gpt2, write_choice_rows, write_tiny_images,
+from mergetool.testing.toy import write_jsonl
+from mergetool.testing.toy_kinds import (VOCAB, make_kind_zoo, make_tiny_gpt2, write_choice_rows, write_tiny_images,
                                  write_tiny_tokenizer)
 
 tf.logging.set_verbosity_error()

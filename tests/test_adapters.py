@@ -15,12 +15,12 @@ import torch
 import transformers as tf
 
 from mergetool.evaluation.choice import choice_logprobs
-from mergetool.grouping import all_shared, all_singletons
-from mergetool.ia3 import apply_ia3, ia3_targets, merge_ia3, scaled_dim
-from mergetool.pipeline import Session
+from mergetool.core.grouping import all_shared, all_singletons
+from mergetool.merge.adapters.ia3 import apply_ia3, ia3_targets, merge_ia3, scaled_dim
+from mergetool.pipeline.session import Session
 from mergetool.recipe import parse_recipe
-from mergetool.toy import SPECIAL, WORDS, make_tokenizer, recipe_text, synthetic_rows, write_jsonl
-from mergetool.toy_kinds import kind_recipe_text, make_tiny_t5, write_choice_rows
+from mergetool.testing.toy import SPECIAL, WORDS, make_tokenizer, recipe_text, synthetic_rows, write_jsonl
+from mergetool.testing.toy_kinds import kind_recipe_text, make_tiny_t5, write_choice_rows
 
 T = torch.tensor
 
@@ -243,7 +243,7 @@ def test_ia3_cached_equals_naive_bitwise(ia3):
 # --- libraries of adapter experts ----------------------------------------------------------------
 def test_lora_library_predicts_what_the_search_scored(lora, tmp_path):
     from mergetool.library.writer import SolutionIn, export_library
-    from mergetool.runtime import ExpertLibrary
+    from mergetool.inference.runtime import ExpertLibrary
 
     s = lora("{bits: 8, granularity: per_channel, mode: conditional}")
     G = np.array([[0, 0, 0, 0], [0, 1, 1, 0], [2, 2, 1, 2]])[:, : s.plan.L]
@@ -262,7 +262,7 @@ def test_lora_library_predicts_what_the_search_scored(lora, tmp_path):
 
 
 def test_ia3_library_assembles_what_the_search_scored(ia3, tmp_path):
-    from mergetool.library.reader import ExpertLibrary as Stored
+    from mergetool.library.reader import LibraryFiles as Stored
     from mergetool.library.writer import SolutionIn, export_library
 
     s = ia3("{bits: 4, granularity: per_tensor, mode: conditional}")
@@ -282,7 +282,7 @@ def test_ia3_library_assembles_what_the_search_scored(ia3, tmp_path):
 
 def test_baselines_refuse_adapter_zoos_with_one_line(lora):
     from mergetool.baselines import run_baselines
-    from mergetool.errors import MergetoolError
+    from mergetool.core.errors import MergetoolError
 
     with pytest.raises(MergetoolError, match="PEFT adapters") as e:
         run_baselines(lora(), methods=["ta"])

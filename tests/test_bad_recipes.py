@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mergetool.cli.app import app
-from mergetool.toy import write_jsonl
+from mergetool.testing.toy import write_jsonl
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from mergetool.baselines import refresh_summary, static
 from mergetool.baselines.dynamic import (emr_masks, emr_rescalers, emr_sums, emr_task, emr_unify, twin_delta,
                                          twin_merge, twin_params)
 from mergetool.cli.app import app
-from mergetool.toy import trained_recipe
+from mergetool.testing.toy import trained_recipe
 
 runner = CliRunner()
 
@@ -80,8 +80,8 @@ def small_recipe(zoo) -> str:
 
 def fake_search(run) -> None:
     """A finished search's files (front, references, test scores, summary) with made-up figures."""
-    from mergetool.grouping import all_shared, all_singletons, key
-    from mergetool.rundir import write_json_atomic
+    from mergetool.core.grouping import all_shared, all_singletons, key
+    from mergetool.pipeline.rundir import write_json_atomic
 
     s = run / "search"
     per = lambda p: {f"task{i}": p for i in range(3)}  # noqa: E731
@@ -116,9 +116,9 @@ def done(trained_zoo, tmp_path_factory):
 
 
 def test_baselines_json(done):
-    from mergetool.experts import ExpertStore
-    from mergetool.grouping import all_singletons
-    from mergetool.plan import build_plan, open_models
+    from mergetool.merge.experts import ExpertStore
+    from mergetool.core.grouping import all_singletons
+    from mergetool.models.plan import build_plan, open_models
     from mergetool.recipe import load_recipe
 
     recipe_path, run, result = done
@@ -173,7 +173,7 @@ def test_baselines_json(done):
 
 
 def test_summary_regenerated_with_g2(done):
-    from mergetool.pipeline import select
+    from mergetool.pipeline.session import select
 
     _, run, result = done
     summary = (run / "search" / "summary.md").read_text()

@@ -12,7 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergetool import compat, doctor, envcheck
+from mergetool import doctor
+
+from mergetool.core import compat
+
+from mergetool.core import envcheck
 from mergetool.cli.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +83,7 @@ def test_skip_weight_init_exists_and_builds_a_model():
 def test_mergekit_parameter_binding():
     from mergekit.merge_methods.base import TensorGroup
 
-    import mergetool.merging as merging
+    import mergetool.merge.methods as merging
 
     method = merging._mergekit().get("task_arithmetic")
     metas = [torch.empty(3, 2, device="meta") for _ in range(3)]

@@ -1,4 +1,4 @@
-"""C (mergetool.cost): Eq. 8, and equality with the bytes safetensors writes."""
+"""C (mergetool.merge.cost): Eq. 8, and equality with the bytes safetensors writes."""
 
 import json
 import os
@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergetool.cost import eq8_cost, mask_bytes, plain_cost, storage_cost, tensor_data_bits
-from mergetool.quantize import QuantSpec, quantize, to_tensors
+from mergetool.merge.cost import eq8_cost, mask_bytes, plain_cost, storage_cost, tensor_data_bits
+from mergetool.merge.quantize import QuantSpec, quantize, to_tensors
 
 D = 1024  # a power of two keeps every cost an exact binary fraction
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mergetool.grouping import all_shared, all_singletons
-from mergetool.pipeline import Session
+from mergetool.core.grouping import all_shared, all_singletons
+from mergetool.pipeline.session import Session
 from mergetool.recipe import parse_recipe
-from mergetool.toy import trained_recipe
+from mergetool.testing.toy import trained_recipe
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,8 @@ def test_score_store_swaps_experts_exactly(session):
     """Baselines score other stores on the session's prepared data: same numbers as a fresh evaluator."""
     from mergetool.baselines.static import variant
     from mergetool.evaluation.engine import Evaluator
-    from mergetool.experts import ExpertStore
-    from mergetool.quantize import QuantSpec
+    from mergetool.merge.experts import ExpertStore
+    from mergetool.merge.quantize import QuantSpec
 
     p = session.plan
     G = all_shared(p.T, p.L)

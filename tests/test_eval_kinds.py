@@ -1,6 +1,6 @@
 """Task kinds beyond text classification: image_classification, causal_lm_choice, seq2seq_choice.
 
-Tiny random models built offline (mergetool.toy_kinds). Literal log-likelihoods on hand-set weights,
+Tiny random models built offline (mergetool.testing.toy_kinds). Literal log-likelihoods on hand-set weights,
 batched scoring equal to one sequence at a time, staged equal to plain forwards, cached evaluation
 bitwise equal to naive, and bad data refused with one located line.
 """
@@ -16,15 +16,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from mergetool.checks import check_recipe
+from mergetool.pipeline.checks import check_recipe
 from mergetool.cli.app import app
-from mergetool.errors import DataError, MergetoolError, MultiError
+from mergetool.core.errors import DataError, MergetoolError, MultiError
 from mergetool.evaluation.choice import choice_logprobs, choice_predictions, parse_choices
 from mergetool.evaluation.runner import TaskModel
-from mergetool.grouping import all_shared, all_singletons
-from mergetool.pipeline import Session
+from mergetool.core.grouping import all_shared, all_singletons
+from mergetool.pipeline.session import Session
 from mergetool.recipe import parse_recipe
-from mergetool.toy_kinds import (KIND_OF, VOCAB, kind_recipe_text, make_kind_zoo, make_tiny_gpt2, make_tiny_t5,
+from mergetool.testing.toy_kinds import (KIND_OF, VOCAB, kind_recipe_text, make_kind_zoo, make_tiny_gpt2, make_tiny_t5,
                                  word_id, write_choice_rows, write_tiny_images, _jsonl)
 
 LOG_V = math.log(VOCAB)

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from mergetool import grouping
-from mergetool.errors import MergetoolError
+from mergetool.core import grouping
+from mergetool.core.errors import MergetoolError
 
 
 def relabel(G: np.ndarray, seed: int) -> np.ndarray:

@@ -19,13 +19,13 @@ huggingface_hub = pytest.importorskip("huggingface_hub")
 from huggingface_hub import ModelCard  # noqa: E402
 
 from hub_server import HubServer, hub_env, hub_offline  # noqa: E402
-from mergetool import hub  # noqa: E402
+from mergetool.library import hub  # noqa: E402
 from mergetool.cli.app import app  # noqa: E402
-from mergetool.errors import LibraryError, MergetoolError  # noqa: E402
+from mergetool.core.errors import LibraryError, MergetoolError  # noqa: E402
 from mergetool.library import ExpertLibrary  # noqa: E402
 from mergetool.library.card import render_card  # noqa: E402
 from mergetool.library.reader import read_manifest  # noqa: E402
-from mergetool.toy import make_text_zoo, recipe_text  # noqa: E402
+from mergetool.testing.toy import make_text_zoo, recipe_text  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 runner = CliRunner()
@@ -115,7 +115,7 @@ def test_round_trip_gives_the_same_library(hub_server, libs, tmp_path):
 
 def _predictions(path) -> list:
     """Predictions of every task (and routed ones when the library has a router)."""
-    from mergetool import runtime
+    from mergetool.inference import runtime
 
     lib = runtime.ExpertLibrary.load(path)
     texts = ["w1 w2", "w3 w4 w5", "w7", "w2 w2 w9"]

@@ -15,14 +15,14 @@ import transformers as tf
 from typer.testing import CliRunner
 
 from mergetool.cli.app import app
-from mergetool.experts import ExpertStore
-from mergetool.library import ExpertLibrary, load_task_state
+from mergetool.merge.experts import ExpertStore
+from mergetool.library import LibraryFiles, load_task_state
 from mergetool.library.safetensors_io import data_bytes, read_header
 from mergetool.library.writer import SolutionIn, export_library
-from mergetool.plan import build_plan, open_models
+from mergetool.models.plan import build_plan, open_models
 from mergetool.recipe import load_recipe
-from mergetool.rundir import prepare_run
-from mergetool.toy import make_text_zoo, recipe_text
+from mergetool.pipeline.rundir import prepare_run
+from mergetool.testing.toy import make_text_zoo, recipe_text
 
 runner = CliRunner()
 L = 8  # components of the 2-layer toy BERT
@@ -109,7 +109,7 @@ def test_export_grouping_writes_verified_library(lib, zoo):
     assert card.startswith("---\nlibrary_name: mergetool\n") and "model-merging" in card and "## Recipe" in card
     for p in lib.glob("*.safetensors"):
         read_header(p)
-    ExpertLibrary.load(lib, verify=True)
+    LibraryFiles.load(lib, verify=True)
 
 
 def test_inspect_verify_and_json(lib):
@@ -177,7 +177,7 @@ def test_export_budget_picks_best_fitting(run_dir):
     result, text = _invoke("export", run, "--budget", budget)
     assert result.exit_code == 0, text
     out = run / "libraries" / f"budget-{budget:g}"
-    m = ExpertLibrary.load(out, verify=True).manifest
+    m = LibraryFiles.load(out, verify=True).manifest
     assert m.solutions[0].id == 1 and m.solutions[0].performance == 0.7
     assert m.storage_cost == front[1]["storage_cost"]
 
@@ -186,14 +186,14 @@ def test_export_all_stores_shared_experts_once(run_dir):
     run, front = run_dir
     result, text = _invoke("export", run, "--all")
     assert result.exit_code == 0, text
-    lib = ExpertLibrary.load(run / "libraries" / "all")
+    lib = LibraryFiles.load(run / "libraries" / "all")
     m = lib.manifest
     assert [s.id for s in m.solutions] == [0, 1, 2] and lib.solution.id == 2  # default: best P
     # all-shared (8) + all-singleton (16) experts; MIXED only reuses them
     assert len(m.experts) == 3 * L
     for s, r in zip(m.solutions, front):
         assert s.storage.storage_cost == r["storage_cost"]
-    assert ExpertLibrary.load(run / "libraries" / "all", budget=front[1]["storage_cost"]).solution.id == 1
+    assert LibraryFiles.load(run / "libraries" / "all", budget=front[1]["storage_cost"]).solution.id == 1
     st = load_task_state(run / "libraries" / "all", "t0", solution=0)
     assert st.keys() == load_task_state(run / "libraries" / "all", "t0").keys()
 

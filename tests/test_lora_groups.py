@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from mergetool.experts import ExpertStore
-from mergetool.lora import lora_pairs, lowrank_refactor, merge_lora
-from mergetool.plan import build_plan, open_models
-from mergetool.quantize import to_tensors
+from mergetool.merge.experts import ExpertStore
+from mergetool.merge.adapters.lora import lora_pairs, lowrank_refactor, merge_lora
+from mergetool.models.plan import build_plan, open_models
+from mergetool.merge.quantize import to_tensors
 from mergetool.recipe import load_recipe
-from mergetool.toy import make_lora_zoo, recipe_text, tiny_text_data
+from mergetool.testing.toy import make_lora_zoo, recipe_text, tiny_text_data
 
 T = torch.tensor
 
@@ -42,7 +42,7 @@ def test_refactor_reconstructs_a_rank_r_merge_exactly():
 
 
 def test_lowrank_refactor_matches_dense_svd():
-    from mergetool.merging import lora_delta, refactor_lora
+    from mergetool.merge.methods import lora_delta, refactor_lora
 
     g = torch.Generator().manual_seed(0)
     A, B = torch.randn(3, 9, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)

@@ -1,10 +1,10 @@
-"""F (mergetool.merging): expected values are computed by hand here, never by mergekit."""
+"""F (mergetool.merge.methods): expected values are computed by hand here, never by mergekit."""
 
 import pytest
 import torch
 
-from mergetool.errors import MergetoolError
-from mergetool.merging import (
+from mergetool.core.errors import MergetoolError
+from mergetool.merge.methods import (
     METHOD_ALIASES,
     check_method,
     lora_delta,
@@ -184,7 +184,7 @@ def _same_as_mergekit(base, members, method, params):
 
 
 def test_kept_ranks_by_hand():
-    from mergetool.fast_merge import kept_ranks
+    from mergetool.merge.fast_kernels import kept_ranks
 
     # magnitude: the k = max(1, int(d·n)) largest of n, i.e. ascending ranks [n − k, n)
     assert kept_ranks(10, "magnitude", 0.5) == (5, 10)
@@ -216,7 +216,7 @@ def test_fast_ties_literal_with_ties_off_the_threshold():
     ("task_arithmetic", {"lambda": 0.3}),
 ])
 def test_fast_kernel_is_bitwise_mergekit(monkeypatch, chunk, method, params):
-    import mergetool.fast_merge as fm
+    import mergetool.merge.fast_kernels as fm
 
     monkeypatch.setattr(fm, "CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
@@ -240,8 +240,8 @@ def test_fast_kernel_half_and_double_inputs():
 def test_lazy_tensors_stream_from_safetensors(tmp_path):
     from safetensors.torch import save_file
 
-    from mergetool.models import ModelSource
-    from mergetool.streaming import LazyTensor, unit_ranges
+    from mergetool.models.source import ModelSource
+    from mergetool.models.streaming import LazyTensor, unit_ranges
 
     g = torch.Generator().manual_seed(5)
     tensors = []

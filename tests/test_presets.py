@@ -6,10 +6,10 @@ from collections import Counter
 
 import pytest
 
-from mergetool.models import ModelSource
-from mergetool.plan import build_plan
+from mergetool.models.source import ModelSource
+from mergetool.models.plan import build_plan
 from mergetool.recipe import parse_recipe
-from mergetool.toy import recipe_text
+from mergetool.testing.toy import recipe_text
 
 # 2-layer tiny models: components per kind, and what lands outside the components
 EXPECTED = {

@@ -1,10 +1,10 @@
-"""Q (mergetool.quantize): Eq. 6 grid, the conditional rule, bit packing and storage."""
+"""Q (mergetool.merge.quantize): Eq. 6 grid, the conditional rule, bit packing and storage."""
 
 import pytest
 import torch
 
-from mergetool.errors import LibraryError, MergetoolError
-from mergetool.quantize import (
+from mergetool.core.errors import LibraryError, MergetoolError
+from mergetool.merge.quantize import (
     QuantSpec,
     bits_of_dtype,
     dequantize,

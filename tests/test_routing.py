@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergetool.library import ExpertLibrary as StoredLibrary
+from mergetool.library import LibraryFiles
 from mergetool.library.safetensors_io import read_header
 from mergetool.routing.features import resolve, shared_prefix
 from mergetool.routing.router import Router
@@ -18,7 +18,7 @@ FAST = "router: {epochs: 3, max_per_task: 40}\n"
 
 
 def test_export_ships_a_prefix_router_with_accuracy(routed):
-    m = StoredLibrary.load(routed["lib"]).manifest
+    m = LibraryFiles.load(routed["lib"]).manifest
     r = m.router
     assert r.features == "prefix" and r.requested == "auto" and r.prefix_stages == 2  # embeddings + layer 0
     assert (r.hidden, r.epochs, r.lr, r.max_per_task) == ([256, 128], 30, 5e-4, 1000)  # the paper's defaults
@@ -45,7 +45,7 @@ def test_inspect_shows_router(routed):
 
 
 def test_shared_prefix_of_groupings(routed):
-    m = StoredLibrary.load(routed["lib"], verify=False).manifest
+    m = LibraryFiles.load(routed["lib"], verify=False).manifest
     assert shared_prefix(m) == 2 and resolve("auto", m) == ("prefix", 2) and resolve("base", m) == ("base", 0)
     # the same library with task0 leaving layer 0's MLP group: only the embeddings stay shared
     chains = {t: list(c) for t, c in m.chains.items()}
@@ -65,7 +65,7 @@ def test_base_and_embedding_features_ship_their_weights(routed, tmp_path, featur
     recipe = write_recipe(tmp_path / "r.yaml", routed["zoo"], FAST.replace("{", f"{{features: {features}, "))
     result, text = invoke("export", recipe, "--grouping", routed["grouping"], "--out", tmp_path / "lib")
     assert result.exit_code == 0, text
-    m = StoredLibrary.load(tmp_path / "lib").manifest
+    m = LibraryFiles.load(tmp_path / "lib").manifest
     fs = m.router.feature_storage
     header = read_header(tmp_path / "lib" / "base-features.safetensors")
     keys = {k for k in header if k != "__metadata__"}
@@ -92,16 +92,16 @@ def test_router_cached_per_run_and_retrained_on_change(routed, tmp_path):
     assert len(list((tmp_path / "run" / "router").iterdir())) == 1
     result, text = invoke("export", recipe, "--grouping", routed["grouping"], "--out", tmp_path / "b")
     assert result.exit_code == 0 and "(cached)" in text, text
-    a, b = (StoredLibrary.load(tmp_path / x).manifest for x in "ab")
+    a, b = (LibraryFiles.load(tmp_path / x).manifest for x in "ab")
     assert a.files["router.safetensors"] == b.files["router.safetensors"] and a.router == b.router
     write_recipe(tmp_path / "r.yaml", routed["zoo"], FAST.replace("epochs: 3", "epochs: 4"))
     result, text = invoke("export", recipe, "--grouping", routed["grouping"], "--out", tmp_path / "c")
     assert result.exit_code == 0 and "(cached)" not in text, text
-    assert StoredLibrary.load(tmp_path / "c").manifest.router.epochs == 4
+    assert LibraryFiles.load(tmp_path / "c").manifest.router.epochs == 4
 
 
 def test_training_is_seeded():
-    from mergetool.routing.train import fit
+    from mergetool.pipeline.router_training import fit
 
     X, y = torch.randn(60, 8, generator=torch.Generator().manual_seed(0)), torch.arange(60) % 3
     a, b = (fit(X, y, ["a", "b", "c"], (16, 8), 3, 5e-4, seed=7) for _ in range(2))

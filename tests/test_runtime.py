@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergetool.pipeline import Session
+from mergetool.pipeline.session import Session
 from mergetool.recipe import load_recipe
 from routed import invoke
 
@@ -144,7 +144,7 @@ def test_lru_is_bounded_and_keyed_by_chain(routed):
 def test_import_is_lazy():
     code = "import sys, mergetool; print('torch' in sys.modules, mergetool.ExpertLibrary.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "mergetool.runtime"]
+    assert out == ["False", "mergetool.inference.runtime"]
 
 
 def test_evaluate_routed_and_oracle(routed, session, tmp_path):
@@ -204,7 +204,7 @@ def test_put_moves_tied_aliases_and_counts_them_loaded(tmp_path):
     import transformers
 
     from mergetool.routing import backbone as bb
-    from mergetool.toy_kinds import make_tiny_gpt2
+    from mergetool.testing.toy_kinds import make_tiny_gpt2
 
     module = transformers.GPT2LMHeadModel.from_pretrained(make_tiny_gpt2(tmp_path / "gpt2"))
     sd = module.state_dict()

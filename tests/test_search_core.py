@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mergetool import grouping
-from mergetool.errors import MergetoolError
+from mergetool.core import grouping
+from mergetool.core.errors import MergetoolError
 from mergetool.search import EvalResult, SearchSettings, run_search
 from mergetool.search.front import hv_curve, hypervolume, pareto_front, pick
 from mergetool.search.journal import read_journal

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mergetool.cli.app import app
-from mergetool.toy import trained_recipe, write_jsonl
+from mergetool.testing.toy import trained_recipe, write_jsonl
 
 runner = CliRunner()
 BUDGET, POP = 16, 6

@@ -31,8 +31,8 @@ import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mergetool.errors import MergetoolError
-from mergetool.grouping import all_shared, all_singletons
+from mergetool.core.errors import MergetoolError
+from mergetool.core.grouping import all_shared, all_singletons
 
 METHODS = ("wa", "ta", "ties", "bc", "twin", "emr")
 TWIN_RANKS = (4, 16, 64)
@@ -84,7 +84,7 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
     from mergetool.baselines import static
     from mergetool.baselines.dynamic import (EMRModel, Features, PerInputEvaluator, TwinModel, oracle_route,
                                              train_router)
-    from mergetool.rundir import recipe_hash
+    from mergetool.pipeline.rundir import recipe_hash
 
     if split not in SPLITS:
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")
@@ -213,7 +213,7 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
 
 def refresh_summary(session, run_dir: Path, baselines: dict) -> Optional[Path]:
     """Rewrite search/summary.md with G2 when the run has a search (front.json); else None."""
-    from mergetool.pipeline import references, test_scores, write_summary
+    from mergetool.pipeline.session import references, test_scores, write_summary
 
     search_dir = run_dir / "search"
     front_path = search_dir / "front.json"

@@ -216,7 +216,7 @@ def train_router(session, features: Features) -> tuple[Route, dict]:
     """The project's router (mergetool.routing: 3-layer MLP, recipe.router settings, seeded) trained on
     each task's `router` split; weights = softmax of its logits."""
     from mergetool.evaluation.tasks import load_tokenizer, tokenizer_dir
-    from mergetool.routing.train import fit, read_texts
+    from mergetool.pipeline.router_training import fit, read_texts
 
     s, cfg, seed = session, session.recipe.router, session.recipe.search.seed
     tok = load_tokenizer(tokenizer_dir(s.base.path, s.tasks[0].path))

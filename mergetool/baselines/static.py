@@ -16,10 +16,10 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from mergetool.cost import tensor_data_bits
-from mergetool.experts import Expert, ExpertStore
-from mergetool.grouping import all_shared
-from mergetool.quantize import QuantSpec, quantize
+from mergetool.merge.cost import tensor_data_bits
+from mergetool.merge.experts import Expert, ExpertStore
+from mergetool.core.grouping import all_shared
+from mergetool.merge.quantize import QuantSpec, quantize
 from mergetool.recipe import MergeConfig, QuantizationConfig
 
 FULL = QuantSpec(bits=32)

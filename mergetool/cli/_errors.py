@@ -9,7 +9,7 @@ from typing import Callable
 
 import typer
 
-from mergetool.errors import MergetoolError, MultiError
+from mergetool.core.errors import MergetoolError, MultiError
 
 EXIT_USAGE = 2
 _state = {"debug": False}

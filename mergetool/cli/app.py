@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mergetool import __version__
+from mergetool.core.version import __version__
 from mergetool.cli import library_cmds, recipe_cmds, search_cmds
 from mergetool.cli import hub_cmds
 from mergetool.cli import baselines_cmds

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mergetool.cli._errors import handles_errors
-from mergetool.errors import MergetoolError
+from mergetool.core.errors import MergetoolError
 
 
 @handles_errors

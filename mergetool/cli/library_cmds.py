@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from mergetool.cli._errors import handles_errors
-from mergetool.errors import LibraryError, MergetoolError
+from mergetool.core.errors import LibraryError, MergetoolError
 
 RunArg = Annotated[Optional[Path], typer.Argument(
     help="Run directory (with run.json), or a recipe whose `output` is the run directory. Default: .",
@@ -37,7 +37,7 @@ def parse_budget(text: Optional[str]) -> Optional[float]:
 
 def read_grouping(path: Path, plan):
     """G from {"tasks", "components", "grouping"} (or a bare T x L list), rows/columns in plan order."""
-    from mergetool.grouping import validate
+    from mergetool.core.grouping import validate
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -110,11 +110,11 @@ def export(
 
     The library always ships a router: trained on the recipe's `router` splits, or reused from
     RUN/router/ when nothing it depends on changed."""
-    from mergetool.grouping import validate
+    from mergetool.core.grouping import validate
     from mergetool.library.writer import SolutionIn, check_target, export_library, parse_size
-    from mergetool.plan import build_plan, open_models
-    from mergetool.routing.train import RouterBuilder
-    from mergetool.rundir import resolve_run
+    from mergetool.models.plan import build_plan, open_models
+    from mergetool.pipeline.router_training import RouterBuilder
+    from mergetool.pipeline.rundir import resolve_run
 
     B = parse_budget(budget)
     size = parse_size(shard_size)
@@ -183,7 +183,7 @@ def inspect(
     solution: SolutionOpt = None,
 ) -> None:
     """Show an expert library: tasks, components, groups, chains, storage (computed and on disk)."""
-    from mergetool.hub import open_library
+    from mergetool.library.hub import open_library
     from mergetool.library.card import group_letters
 
     L = open_library(lib, verify=verify, solution=solution)
@@ -283,7 +283,7 @@ def export_model(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder.")] = False,
 ) -> None:
     """Write one task's chain, dequantised, as a plain Hugging Face checkpoint."""
-    from mergetool.hub import open_library
+    from mergetool.library.hub import open_library
     from mergetool.library.export_model import export_model as run
 
     B = parse_budget(budget)

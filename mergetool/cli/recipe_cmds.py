@@ -18,7 +18,7 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_defaul
 @handles_errors
 def validate(recipe: RecipeArg) -> None:
     """Check a recipe: schema, merge method, data files and models (exit 0, or 2 with one line per problem)."""
-    from mergetool.checks import check_recipe
+    from mergetool.pipeline.checks import check_recipe
     from mergetool.recipe import load_recipe
 
     r = load_recipe(recipe)
@@ -33,7 +33,7 @@ def plan(
     values: Annotated[bool, typer.Option(help="Scan every tensor for NaN/Inf and unequal buffers.")] = True,
 ) -> None:
     """Show the component plan: components, task-specific tensors, T, L, d and the search-space size."""
-    from mergetool.checks import check_recipe
+    from mergetool.pipeline.checks import check_recipe
     from mergetool.recipe import load_recipe
 
     p = check_recipe(load_recipe(recipe), check_values=values)

@@ -12,7 +12,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from mergetool.cli._errors import handles_errors
-from mergetool.errors import DataError, MergetoolError
+from mergetool.core.errors import DataError, MergetoolError
 from mergetool.evaluation.data import jsonl_records
 
 LibArg = Annotated[Path, typer.Argument(help="Expert library folder.", show_default=False)]
@@ -115,7 +115,7 @@ def predict(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mergetool.runtime import ExpertLibrary
+    from mergetool.inference.runtime import ExpertLibrary
 
     lib_ = ExpertLibrary.load(lib, device=device)
     if task is not None:
@@ -173,8 +173,8 @@ def evaluate(
 
     from mergetool.recipe import load_recipe, parse_recipe
     from mergetool.routing.evaluate import evaluate_library
-    from mergetool.rundir import write_json_atomic
-    from mergetool.runtime import ExpertLibrary
+    from mergetool.pipeline.rundir import write_json_atomic
+    from mergetool.inference.runtime import ExpertLibrary
 
     if split not in ("test", "validation"):
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use test or validation")

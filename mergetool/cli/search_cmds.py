@@ -31,10 +31,10 @@ def search(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Search Pareto-optimal groupings G (surrogate-assisted NSGA-II) and write RUN/search/."""
-    from mergetool.checks import check_recipe
-    from mergetool.pipeline import MergeProblem, Session, references, settings_for, test_scores, write_summary
+    from mergetool.pipeline.checks import check_recipe
+    from mergetool.pipeline.session import MergeProblem, Session, references, settings_for, test_scores, write_summary
     from mergetool.recipe import load_recipe
-    from mergetool.rundir import prepare_run
+    from mergetool.pipeline.rundir import prepare_run
     from mergetool.search import run_search
     from mergetool.search.executors import make_executor
 
@@ -81,14 +81,14 @@ def front(
     run: Annotated[Optional[Path], typer.Argument(help="Run directory or recipe (default: current folder).")] = None,
 ) -> None:
     """Print a run's Pareto front (C, P, per task, the pick per budget) and redraw pareto.png."""
-    from mergetool.rundir import resolve_run
+    from mergetool.pipeline.rundir import resolve_run
     from mergetool.search.front import plot_pareto
     from mergetool.search.journal import read_journal
 
     run_dir, _ = resolve_run(run)
     path = run_dir / "search" / "front.json"
     if not path.is_file():
-        from mergetool.errors import MergetoolError
+        from mergetool.core.errors import MergetoolError
 
         raise MergetoolError(f"no front in {run_dir}", key="RUN", fix="run `mergetool search RECIPE` first")
     fr = json.loads(path.read_text())

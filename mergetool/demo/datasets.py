@@ -25,7 +25,7 @@ from typing import Iterable
 
 import yaml
 
-from mergetool.errors import MergetoolError
+from mergetool.core.errors import MergetoolError
 
 TASKS: tuple[str, ...] = ("rt_polarity", "bbc_topic", "tweet_sentiment", "chatterbot_language")
 # Order in which splits are carved out of a corpus.

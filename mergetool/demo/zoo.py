@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
 from mergetool.demo import datasets
-from mergetool.errors import MergetoolError
+from mergetool.core.errors import MergetoolError
 
 ZOO_FORMAT = 1
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mergetool.errors import DataError
+from mergetool.core.errors import DataError
 from mergetool.recipe.schema import DataSplit
 
 CHOICE_KINDS = ("causal_lm_choice", "seq2seq_choice")

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from mergetool.errors import DataError
+from mergetool.core.errors import DataError
 from mergetool.recipe.schema import DataSplit
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")

@@ -23,9 +23,9 @@ from mergetool.evaluation.metrics import score
 from mergetool.evaluation.runner import TaskModel, adapter_config, pick_device
 from mergetool.evaluation.choice import choice_score
 from mergetool.evaluation.tasks import TaskData, task_data
-from mergetool.experts import ExpertStore
-from mergetool.grouping import chain_key, members
-from mergetool.search import EvalResult
+from mergetool.merge.experts import ExpertStore
+from mergetool.core.grouping import chain_key, members
+from mergetool.core.results import EvalResult
 
 
 class Evaluator:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mergetool.errors import DataError, MergetoolError
+from mergetool.core.errors import DataError, MergetoolError
 from mergetool.recipe.schema import DataSplit
 
 PROCESSOR_FILE = "preprocessor_config.json"

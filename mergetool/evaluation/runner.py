@@ -25,13 +25,13 @@ from typing import Callable, Optional
 
 import torch
 
-from mergetool.compat import skip_weight_init
-from mergetool.errors import MergetoolError
+from mergetool.core.compat import skip_weight_init
+from mergetool.core.errors import MergetoolError
 from mergetool.evaluation.choice import TARGET_KEYS, choice_logprobs
 from mergetool.evaluation.stages import staging
-from mergetool.components import adapter_module_weight
-from mergetool.models import PEFT_PREFIX, ModelSource
-from mergetool.plan import Plan
+from mergetool.models.presets import adapter_module_weight
+from mergetool.models.source import PEFT_PREFIX, ModelSource
+from mergetool.models.plan import Plan
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -11,7 +11,7 @@ and Llama causal LMs (their head reduces logits to choice log-likelihoods, see c
 
 This is the only staged forward in mergetool: the runtime (inference) runs BERT-like backbones through
 `encoder_embed`, `encoder_mask` and `encoder_layers` below, the same functions the search evaluates
-with. Attention masks come from `mergetool.compat`, which builds them with transformers' public mask
+with. Attention masks come from `mergetool.core.compat`, which builds them with transformers' public mask
 functions, never a model's private helpers.
 """
 
@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mergetool.compat import bidirectional_mask, causal_mask
+from mergetool.core.compat import bidirectional_mask, causal_mask
 from mergetool.evaluation.choice import choice_logprobs
 
 

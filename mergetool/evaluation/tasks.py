@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mergetool.errors import DataError, MergetoolError
+from mergetool.core.errors import DataError, MergetoolError
 from mergetool.evaluation.choice import CHOICE_KINDS, causal_batches, read_rows, seq2seq_batches
 from mergetool.evaluation.data import read_split
 from mergetool.evaluation.images import image_batches

@@ -1,18 +1,25 @@
-"""Expert libraries, format v1: export (writer), open and verify (reader), model card, export-model.
+"""Expert libraries: export (writer), open and verify (reader), the Hub (hub), model card, export-model.
 
-Light imports only here; the heavy modules load on first use.
+`ExpertLibrary` here is the user-facing runtime class (`mergetool.inference.runtime`), the one every
+pushed model card imports from this path: it loads folders and `hub:REPO@REV` references, routes and
+predicts. `LibraryFiles` is the verified stored form underneath it. Light imports only here; the
+heavy modules load on first use.
 """
 
 from __future__ import annotations
 
 from mergetool.library.manifest import FORMAT_VERSION, Manifest, parse_manifest
 
-__all__ = ["FORMAT_VERSION", "Manifest", "parse_manifest", "ExpertLibrary", "load_task_state",
+__all__ = ["FORMAT_VERSION", "Manifest", "parse_manifest", "ExpertLibrary", "LibraryFiles", "load_task_state",
            "export_library", "export_model"]
 
 
 def __getattr__(name: str):
-    if name in ("ExpertLibrary", "load_task_state"):
+    if name == "ExpertLibrary":  # above this package in the layers: resolved lazily (pyproject's contract)
+        from mergetool.inference.runtime import ExpertLibrary
+
+        return ExpertLibrary
+    if name in ("LibraryFiles", "load_task_state"):
         from mergetool.library import reader
 
         return getattr(reader, name)

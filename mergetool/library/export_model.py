@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from mergetool.errors import LibraryError
+from mergetool.core.errors import LibraryError
 from mergetool.library.manifest import TOKENIZER_FILES
-from mergetool.library.reader import ExpertLibrary
+from mergetool.library.reader import LibraryFiles
 from mergetool.library.safetensors_io import StreamWriter
 from mergetool.library.writer import EXTRA_FILES, swap_in, make_tmp
 
@@ -28,11 +28,11 @@ def export_model(lib, task: str, out, *, force: bool = False, budget: Optional[f
                  solution: Optional[int] = None) -> Path:
     """Write config.json (the task's labels), model.safetensors (original names) and the tokenizer.
 
-    `lib` is a library folder or an opened (verified) ExpertLibrary."""
+    `lib` is a library folder or an opened (verified) LibraryFiles."""
     out = Path(out).absolute()
     _check_out(out, force)
-    if not isinstance(lib, ExpertLibrary):
-        lib = ExpertLibrary.load(lib, budget=budget, solution=solution, verify=True)
+    if not isinstance(lib, LibraryFiles):
+        lib = LibraryFiles.load(lib, budget=budget, solution=solution, verify=True)
     t = lib.manifest.task(task)
     tmp = make_tmp(out)
     try:

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from mergetool.errors import LibraryError
+from mergetool.core.errors import LibraryError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -74,7 +74,7 @@ class StoredTensor(Frozen):
 
 
 class AdapterSlot(Frozen):
-    """How a PEFT adapter expert's stored tensors give one base weight (mergetool.lora, mergetool.ia3):
+    """How a PEFT adapter expert's stored tensors give one base weight (mergetool.merge.adapters.lora, mergetool.merge.adapters.ia3):
     LoRA W0 + scaling·B@A (scaling: the task's own for a singleton, 1 for a merged B'A');
     IA3 W0 scaled along `dim` by `vector` (0: rows, and the bias; 1: columns)."""
 

@@ -14,10 +14,10 @@ from typing import Optional
 
 import torch
 
-from mergetool.errors import LibraryError
+from mergetool.core.errors import LibraryError
 from mergetool.library.manifest import MANIFEST, Manifest, Solution, StoredTensor, allowed_name, parse_manifest
 from mergetool.library.safetensors_io import data_bytes, read_header
-from mergetool.quantize import dequantize, from_tensors
+from mergetool.merge.quantize import dequantize, from_tensors
 
 MAX_MANIFEST = 256 * 2**20
 IGNORED_DIRS = (".cache",)  # huggingface_hub's local_dir bookkeeping
@@ -97,7 +97,7 @@ def select_solution(m: Manifest, *, budget: Optional[float] = None, solution: Op
     return min(fits, key=lambda i: (-perf(m.solutions[i]), m.solutions[i].storage.storage_cost, i))
 
 
-class ExpertLibrary:
+class LibraryFiles:
     """A checked library and one chosen solution (its chains)."""
 
     def __init__(self, path: Path, manifest: Manifest, index: int):
@@ -106,8 +106,8 @@ class ExpertLibrary:
 
     @classmethod
     def load(cls, path, *, budget: Optional[float] = None, solution: Optional[int] = None,
-             verify: bool = True) -> "ExpertLibrary":
-        path = Path(path)  # a local folder; `hub:` references go through mergetool.hub.open_library
+             verify: bool = True) -> "LibraryFiles":
+        path = Path(path)  # a local folder; `hub:` references go through mergetool.library.hub.open_library
         m = read_manifest(path)
         check_folder(path, m, verify=verify)
         return cls(path, m, select_solution(m, budget=budget, solution=solution))
@@ -160,8 +160,8 @@ class ExpertLibrary:
         stored = {n: self.read(st) for n, st in e.tensors.items()}
         if not e.adapter:
             return stored
-        from mergetool.ia3 import ia3_dense
-        from mergetool.lora import lora_dense
+        from mergetool.merge.adapters.ia3 import ia3_dense
+        from mergetool.merge.adapters.lora import lora_dense
 
         try:
             out = ia3_dense({w: (s.vector, s.dim) for w, s in e.adapter.items() if s.vector}, stored, self.frozen)
@@ -215,5 +215,5 @@ def load_task_state(lib_dir, task: str, *, budget: Optional[float] = None, solut
 
     Keys are the task model's own tensor names (ready for `load_state_dict`), or the normalised
     names with original_names=False. Raises LibraryError on any integrity problem."""
-    return ExpertLibrary.load(lib_dir, budget=budget, solution=solution, verify=verify).task_state(
+    return LibraryFiles.load(lib_dir, budget=budget, solution=solution, verify=verify).task_state(
         task, original_names=original_names)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from mergetool.errors import LibraryError
+from mergetool.core.errors import LibraryError
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -21,19 +21,19 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from mergetool import __version__
-from mergetool.errors import LibraryError
+from mergetool.core.version import __version__
+from mergetool.core.errors import LibraryError
 from mergetool.evaluation.runner import adapter_layout
-from mergetool.experts import ExpertStore
-from mergetool.grouping import canonical, experts as expert_keys, members as group_members
+from mergetool.merge.experts import ExpertStore
+from mergetool.core.grouping import canonical, experts as expert_keys, members as group_members
 from mergetool.library.card import render_card
 from mergetool.library.manifest import (MANIFEST, README, TOKENIZER_FILES, AdapterSlot, Base, Component, Expert,
                                         FileEntry, FrozenBase, Manifest, RouterInfo, Solution, Storage,
                                         StoredTensor, Task, parse_manifest)
 from mergetool.library.safetensors_io import ShardSet, StreamWriter
-from mergetool.models import ModelSource
-from mergetool.plan import Plan
-from mergetool.quantize import to_tensors
+from mergetool.models.source import ModelSource
+from mergetool.models.plan import Plan
+from mergetool.merge.quantize import to_tensors
 from mergetool.recipe.schema import Recipe
 
 EXTRA_FILES = ("preprocessor_config.json", "generation_config.json")
@@ -88,7 +88,7 @@ def export_library(recipe: Recipe, plan: Plan, sources: tuple[ModelSource, Seque
                    router: Optional[Callable[[Path, Manifest], RouterInfo]] = None) -> Manifest:
     """Write a library holding every expert of `solutions` (each stored once); returns its manifest.
 
-    `router(folder, draft)` (see mergetool.routing.train.RouterBuilder) writes the router files into
+    `router(folder, draft)` (see mergetool.pipeline.router_training.RouterBuilder) writes the router files into
     the unfinished library folder, given the draft manifest, and returns their RouterInfo."""
     out = Path(out).absolute()
     check_target(out, force)

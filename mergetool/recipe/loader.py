@@ -12,7 +12,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from mergetool.errors import MultiError, RecipeError
+from mergetool.core.errors import MultiError, RecipeError
 from mergetool.recipe.schema import Recipe
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

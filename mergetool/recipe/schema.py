@@ -246,7 +246,7 @@ class Recipe(Strict):
 
     def error(self, message: str, key: Union[str, tuple], fix: Optional[str] = None, cls=None):
         """A located error about `key` (a dotted string or a loc tuple) of this recipe."""
-        from mergetool.errors import RecipeError
+        from mergetool.core.errors import RecipeError
 
         loc = tuple(key.split(".")) if isinstance(key, str) else tuple(key)
         loc = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in loc)

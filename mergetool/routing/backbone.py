@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mergetool.errors import LibraryError
+from mergetool.core.errors import LibraryError
 
 LAYER = re.compile(r"^encoder\.layer\.(\d+)\.")
 

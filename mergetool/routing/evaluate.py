@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mergetool.errors import MergetoolError
+from mergetool.core.errors import MergetoolError
 from mergetool.evaluation.data import read_split
 from mergetool.evaluation.metrics import METRICS, REGRESSION
 from mergetool.evaluation.tasks import label_names, map_labels

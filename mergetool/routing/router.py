@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mergetool.errors import LibraryError
+from mergetool.core.errors import LibraryError
 
 WEIGHTS, CONFIG = "router.safetensors", "router.json"
 FORMAT = 1

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from mergetool.errors import MergetoolError
+from mergetool.core.errors import MergetoolError
 
 
 class LocalExecutor:

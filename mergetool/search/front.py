@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mergetool.errors import MergetoolError
+from mergetool.core.errors import MergetoolError
 
 
 def hv_reference(T: int, ref: Optional[Sequence[float]] = None) -> tuple[float, float]:

@@ -7,8 +7,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from mergetool import grouping
-from mergetool.errors import MergetoolError
+from mergetool.core import grouping
+from mergetool.core.errors import MergetoolError
 
 
 def kmeans_partitions(vectors: np.ndarray, seed: int, ks: Optional[Iterable[int]] = None) -> dict[int, np.ndarray]:

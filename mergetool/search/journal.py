@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from mergetool.errors import MergetoolError
+from mergetool.core.errors import MergetoolError
 
 FIELDS = (
     "i",

@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from mergetool import grouping
-from mergetool.errors import MergetoolError
+from mergetool.core import grouping
+from mergetool.core.errors import MergetoolError
 from mergetool.search.types import EvalResult, SearchResult, SearchSettings
 from mergetool.search.executors import LocalExecutor
 from mergetool.search.front import hv_curve, hv_reference, hypervolume, nondominated, objectives, pareto_front, write_artifacts

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mergetool import grouping
+from mergetool.core import grouping
 
 
 def features(Gs: Sequence[np.ndarray]) -> np.ndarray:

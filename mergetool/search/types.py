@@ -7,18 +7,8 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from mergetool.errors import MergetoolError
-
-
-@dataclass
-class EvalResult:
-    """One real evaluation of a grouping G."""
-
-    performance: float  # P_G (Eq. 7), higher is better
-    per_task: dict[str, float]
-    storage_cost: float  # C_G (Eq. 8), lower is better
-    seconds: float = 0.0
-    cache: dict[str, Any] = field(default_factory=dict)  # counters; keys ending in "hits"/"misses" feed the hit rate
+from mergetool.core.results import EvalResult
+from mergetool.core.errors import MergetoolError
 
 
 class SearchProblem(Protocol):

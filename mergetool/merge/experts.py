@@ -3,9 +3,9 @@
 The search and the library export both call `ExpertStore.expert`, so the search scores exactly the
 experts that export writes. A task's chain of experts plus its own tensors gives its state dict.
 Tensors are streamed from the models (`LazyTensor`), so building an expert holds about the
-expert plus a few chunks, never whole models. For LoRA task models (mergetool.lora) an expert
+expert plus a few chunks, never whole models. For LoRA task models (mergetool.merge.adapters.lora) an expert
 stores factors B', A' and `dense()` gives the effective weights W0 + ΔW under the base's names;
-for IA3 task models (mergetool.ia3) it stores the merged scaling vectors and `dense()` gives W0
+for IA3 task models (mergetool.merge.adapters.ia3) it stores the merged scaling vectors and `dense()` gives W0
 scaled along the dim each vector scales (and the bias, for output scaling).
 """
 
@@ -19,16 +19,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mergetool.cost import mask_bytes, tensor_data_bits
-from mergetool.errors import MergetoolError
-from mergetool.ia3 import Ia3Slot, ia3_dense, ia3_targets, merge_ia3, scaled_dim
-from mergetool.lora import LoraPair, lora_dense, lora_pairs, merge_lora, scaling_for
-from mergetool.merging import merge_group, resolve_method
-from mergetool.models import ModelSource
-from mergetool.plan import Plan
-from mergetool.quantize import QuantizedTensor, QuantSpec, dequantize, quantize
+from mergetool.merge.cost import mask_bytes, tensor_data_bits
+from mergetool.core.errors import MergetoolError
+from mergetool.merge.adapters.ia3 import Ia3Slot, ia3_dense, ia3_targets, merge_ia3, scaled_dim
+from mergetool.merge.adapters.lora import LoraPair, lora_dense, lora_pairs, merge_lora, scaling_for
+from mergetool.merge.methods import merge_group, resolve_method
+from mergetool.models.source import ModelSource
+from mergetool.models.plan import Plan
+from mergetool.merge.quantize import QuantizedTensor, QuantSpec, dequantize, quantize
 from mergetool.recipe.schema import Recipe
-from mergetool.streaming import LazyTensor, unit_ranges
+from mergetool.models.streaming import LazyTensor, unit_ranges
 
 
 @dataclass
@@ -180,7 +180,7 @@ class ExpertStore:
         return self._expert(component, members, out, lora=lora, base=self.base)
 
     def _build_ia3(self, component: int, members: tuple[int, ...]) -> Expert:
-        """An IA3 group: F over the members' vectors with a base of ones (mergetool.ia3), stored flat
+        """An IA3 group: F over the members' vectors with a base of ones (mergetool.merge.adapters.ia3), stored flat
         in the base's width and quantised against the members' vectors. A singleton keeps its own."""
         comp = self.plan.components[component]
         params = self._params_for(members)
@@ -205,7 +205,7 @@ class ExpertStore:
         """C(G), Eq. 8, exact to the bytes export writes (experts only; heads are reported apart).
         For adapter zoos the frozen base is one shared component stored once: it adds 1 (as in
         `Plan.individual_cost`)."""
-        from mergetool.grouping import experts
+        from mergetool.core.grouping import experts
 
         base = 1.0 if self.plan.adapter else 0.0
         return base + sum(self.expert(l, m).bits for l, m in experts(G)) / (self.plan.base_bits * self.plan.d)
@@ -213,7 +213,7 @@ class ExpertStore:
     def cheapest_grouping(self):
         """The grouping of least C: per component, the partition of the tasks whose experts take the
         fewest bits. Exhaustive (B(T) partitions, 2^T - 1 experts per component), so for T <= 8."""
-        from mergetool.grouping import set_partitions
+        from mergetool.core.grouping import set_partitions
 
         T, L = self.plan.T, self.plan.L
         if T > 8:
@@ -227,7 +227,7 @@ class ExpertStore:
 
     def task_state(self, G, task: int, components: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
         """Normalised-name state dict of `task`'s chain (dequantised experts) for some components."""
-        from mergetool.grouping import members as group_members
+        from mergetool.core.grouping import members as group_members
 
         state: dict[str, torch.Tensor] = {}
         for l in components if components is not None else range(self.plan.L):

@@ -17,10 +17,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mergetool.errors import DataError, MergetoolError
+from mergetool.core.errors import DataError, MergetoolError
 from mergetool.evaluation.data import iter_records
 from mergetool.library.manifest import Manifest, RouterInfo
-from mergetool.models import ModelSource
+from mergetool.models.source import ModelSource
 from mergetool.recipe.schema import DataSplit, Recipe
 from mergetool.routing.backbone import stage_of
 from mergetool.routing.features import max_length_of, resolve, write_features
@@ -91,8 +91,8 @@ class RouterBuilder:
                                      fix="add `router: {path: ...}` (data that is neither validation nor test)")
 
     def __call__(self, folder: Path, draft: Manifest) -> RouterInfo:
-        from mergetool.library.reader import ExpertLibrary as StoredLibrary
-        from mergetool.runtime import ExpertLibrary
+        from mergetool.library.reader import LibraryFiles
+        from mergetool.inference.runtime import ExpertLibrary
 
         self.check()
         cfg, names = self.recipe.router, [t.name for t in draft.tasks]
@@ -108,7 +108,7 @@ class RouterBuilder:
                 shutil.copyfile(entry / f, folder / f)
             info = json.loads((entry / INFO).read_text())
         else:
-            rt = ExpertLibrary(StoredLibrary(folder, draft, draft.default_solution), device=self.device,
+            rt = ExpertLibrary(LibraryFiles(folder, draft, draft.default_solution), device=self.device,
                                features=(kind, k, storage.file))
             info = self._train(rt, names, kind, k, max_length, folder)
             if entry is not None:
@@ -155,7 +155,7 @@ class RouterBuilder:
 
     def _key(self, kind: str, k: int, draft: Manifest) -> str:
         """Everything the router depends on: recipe, router settings, features, prefix experts, data."""
-        from mergetool.rundir import recipe_hash
+        from mergetool.pipeline.rundir import recipe_hash
 
         n = 10**6
         prefix = [[l, draft.expert(draft.chains[draft.tasks[0].name][l]).group_members]

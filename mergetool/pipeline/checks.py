@@ -5,16 +5,16 @@
 
 from __future__ import annotations
 
-from mergetool.errors import MergetoolError, MultiError
+from mergetool.core.errors import MergetoolError, MultiError
 from mergetool.evaluation.data import read_split
-from mergetool.plan import Plan, build_plan
+from mergetool.models.plan import Plan, build_plan
 from mergetool.recipe.schema import Recipe
 
 SPLITS = ("validation", "test", "router")
 
 
 def check_method(recipe: Recipe) -> list[MergetoolError]:
-    from mergetool.merging import check_method as check
+    from mergetool.merge.methods import check_method as check
 
     params = dict(recipe.merge.parameters)
     weights = [m.parameters.get("weight", 1.0) for m in recipe.models]
@@ -54,7 +54,7 @@ def check_labels(recipe: Recipe, plan: Plan) -> list[MergetoolError]:
 
     from mergetool.evaluation.metrics import REGRESSION
     from mergetool.evaluation.tasks import label_names, map_labels
-    from mergetool.models import resolve_model_ref
+    from mergetool.models.source import resolve_model_ref
 
     errors: list[MergetoolError] = []
     for i, (task, entry) in enumerate(zip(plan.tasks, recipe.models)):

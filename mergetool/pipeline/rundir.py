@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from mergetool.errors import MergetoolError
+from mergetool.core.errors import MergetoolError
 from mergetool.recipe import Recipe, load_recipe, parse_recipe
 
 

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-from mergetool.errors import LibraryError, MergetoolError
+from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.library.manifest import MANIFEST, README, FileEntry, Manifest, allowed_name, parse_manifest
 
 HUB_PREFIX = "hub:"
@@ -286,9 +286,9 @@ def push(lib_dir, repo_id: str, *, private: bool = False, revision: Optional[str
 
 def open_library(ref, *, budget: Optional[float] = None, solution: Optional[int] = None, verify: bool = True):
     """A stored library from a folder, or from `hub:REPO_ID@REV` through the HF cache (always fully verified)."""
-    from mergetool.library.reader import ExpertLibrary, select_solution
+    from mergetool.library.reader import LibraryFiles, select_solution
 
     if str(ref).startswith("hub:"):
         folder, m = resolve_library(str(ref))
-        return ExpertLibrary(folder, m, select_solution(m, budget=budget, solution=solution))
-    return ExpertLibrary.load(Path(ref), budget=budget, solution=solution, verify=verify)
+        return LibraryFiles(folder, m, select_solution(m, budget=budget, solution=solution))
+    return LibraryFiles.load(Path(ref), budget=budget, solution=solution, verify=verify)

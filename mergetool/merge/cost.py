@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from mergetool.quantize import QuantizedTensor, bits_of_dtype
+from mergetool.merge.quantize import QuantizedTensor, bits_of_dtype
 
 
 def _check_width(qt: QuantizedTensor, base_bits: int) -> None:

@@ -17,7 +17,7 @@ from typing import Union
 
 import torch
 
-from mergetool.models import ModelSource
+from mergetool.models.source import ModelSource
 
 
 @lru_cache(maxsize=64)

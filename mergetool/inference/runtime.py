@@ -21,11 +21,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from mergetool.errors import LibraryError, MergetoolError
-from mergetool.compat import skip_weight_init
+from mergetool.core.errors import LibraryError, MergetoolError
+from mergetool.core.compat import skip_weight_init
 from mergetool.evaluation import stages
 from mergetool.evaluation.runner import instantiate, pick_device
-from mergetool.library.reader import ExpertLibrary as StoredLibrary
+from mergetool.library.reader import LibraryFiles
 from mergetool.routing import backbone as bb
 from mergetool.routing.features import config_from_dict, load_extractor, max_length_of, shared_prefix
 
@@ -43,7 +43,7 @@ class ExpertLibrary:
 
     chunk_size = 4096  # inputs routed and grouped together (bounds the cached prefix states)
 
-    def __init__(self, store: StoredLibrary, *, device: str = "auto", max_resident_models: int = 4,
+    def __init__(self, store: LibraryFiles, *, device: str = "auto", max_resident_models: int = 4,
                  features: Optional[tuple[str, int, Optional[str]]] = None):
         self.store, self.manifest, self.path = store, store.manifest, store.path
         self.device = pick_device(device)
@@ -65,7 +65,7 @@ class ExpertLibrary:
     def load(cls, path, device: str = "auto", *, budget: Optional[float] = None, solution: Optional[int] = None,
              verify: bool = True, max_resident_models: int = 4) -> "ExpertLibrary":
         """Open and check a library (sha256 of every file unless verify=False)."""
-        from mergetool.hub import open_library  # folders and hub:REPO@REV references
+        from mergetool.library.hub import open_library  # folders and hub:REPO@REV references
 
         return cls(open_library(path, budget=budget, solution=solution, verify=verify),
                    device=device, max_resident_models=max_resident_models)

@@ -28,7 +28,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from mergetool.errors import LibraryError, MergetoolError
+from mergetool.core.errors import LibraryError, MergetoolError
 
 Granularity = Literal["per_tensor", "per_channel"]
 Mode = Literal["conditional", "always", "never"]
@@ -217,7 +217,7 @@ def quantize(
     """Q(tensor) under `spec`. `sources` are the group's members before merging (conditional
     mode); None means the tensor is its own source (a singleton group: always quantised).
     `source_range` may replace `sources`: the mean over the sources of each unit's max − min
-    (float64), as `mergetool.streaming.unit_ranges` computes it without holding the sources.
+    (float64), as `mergetool.models.streaming.unit_ranges` computes it without holding the sources.
     `meta_dtype` is the dtype of scale/zero, normally the base model's float dtype (default:
     the tensor's). A unit whose scale or zero-point overflows meta_dtype stays unquantised."""
     gran = _effective_granularity(tensor, spec)

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from mergetool.streaming import TensorLike, numel, read
+from mergetool.models.streaming import TensorLike, numel, read
 
 CHUNK = 1 << 20  # elements per chunk
 PARALLEL = 1 << 18  # one-chunk tensors this large select their thresholds in two threads

@@ -3,7 +3,7 @@
 Every method is delegated to mergekit's in-memory API (`merge_tensors`); mergekit is imported
 lazily because its import takes seconds. mergekit's from-disk `run_merge` path is never used.
 The deterministic task-vector methods (task_arithmetic, ties, breadcrumbs, breadcrumbs_ties) run
-by default through `mergetool.fast_merge.gta_merge`, a streaming kernel that is bitwise equal to
+by default through `mergetool.merge.fast_kernels.gta_merge`, a streaming kernel that is bitwise equal to
 mergekit's `merge_tensors` (tested against it) but needs no argsort and no T-fold stacked copy;
 `merge_group(..., fast=False)` is mergekit's own path, the reference.
 
@@ -34,9 +34,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from mergetool.compat import bind_merge_parameters
-from mergetool.errors import MergetoolError
-from mergetool.streaming import TensorLike, as_tensor
+from mergetool.core.compat import bind_merge_parameters
+from mergetool.core.errors import MergetoolError
+from mergetool.models.streaming import TensorLike, as_tensor
 
 METHOD_ALIASES = {"wa": "linear", "ta": "task_arithmetic", "tm": "ties", "bc": "breadcrumbs"}
 
@@ -245,7 +245,7 @@ def merge_group(
     16-bit inputs are merged in float32; the result has `out_dtype` (default: the members'
     dtype). Non-float tensors must be equal across inputs and are passed through. Inputs may be
     `LazyTensor`s. With `fast`, deterministic task-vector methods (task_arithmetic, ties,
-    breadcrumbs, breadcrumbs_ties) run the streaming kernel of mergetool.fast_merge, which is
+    breadcrumbs, breadcrumbs_ties) run the streaming kernel of mergetool.merge.fast_kernels, which is
     bitwise equal to mergekit's; everything else goes through mergekit's `merge_tensors`.
     """
     if not members:
@@ -312,7 +312,7 @@ def _fast_merge(tensors, canonical, kwargs, ids, dtype, out_dtype, seed_key) -> 
     """The streaming kernel with mergekit's own parameter binding; None when it does not apply."""
     from mergekit.merge_methods.base import TensorGroup
 
-    from mergetool.fast_merge import fast_method, gta_merge
+    from mergetool.merge.fast_kernels import fast_method, gta_merge
 
     method = _mergekit().get(canonical)
     if not fast_method(method) or any(getattr(t, "device", torch.device("cpu")).type != "cpu" for t in tensors):

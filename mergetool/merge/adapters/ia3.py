@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mergetool.merging import merge_group
+from mergetool.merge.methods import merge_group
 
 SUFFIX = ".ia3_l"
 Ia3Slot = tuple[str, int]  # (vector name, the dim of W0 it scales: 0 rows, 1 columns)

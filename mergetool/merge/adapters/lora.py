@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mergetool.merging import lora_delta, merge_group, refactor_lora
+from mergetool.merge.methods import lora_delta, merge_group, refactor_lora
 
 LoraPair = tuple[str, str, float]  # (A name, B name, scaling)
 _A, _B = ".lora_A.weight", ".lora_B.weight"

@@ -21,7 +21,7 @@ import inspect
 from importlib import metadata
 from typing import Any, Callable, Mapping
 
-from mergetool.errors import MergetoolError
+from mergetool.core.errors import MergetoolError
 
 
 class DependencyDrift(MergetoolError):

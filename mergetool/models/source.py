@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from mergetool.errors import ModelLoadError
+from mergetool.core.errors import ModelLoadError
 
 # backbone prefixes that task heads wrap around the base model, per config model_type
 BACKBONE_PREFIXES = {
@@ -239,7 +239,7 @@ class ModelSource:
         return self._index[name][1]
 
     def location(self, name: str) -> tuple[Path, str]:
-        """(weight file, key in it) of a tensor, for readers that stream it (mergetool.streaming)."""
+        """(weight file, key in it) of a tensor, for readers that stream it (mergetool.models.streaming)."""
         return self._index[name]
 
     def close(self) -> None:

@@ -14,13 +14,14 @@ from typing import Callable, Optional
 import numpy as np
 
 from mergetool.evaluation.engine import Evaluator, default_prefix_budget
-from mergetool.experts import ExpertStore
-from mergetool.grouping import all_shared, all_singletons, canonical, key
-from mergetool.plan import Plan, build_plan, open_models
-from mergetool.quantize import QuantSpec
+from mergetool.merge.experts import ExpertStore
+from mergetool.core.grouping import all_shared, all_singletons, canonical, key
+from mergetool.models.plan import Plan, build_plan, open_models
+from mergetool.merge.quantize import QuantSpec
 from mergetool.recipe import Recipe, parse_recipe
-from mergetool.rundir import write_json_atomic
-from mergetool.search import EvalResult, SearchSettings
+from mergetool.pipeline.rundir import write_json_atomic
+from mergetool.core.results import EvalResult
+from mergetool.search import SearchSettings
 
 
 class Session:

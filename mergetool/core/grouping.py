@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from mergetool.errors import MergetoolError
+from mergetool.core.errors import MergetoolError
 
 Chain = tuple[tuple[int, ...], ...]
 

@@ -15,10 +15,10 @@ from typing import Optional
 
 import torch
 
-from mergetool.components import Classifier, adapter_module_weight, coarsen, preset_for, sort_key
-from mergetool.errors import MergetoolError, MultiError, PlanError
-from mergetool.grouping import search_space_log10
-from mergetool.models import ModelSource, open_model
+from mergetool.models.presets import Classifier, adapter_module_weight, coarsen, preset_for, sort_key
+from mergetool.core.errors import MergetoolError, MultiError, PlanError
+from mergetool.core.grouping import search_space_log10
+from mergetool.models.source import ModelSource, open_model
 from mergetool.recipe.schema import Recipe
 
 SHOW = 6  # offenders named per error line
