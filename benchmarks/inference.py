@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, commit, machine, replace_block  # noqa: E402
+
 BLOCK = "inference-benchmark"
 FEATURES = ("prefix", "base", "embeddings")
 
@@ -81,8 +82,8 @@ def prefix_grouping(plan, shared_layers: int) -> np.ndarray:
 
 def export(recipe, plan, sources, G, out: Path, features=None):
     from mergetool.library.writer import SolutionIn, export_library
-    from mergetool.recipe import parse_recipe
     from mergetool.pipeline.router_training import RouterBuilder
+    from mergetool.recipe import parse_recipe
 
     router = None
     if features:
@@ -176,9 +177,9 @@ def main(argv=None) -> int:
     from transformers.utils import logging
 
     from mergetool.evaluation.runner import pick_device
+    from mergetool.inference.runtime import ExpertLibrary
     from mergetool.models.plan import build_plan, open_models
     from mergetool.recipe import load_recipe
-    from mergetool.inference.runtime import ExpertLibrary
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()

@@ -48,10 +48,10 @@ def fmt(values: list) -> str:
 def cheapest(recipe_path: Path, device: str) -> str:
     """The least C any grouping reaches (exhaustive per component) under the recipe's conditional
     quantisation, with its validation P, and under unconditional quantisation: where G1's C goal lies."""
-    from mergetool.merge.experts import ExpertStore
     from mergetool.core.grouping import experts
-    from mergetool.pipeline.session import Session
+    from mergetool.merge.experts import ExpertStore
     from mergetool.merge.quantize import QuantSpec
+    from mergetool.pipeline.session import Session
     from mergetool.recipe import load_recipe
 
     session = Session(load_recipe(recipe_path), device=device)

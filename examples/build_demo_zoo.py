@@ -16,8 +16,8 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything
 
-from mergetool.demo import datasets, zoo  # noqa: E402
 from mergetool.core.errors import MergetoolError  # noqa: E402
+from mergetool.demo import datasets, zoo  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,9 @@ python - <<'PY'
 from mergetool.doctor import versions
 print("testing with " + ", ".join(f"{k} {v}" for k, v in versions().items()))
 PY
+# the layers (import-linter contracts in pyproject.toml) and the lint rules, before the suite
+lint-imports --no-cache --no-logo || { echo "import contracts broken (pyproject.toml [tool.importlinter])" >&2; exit 1; }
+ruff check --quiet . || { echo "ruff found problems: see above (pyproject.toml [tool.ruff])" >&2; exit 1; }
 python -m pytest -q --durations=15 "$@"
 rc=$?
 [ $rc -eq 5 ] && { echo "no tests ran: failing" >&2; exit 1; }

@@ -12,10 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
-
-from mergetool.testing.toy import make_lora_zoo, make_zoo, write_jsonl  # noqa: E402
 from hub_server import hub_server, hub_server_raw  # noqa: E402,F401  (loopback Hub fixtures)
 from routed import routed  # noqa: E402,F401  (a routed library of the trained zoo)
+
+from mergetool.testing.toy import make_lora_zoo, make_zoo, write_jsonl  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

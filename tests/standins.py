@@ -23,8 +23,14 @@ import torch
 import transformers as tf
 
 from mergetool.testing.toy import write_jsonl
-from mergetool.testing.toy_kinds import (VOCAB, make_kind_zoo, make_tiny_gpt2, write_choice_rows, write_tiny_images,
-                                 write_tiny_tokenizer)
+from mergetool.testing.toy_kinds import (
+    VOCAB,
+    make_kind_zoo,
+    make_tiny_gpt2,
+    write_choice_rows,
+    write_tiny_images,
+    write_tiny_tokenizer,
+)
 
 tf.logging.set_verbosity_error()
 tf.logging.disable_progress_bar()

@@ -14,8 +14,8 @@ import pytest
 import torch
 import transformers as tf
 
-from mergetool.evaluation.choice import choice_logprobs
 from mergetool.core.grouping import all_shared, all_singletons
+from mergetool.evaluation.choice import choice_logprobs
 from mergetool.merge.adapters.ia3 import apply_ia3, ia3_targets, merge_ia3, scaled_dim
 from mergetool.pipeline.session import Session
 from mergetool.recipe import parse_recipe
@@ -242,8 +242,8 @@ def test_ia3_cached_equals_naive_bitwise(ia3):
 
 # --- libraries of adapter experts ----------------------------------------------------------------
 def test_lora_library_predicts_what_the_search_scored(lora, tmp_path):
-    from mergetool.library.writer import SolutionIn, export_library
     from mergetool.inference.runtime import ExpertLibrary
+    from mergetool.library.writer import SolutionIn, export_library
 
     s = lora("{bits: 8, granularity: per_channel, mode: conditional}")
     G = np.array([[0, 0, 0, 0], [0, 1, 1, 0], [2, 2, 1, 2]])[:, : s.plan.L]

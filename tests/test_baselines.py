@@ -9,8 +9,16 @@ import torch
 from typer.testing import CliRunner
 
 from mergetool.baselines import refresh_summary, static
-from mergetool.baselines.dynamic import (emr_masks, emr_rescalers, emr_sums, emr_task, emr_unify, twin_delta,
-                                         twin_merge, twin_params)
+from mergetool.baselines.dynamic import (
+    emr_masks,
+    emr_rescalers,
+    emr_sums,
+    emr_task,
+    emr_unify,
+    twin_delta,
+    twin_merge,
+    twin_params,
+)
 from mergetool.cli.app import app
 from mergetool.testing.toy import trained_recipe
 
@@ -116,8 +124,8 @@ def done(trained_zoo, tmp_path_factory):
 
 
 def test_baselines_json(done):
-    from mergetool.merge.experts import ExpertStore
     from mergetool.core.grouping import all_singletons
+    from mergetool.merge.experts import ExpertStore
     from mergetool.models.plan import build_plan, open_models
     from mergetool.recipe import load_recipe
 

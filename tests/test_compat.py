@@ -13,11 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from mergetool import doctor
-
-from mergetool.core import compat
-
-from mergetool.core import envcheck
 from mergetool.cli.app import app
+from mergetool.core import compat, envcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 

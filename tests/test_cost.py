@@ -7,10 +7,27 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergetool.merge.cost import eq8_cost, mask_bytes, plain_cost, storage_cost, tensor_data_bits
-from mergetool.merge.quantize import QuantSpec, quantize, to_tensors
+from mergetool.merge.cost import mask_bytes, storage_cost, tensor_data_bits
+from mergetool.merge.quantize import QuantSpec, bits_of_dtype, quantize, to_tensors
 
 D = 1024  # a power of two keeps every cost an exact binary fraction
+
+
+def cost_of(qts, d, base_bits):
+    """C of stored quantised tensors, as the package computes it (merge/cost.py)."""
+    return storage_cost(sum(tensor_data_bits(qt, base_bits) for qt in qts), d=d, base_bits=base_bits)
+
+
+def eq8_cost(qts, d, base_bits):
+    """Eq. 8 exactly as the paper writes it: Σ b·d_u/(b⁺·d) + 2·𝟙(b < b⁺)/d per quantised unit, b⁺ per full value.
+    The reference the package's byte-exact C is checked against."""
+    bits = 0
+    for qt in qts:
+        q_values = qt.n_quantized_units * qt.unit_size
+        full_values = qt.n_units * qt.unit_size - q_values
+        full_bits = base_bits if qt.dtype.is_floating_point else bits_of_dtype(qt.dtype)
+        bits += qt.bits * q_values + 2 * base_bits * qt.n_quantized_units + full_bits * full_values
+    return bits / (base_bits * d)
 
 
 def _rand(*shape, seed=0, dtype=torch.float32):
@@ -63,7 +80,7 @@ def test_storage_cost_equals_bytes_on_disk(tmp_path, bits, granularity):
     on_disk = _disk_bytes(tmp_path, qts)
     masks = sum(mask_bytes(qt) for qt in qts)
     assert masks == 1  # only the mixed tensor stores a row mask: ceil(4 / 8) bytes
-    assert on_disk == storage_cost(qts, D, 32) * D * 32 / 8 + masks
+    assert on_disk == cost_of(qts, D, 32) * D * 32 / 8 + masks
     assert on_disk * 8 == sum(tensor_data_bits(qt, 32) for qt in qts) + 8 * masks
 
 
@@ -71,7 +88,7 @@ def test_storage_cost_bf16_base(tmp_path):
     qts = _experts(4, "per_channel", torch.bfloat16)
     assert qts[0].scale.dtype == torch.bfloat16
     on_disk = _disk_bytes(tmp_path, qts)
-    assert on_disk == storage_cost(qts, D, 16) * D * 16 / 8 + sum(mask_bytes(q) for q in qts)
+    assert on_disk == cost_of(qts, D, 16) * D * 16 / 8 + sum(mask_bytes(q) for q in qts)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -84,14 +101,14 @@ def test_eq8_by_hand_and_equal_when_no_padding(bits):
     # Mixed: 2 quantised rows of 6 values + 2 full rows of 6 values.
     assert eq8_cost([mixed], D, 32) == (12 * bits + 2 * 2 * 32 + 12 * 32) / (32 * D)
     # Unquantised tensors and the bias.
-    assert eq8_cost([plain], D, 32) == plain_cost(12, D) == 12 / D
+    assert eq8_cost([plain], D, 32) == storage_cost(12 * 32, d=D, base_bits=32) == 12 / D
     assert eq8_cost([bias], D, 32) == (7 * bits + 2 * 32) / (32 * D)
     # b·n multiple of 8 → storage equals Eq. 8 exactly (60·b, 12·b, and the plain tensor).
     for qts in ([a], [mixed], [plain], [a, mixed, plain]):
-        assert storage_cost(qts, D, 32) == eq8_cost(qts, D, 32)
+        assert cost_of(qts, D, 32) == eq8_cost(qts, D, 32)
     # Otherwise storage adds the padding of the packed stream to a whole byte.
     padding = 8 * ((35 * bits + 7) // 8) - 35 * bits
-    assert storage_cost([b], D, 32) == eq8_cost([b], D, 32) + padding / (32 * D)
+    assert cost_of([b], D, 32) == eq8_cost([b], D, 32) + padding / (32 * D)
 
 
 def test_all_singleton_quantised_costs_t_times_b_over_bplus():
@@ -107,9 +124,9 @@ def test_all_singleton_quantised_costs_t_times_b_over_bplus():
     assert all(qt.quantized for qt in qts)
     metadata = n_tasks * 2 * 2 / d  # 2 tensors per expert, scale + zero each
     assert eq8_cost(qts, d, bplus) == pytest.approx(n_tasks * bits / bplus + metadata)
-    assert storage_cost(qts, d, bplus) == eq8_cost(qts, d, bplus)
+    assert cost_of(qts, d, bplus) == eq8_cost(qts, d, bplus)
     unquantised = [quantize(t, QuantSpec(32)) for t in (_rand(16, 32), _rand(16))]
-    assert storage_cost(unquantised, d, bplus) == plain_cost(d, d) == 1.0
+    assert cost_of(unquantised, d, bplus) == storage_cost(d * bplus, d=d, base_bits=bplus) == 1.0
 
 
 def test_width_must_match_base_bits():

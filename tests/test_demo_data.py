@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mergetool.demo import datasets, zoo
 from mergetool.core.errors import MergetoolError
+from mergetool.demo import datasets, zoo
 
 EXPECTED_CLASSES = {"rt_polarity": 2, "bbc_topic": 5, "tweet_sentiment": 3, "chatterbot_language": 10}
 CAPS = {"test": 500, "validation": 300, "router": 1000, "train": 2000}

@@ -16,16 +16,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from mergetool.pipeline.checks import check_recipe
 from mergetool.cli.app import app
 from mergetool.core.errors import DataError, MergetoolError, MultiError
+from mergetool.core.grouping import all_shared, all_singletons
 from mergetool.evaluation.choice import choice_logprobs, choice_predictions, parse_choices
 from mergetool.evaluation.runner import TaskModel
-from mergetool.core.grouping import all_shared, all_singletons
+from mergetool.pipeline.checks import check_recipe
 from mergetool.pipeline.session import Session
 from mergetool.recipe import parse_recipe
-from mergetool.testing.toy_kinds import (KIND_OF, VOCAB, kind_recipe_text, make_kind_zoo, make_tiny_gpt2, make_tiny_t5,
-                                 word_id, write_choice_rows, write_tiny_images, _jsonl)
+from mergetool.testing.toy_kinds import (
+    KIND_OF,
+    VOCAB,
+    _jsonl,
+    kind_recipe_text,
+    make_kind_zoo,
+    make_tiny_gpt2,
+    make_tiny_t5,
+    word_id,
+    write_choice_rows,
+    write_tiny_images,
+)
 
 LOG_V = math.log(VOCAB)
 

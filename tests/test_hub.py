@@ -16,13 +16,12 @@ from typer.testing import CliRunner
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
+from hub_server import HubServer, hub_env, hub_offline  # noqa: E402
 from huggingface_hub import ModelCard  # noqa: E402
 
-from hub_server import HubServer, hub_env, hub_offline  # noqa: E402
-from mergetool.library import hub  # noqa: E402
 from mergetool.cli.app import app  # noqa: E402
 from mergetool.core.errors import LibraryError, MergetoolError  # noqa: E402
-from mergetool.library import ExpertLibrary  # noqa: E402
+from mergetool.library import ExpertLibrary, hub  # noqa: E402
 from mergetool.library.card import render_card  # noqa: E402
 from mergetool.library.reader import read_manifest  # noqa: E402
 from mergetool.testing.toy import make_text_zoo, recipe_text  # noqa: E402

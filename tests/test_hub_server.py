@@ -15,6 +15,15 @@ import pytest
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
+from hub_server import (  # noqa: E402,F401  (importing the fixtures registers them for this module)
+    DUMMY_TOKEN,
+    HubServer,
+    git_blob_sha1,
+    hub_env,
+    hub_offline,
+    hub_server,
+    hub_server_raw,
+)
 from huggingface_hub import (  # noqa: E402
     CommitOperationAdd,
     CommitOperationDelete,
@@ -29,16 +38,6 @@ from huggingface_hub.errors import (  # noqa: E402
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
-)
-
-from hub_server import (  # noqa: E402,F401  (importing the fixtures registers them for this module)
-    DUMMY_TOKEN,
-    HubServer,
-    git_blob_sha1,
-    hub_env,
-    hub_offline,
-    hub_server,
-    hub_server_raw,
 )
 
 pytestmark = pytest.mark.timeout(60)  # pytest-timeout (dev extra); bounds any hang

@@ -15,13 +15,13 @@ import transformers as tf
 from typer.testing import CliRunner
 
 from mergetool.cli.app import app
-from mergetool.merge.experts import ExpertStore
 from mergetool.library import LibraryFiles, load_task_state
 from mergetool.library.safetensors_io import data_bytes, read_header
 from mergetool.library.writer import SolutionIn, export_library
+from mergetool.merge.experts import ExpertStore
 from mergetool.models.plan import build_plan, open_models
-from mergetool.recipe import load_recipe
 from mergetool.pipeline.rundir import prepare_run
+from mergetool.recipe import load_recipe
 from mergetool.testing.toy import make_text_zoo, recipe_text
 
 runner = CliRunner()

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mergetool.merge.experts import ExpertStore
 from mergetool.merge.adapters.lora import lora_pairs, lowrank_refactor, merge_lora
-from mergetool.models.plan import build_plan, open_models
+from mergetool.merge.experts import ExpertStore
 from mergetool.merge.quantize import to_tensors
+from mergetool.models.plan import build_plan, open_models
 from mergetool.recipe import load_recipe
 from mergetool.testing.toy import make_lora_zoo, recipe_text, tiny_text_data
 

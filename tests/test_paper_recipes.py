@@ -12,11 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from standins import GLUE, GLUE7, LAYERS, T0_TASKS, VISION, build_paper_standins
 from typer.testing import CliRunner
 
 from mergetool.cli.app import app
 from mergetool.recipe import load_recipe
-from standins import GLUE, GLUE7, LAYERS, T0_TASKS, VISION, build_paper_standins
 
 RECIPES = Path(__file__).resolve().parent.parent / "merge_recipes"
 runner = CliRunner()

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from mergetool.models.source import ModelSource
 from mergetool.models.plan import build_plan
+from mergetool.models.source import ModelSource
 from mergetool.recipe import parse_recipe
 from mergetool.testing.toy import recipe_text
 

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from routed import invoke, write_recipe
 
 from mergetool.library import LibraryFiles
 from mergetool.library.safetensors_io import read_header
 from mergetool.routing.features import resolve, shared_prefix
 from mergetool.routing.router import Router
-from routed import invoke, write_recipe
 
 FAST = "router: {epochs: 3, max_per_task: 40}\n"
 

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from routed import invoke
 
 from mergetool.pipeline.session import Session
 from mergetool.recipe import load_recipe
-from routed import invoke
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_predict_bad_lines(routed, tmp_path):
     result, text, lines = _predict(routed, tmp_path, f'{good}\n{{oops\n{{"txt": 1}}\n[1]\n\n{good}\n', "--skip-bad")
     assert result.exit_code == 0 and "skipped 3 bad line(s)" in text, text
     assert [json.loads(x)["line"] for x in lines] == [1, 6]
-    result, text, lines = _predict(routed, tmp_path, f'{{"body": "w1 w2"}}\n', "--text-field", "body")
+    result, text, lines = _predict(routed, tmp_path, '{"body": "w1 w2"}\n', "--text-field", "body")
     assert result.exit_code == 0 and len(lines) == 1
 
 

@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 
 from mergetool.core.errors import MergetoolError
 from mergetool.core.grouping import all_shared, all_singletons
+from mergetool.merge.cost import storage_cost
 
 METHODS = ("wa", "ta", "ties", "bc", "twin", "emr")
 TWIN_RANKS = (4, 16, 64)
@@ -81,11 +82,30 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
                   twin_ranks: Sequence[int] = TWIN_RANKS, routing: str = "auto", device: str = "auto",
                   progress: Optional[Callable[[str], None]] = None) -> dict:
     """Score every baseline; tune on validation, and also score the tuned ones on test if split=test."""
-    from mergetool.baselines import static
-    from mergetool.baselines.dynamic import (EMRModel, Features, PerInputEvaluator, TwinModel, oracle_route,
-                                             train_router)
     from mergetool.pipeline.rundir import recipe_hash
 
+    _check_request(session, split, methods)
+    run = _BaselineRun(session, split == "test", resolve_routing(session, routing), progress or (lambda _: None))
+    _individual_and_pretrained(run)
+    tuned = _static(run, methods, device)
+    if "twin" in methods:
+        _twin(run, tuned["ties"], twin_ranks)
+    if "emr" in methods:
+        _emr(run)
+    p = session.plan
+    return {"split": split, "recipe_sha256": recipe_hash(session.recipe), "d": p.d, "b_plus": p.base_bits,
+            "tasks": list(p.tasks), "routing": ROUTING_NOTE[run.routing] if {"twin", "emr"} & set(methods) else None,
+            "grids": {k: v[3] for k, v in _static_module().STATIC.items()} | {"twin_rank": sorted(set(twin_ranks))},
+            "methods": run.out}
+
+
+def _static_module():
+    from mergetool.baselines import static
+
+    return static
+
+
+def _check_request(session, split: str, methods: Sequence[str]) -> None:
     if split not in SPLITS:
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")
     if session.plan.adapter:
@@ -96,119 +116,143 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
     if unknown:
         raise MergetoolError(f"unknown baseline {unknown[0]!r}", key="--methods",
                              fix=f"choose from {', '.join(METHODS)}")
-    s, p = session, session.plan
-    test = split == "test"
-    if test and not s.has_split("test"):
+    if split == "test" and not session.has_split("test"):
         raise MergetoolError("--split test needs a test split for every task", key="--split",
                              fix="add `test:` to each task of the recipe, or use --split validation")
-    routing = resolve_routing(s, routing)
-    say = progress or (lambda _: None)
-    singles, shared = all_singletons(p.T, p.L), all_shared(p.T, p.L)
-    splits = SPLITS if test else ("validation",)
-    out: list[dict] = []
 
-    def evaluate(fn, what: str):
-        say(f"{what} (validation)")
+
+class _BaselineRun:
+    """What every baseline of one `run_baselines` call shares: the session, the splits, the output rows."""
+
+    def __init__(self, session, test: bool, routing: str, say: Callable[[str], None]):
+        self.s, self.p, self.test, self.routing, self.say = session, session.plan, test, routing, say
+        self.singles, self.shared = all_singletons(self.p.T, self.p.L), all_shared(self.p.T, self.p.L)
+        self.splits = SPLITS if test else ("validation",)
+        self.out: list[dict] = []
+        self._evaluators: Optional[dict] = None
+
+    def evaluate(self, fn, what: str):
+        """fn(split) on validation and, when asked for, on test."""
+        self.say(f"{what} (validation)")
         val = fn("validation")
-        if test:
-            say(f"{what} (test)")
-        return val, fn("test") if test else None
+        if self.test:
+            self.say(f"{what} (test)")
+        return val, fn("test") if self.test else None
+
+    @property
+    def evaluators(self) -> dict:
+        if self._evaluators is None:
+            from mergetool.baselines.dynamic import PerInputEvaluator
+
+            self._evaluators = {sp: PerInputEvaluator(self.s, sp) for sp in self.splits}
+        return self._evaluators
+
+    def router_for(self, state: dict, what: str) -> tuple:
+        from mergetool.baselines.dynamic import Features, oracle_route, train_router
+
+        if self.routing == "oracle":
+            return oracle_route(self.p.T), {"kind": "oracle", "params": 0}
+        self.say(f"{what}: training the router")
+        return train_router(self.s, Features(self.s, state, self.evaluators["validation"].ev.device))
+
+    def routed(self, info: dict, accuracy: dict) -> dict:
+        return {**info, "note": ROUTING_NOTE[self.routing], "accuracy": accuracy}
+
+    def router_cost(self, info: dict) -> float:
+        return storage_cost(info["params"] * 32, d=self.p.d, base_bits=self.p.base_bits)  # an fp32 MLP
+
+
+def _individual_and_pretrained(run: _BaselineRun) -> None:
+    s, static = run.s, _static_module()
 
     def session_eval(quantized: bool):
         def fn(sp):
-            r = s.evaluator(sp, quantized=quantized).evaluate(singles)
+            r = s.evaluator(sp, quantized=quantized).evaluate(run.singles)
             return r.performance, r.per_task
         return fn
 
-    val, tst = evaluate(session_eval(False), "individual fp32")
-    out.append(_entry("Individual (fp32)", "individual", "individual",
-                      s.full_precision_store.storage_cost(singles), val, tst))
+    val, tst = run.evaluate(session_eval(False), "individual fp32")
+    run.out.append(_entry("Individual (fp32)", "individual", "individual",
+                          s.full_precision_store.storage_cost(run.singles), val, tst))
     q = s.recipe.quantization
     if q.enabled:
-        val, tst = evaluate(session_eval(True), f"individual {q.bits}-bit")
-        out.append(_entry(f"Individual ({q.bits}-bit)", f"individual_{q.bits}bit", "individual",
-                          s.store.storage_cost(singles), val, tst,
-                          {"bits": q.bits, "granularity": q.granularity, "mode": q.mode}))
-
+        val, tst = run.evaluate(session_eval(True), f"individual {q.bits}-bit")
+        run.out.append(_entry(f"Individual ({q.bits}-bit)", f"individual_{q.bits}bit", "individual",
+                              s.store.storage_cost(run.singles), val, tst,
+                              {"bits": q.bits, "granularity": q.granularity, "mode": q.mode}))
     pre = static.pretrained_store(s)
-    val, tst = evaluate(lambda sp: static.score(s, pre, shared, sp)[:2], "pre-trained")
-    out.append(_entry("Pre-trained", "pretrained", "pretrained", pre.storage_cost(shared), val, tst))
+    val, tst = run.evaluate(lambda sp: static.score(s, pre, run.shared, sp)[:2], "pre-trained")
+    run.out.append(_entry("Pre-trained", "pretrained", "pretrained", pre.storage_cost(run.shared), val, tst))
     pre.clear()
 
-    tuned: dict = {}
+
+def _static(run: _BaselineRun, methods: Sequence[str], device: str) -> dict:
+    """The tuned static merges asked for (TIES also when Twin needs it as its shared expert)."""
+    static, tuned = _static_module(), {}
     for key in [m for m in static.STATIC if m in methods or (m == "ties" and "twin" in methods)]:
-        best, rows = static.tune(s, key, device, lambda what: say(f"tuning {what}"))
+        best, rows = static.tune(run.s, key, device, lambda what: run.say(f"tuning {what}"))
         tuned[key] = best
         if key not in methods:
             continue
-        if test:
-            say(f"{key} (test)")
-        tst = static.score(s, best.store, shared, "test")[:2] if test else None
+        if run.test:
+            run.say(f"{key} (test)")
+        tst = static.score(run.s, best.store, run.shared, "test")[:2] if run.test else None
         name, method, _, grid = static.STATIC[key]
-        out.append(_entry(name, key, "static", best.storage_cost, (best.performance, best.per_task), tst,
-                          {"method": method, **best.params}, grid=rows))
+        run.out.append(_entry(name, key, "static", best.storage_cost, (best.performance, best.per_task), tst,
+                              {"method": method, **best.params}, grid=rows))
+    return tuned
 
-    evaluators = {sp: PerInputEvaluator(s, sp) for sp in splits}
 
-    def router_for(state: dict, what: str) -> tuple:
-        if routing == "oracle":
-            return oracle_route(p.T), {"kind": "oracle", "params": 0}
-        say(f"{what}: training the router")
-        return train_router(s, Features(s, state, evaluators["validation"].ev.device))
+def _twin(run: _BaselineRun, ties, twin_ranks: Sequence[int]) -> None:
+    from mergetool.baselines.dynamic import TwinModel
 
-    def routed(info: dict, accuracy: dict) -> dict:
-        return {**info, "note": ROUTING_NOTE[routing], "accuracy": accuracy}
+    p, ev = run.p, run.evaluators
+    run.say("twin: SVD of the task deltas")
+    shared_state = {}
+    for l in range(p.L):
+        shared_state.update(ties.store.expert(l, tuple(range(p.T))).dense())
+    twin = TwinModel(p, shared_state, run.s.tasks, twin_ranks)
+    route, info = run.router_for(shared_state, "twin")
+    best, rows, acc = None, [], {}
+    for r in sorted(set(twin_ranks)):
+        run.say(f"tuning twin rank {r}")
+        perf, per_task = ev["validation"].evaluate(lambda w, r=r: twin.state(w, r), route)
+        bd = twin.breakdown(r)
+        rows.append({"rank": r, "performance": perf, "storage_cost": bd["shared"] + bd["per_task"]})
+        if best is None or perf > best[1]:
+            best = (r, perf, per_task)
+    acc["validation"] = ev["validation"].routing_accuracy
+    r, tst = best[0], None
+    if run.test:
+        run.say("twin (test)")
+        tst = ev["test"].evaluate(lambda w: twin.state(w, r), route)
+        acc["test"] = ev["test"].routing_accuracy
+    bd = {**twin.breakdown(r), "router": run.router_cost(info)}
+    run.out.append(_entry("Twin-Merging", "twin", "dynamic", bd["shared"] + bd["per_task"] + bd["router"],
+                          best[1:], tst, {"rank": r, "shared": {"method": "ties", **ties.params}},
+                          grid=rows, storage_breakdown=bd, routing=run.routed(info, acc)))
 
-    router_cost = lambda info: info["params"] * 32 / (p.base_bits * p.d)  # noqa: E731  (fp32 MLP)
-    if "twin" in methods:
-        ties = tuned["ties"]
-        say("twin: SVD of the task deltas")
-        shared_state = {}
-        for l in range(p.L):
-            shared_state.update(ties.store.expert(l, tuple(range(p.T))).dense())
-        twin = TwinModel(p, shared_state, s.tasks, twin_ranks)
-        route, info = router_for(shared_state, "twin")
-        best, rows, acc = None, [], {}
-        for r in sorted(set(twin_ranks)):
-            say(f"tuning twin rank {r}")
-            perf, per_task = evaluators["validation"].evaluate(lambda w, r=r: twin.state(w, r), route)
-            bd = twin.breakdown(r)
-            rows.append({"rank": r, "performance": perf, "storage_cost": bd["shared"] + bd["per_task"]})
-            if best is None or perf > best[1]:
-                best = (r, perf, per_task)
-        acc["validation"] = evaluators["validation"].routing_accuracy
-        r = best[0]
-        if test:
-            say("twin (test)")
-            tst = evaluators["test"].evaluate(lambda w: twin.state(w, r), route)
-            acc["test"] = evaluators["test"].routing_accuracy
-        bd = {**twin.breakdown(r), "router": router_cost(info)}
-        out.append(_entry("Twin-Merging", "twin", "dynamic", bd["shared"] + bd["per_task"] + bd["router"],
-                          best[1:], tst if test else None, {"rank": r, "shared": {"method": "ties", **ties.params}},
-                          grid=rows, storage_breakdown=bd, routing=routed(info, acc)))
-        del twin, shared_state
-    if "emr" in methods:
-        say("emr: unified vector, masks, rescalers")
-        emr = EMRModel(p, s.base, s.tasks)
-        route, info = router_for(emr.pre, "emr")
-        acc = {}
 
-        def run(sp):
-            r = evaluators[sp].evaluate(emr.state, route, key=emr.key)
-            acc[sp] = evaluators[sp].routing_accuracy
-            return r
+def _emr(run: _BaselineRun) -> None:
+    from mergetool.baselines.dynamic import EMRModel
 
-        val, tst = evaluate(run, "emr")
-        bd = {**emr.breakdown(), "router": router_cost(info)}
-        cost = bd["pretrained"] + bd["unified"] + bd["masks"] + bd["rescalers"] + bd["router"]
-        bd["paper_convention"] += bd["router"]
-        out.append(_entry("EMR-Merging", "emr", "dynamic", cost, val, tst,
-                          {"rescalers": dict(zip(p.tasks, emr.rescalers))}, storage_breakdown=bd,
-                          routing=routed(info, acc)))
-    return {"split": split, "recipe_sha256": recipe_hash(s.recipe), "d": p.d, "b_plus": p.base_bits,
-            "tasks": list(p.tasks), "routing": ROUTING_NOTE[routing] if {"twin", "emr"} & set(methods) else None,
-            "grids": {k: v[3] for k, v in static.STATIC.items()} | {"twin_rank": sorted(set(twin_ranks))},
-            "methods": out}
+    run.say("emr: unified vector, masks, rescalers")
+    emr = EMRModel(run.p, run.s.base, run.s.tasks)
+    route, info = run.router_for(emr.pre, "emr")
+    acc = {}
+
+    def score(sp):
+        r = run.evaluators[sp].evaluate(emr.state, route, key=emr.key)
+        acc[sp] = run.evaluators[sp].routing_accuracy
+        return r
+
+    val, tst = run.evaluate(score, "emr")
+    bd = {**emr.breakdown(), "router": run.router_cost(info)}
+    cost = bd["pretrained"] + bd["unified"] + bd["masks"] + bd["rescalers"] + bd["router"]
+    bd["paper_convention"] += bd["router"]
+    run.out.append(_entry("EMR-Merging", "emr", "dynamic", cost, val, tst,
+                          {"rescalers": dict(zip(run.p.tasks, emr.rescalers))}, storage_breakdown=bd,
+                          routing=run.routed(info, acc)))
 
 
 def refresh_summary(session, run_dir: Path, baselines: dict) -> Optional[Path]:

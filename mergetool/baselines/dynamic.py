@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from mergetool.evaluation.runner import TaskModel
+from mergetool.merge.cost import storage_cost
 
 Route = Callable[[int, dict], np.ndarray]
 
@@ -153,10 +154,12 @@ class TwinModel:
                 for n, s in self.shared.items()}
 
     def breakdown(self, rank: int) -> dict:
-        d, T = self.plan.d, self.plan.T
+        """C of each stored part (merge/cost.py): the shared expert and the per-task rank-r deltas, at b⁺."""
+        b, T = self.plan.base_bits, self.plan.T
+        c = lambda params: storage_cost(params * b, d=self.plan.d, base_bits=b)  # noqa: E731
         shared = sum(s.numel() for s in self.shared.values())
         per_task = sum(twin_params(s.shape, rank) for s in self.shared.values())
-        return {"shared": shared / d, "per_task": T * per_task / d, "per_task_each": per_task / d}
+        return {"shared": c(shared), "per_task": c(T * per_task), "per_task_each": c(per_task)}
 
 
 class EMRModel:
@@ -185,11 +188,14 @@ class EMRModel:
         return {n: emr_task(p, self.uni[n], self.masks[s][n], self.rescalers[s]) for n, p in self.pre.items()}
 
     def breakdown(self) -> dict:
-        d, T, b = self.plan.d, self.plan.T, self.plan.base_bits
+        """C of each stored part (merge/cost.py): θ_pre and the unified vector at b⁺, T bit-packed masks,
+        T rescalers."""
+        T, b = self.plan.T, self.plan.base_bits
+        c = lambda bits: storage_cost(bits, d=self.plan.d, base_bits=b)  # noqa: E731
         n = sum(p.numel() for p in self.pre.values())
-        masks = T * sum(_packed_bits(p.numel()) for p in self.pre.values()) / (b * d)
-        return {"pretrained": n / d, "unified": n / d, "masks": masks, "rescalers": T / d,
-                "paper_convention": n / d + masks + T / d}
+        masks = c(T * sum(_packed_bits(p.numel()) for p in self.pre.values()))
+        return {"pretrained": c(n * b), "unified": c(n * b), "masks": masks, "rescalers": c(T * b),
+                "paper_convention": c(n * b) + masks + c(T * b)}
 
 
 # --- routing ------------------------------------------------------------------------------------
@@ -299,6 +305,6 @@ class PerInputEvaluator:
                     outs.append(torch.stack(out))
                     if progress:
                         progress()
-            per_task[name] = self.ev._score(t, torch.cat(outs).numpy())
+            per_task[name] = self.ev.score_outputs(t, torch.cat(outs).numpy())
         self.routing_accuracy = right / total if total else None
         return float(np.mean(list(per_task.values()))), per_task

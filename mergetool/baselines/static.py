@@ -16,9 +16,9 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from mergetool.core.grouping import all_shared
 from mergetool.merge.cost import tensor_data_bits
 from mergetool.merge.experts import Expert, ExpertStore
-from mergetool.core.grouping import all_shared
 from mergetool.merge.quantize import QuantSpec, quantize
 from mergetool.recipe import MergeConfig, QuantizationConfig
 

@@ -6,13 +6,9 @@ from typing import Annotated
 
 import typer
 
-from mergetool.core.version import __version__
-from mergetool.cli import library_cmds, recipe_cmds, search_cmds
-from mergetool.cli import hub_cmds
-from mergetool.cli import baselines_cmds
-from mergetool.cli import runtime_cmds
-from mergetool.cli import doctor_cmds
+from mergetool.cli import baselines_cmds, doctor_cmds, hub_cmds, library_cmds, recipe_cmds, runtime_cmds, search_cmds
 from mergetool.cli._errors import set_debug
+from mergetool.core.version import __version__
 
 app = typer.Typer(
     name="mergetool",

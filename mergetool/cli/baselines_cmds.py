@@ -33,10 +33,10 @@ def baselines(
     import json
 
     from mergetool.baselines import ROUTINGS, SPLITS, count_steps, refresh_summary, resolve_routing, run_baselines
-    from mergetool.pipeline.checks import check_recipe
     from mergetool.core.errors import MergetoolError
-    from mergetool.pipeline.session import Session
+    from mergetool.pipeline.checks import check_recipe
     from mergetool.pipeline.rundir import recipe_hash, resolve_run, write_json_atomic
+    from mergetool.pipeline.session import Session
 
     if split not in SPLITS:
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")

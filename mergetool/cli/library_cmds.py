@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from mergetool.cli._errors import handles_errors
+from mergetool.core.budget import best_within
 from mergetool.core.errors import LibraryError, MergetoolError
 
 RunArg = Annotated[Optional[Path], typer.Argument(
@@ -83,13 +84,10 @@ def _front(run_dir: Path) -> list[dict]:
     return front
 
 
-def _pick(front: list[dict], budget: float) -> dict:
+def _pick(front: list[dict], budget: Optional[float]) -> dict:
     from mergetool.search.front import pick
 
-    scored = [{**r, "performance": r.get("performance") if r.get("performance") is not None else float("-inf")}
-              for r in front]
-    best = pick(scored, budget)
-    return next(r for r in front if r["id"] == best["id"])
+    return pick(front, budget)
 
 
 @handles_errors
@@ -159,8 +157,7 @@ def export(
                 raise LibraryError(f"front solution {r['id']}: {e.message}", key="front.json", fix=e.fix) from None
             sols.append(SolutionIn(G, id=r["id"], performance=r.get("performance"), per_task=r.get("per_task"),
                                    expected_cost=r["storage_cost"]))
-        perf = [s.performance if s.performance is not None else float("-inf") for s in sols]
-        default = max(range(len(sols)), key=lambda i: (perf[i], -sols[i].expected_cost))
+        default = best_within(sols, None, cost=lambda s: s.expected_cost, performance=lambda s: s.performance)
     m = export_library(recipe, plan, sources, sols, Path(out), shard_size=size, force=force, default=default,
                        budget=None if all_ else B, progress=say, router=router)
     s = m.solutions[m.default_solution]
@@ -183,8 +180,8 @@ def inspect(
     solution: SolutionOpt = None,
 ) -> None:
     """Show an expert library: tasks, components, groups, chains, storage (computed and on disk)."""
-    from mergetool.library.hub import open_library
     from mergetool.library.card import group_letters
+    from mergetool.library.hub import open_library
 
     L = open_library(lib, verify=verify, solution=solution)
     m, s = L.manifest, L.solution
@@ -283,8 +280,8 @@ def export_model(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder.")] = False,
 ) -> None:
     """Write one task's chain, dequantised, as a plain Hugging Face checkpoint."""
-    from mergetool.library.hub import open_library
     from mergetool.library.export_model import export_model as run
+    from mergetool.library.hub import open_library
 
     B = parse_budget(budget)
     path = run(open_library(lib, budget=B, solution=solution), task, out, force=force)

@@ -171,10 +171,10 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
+    from mergetool.inference.runtime import ExpertLibrary
+    from mergetool.pipeline.rundir import write_json_atomic
     from mergetool.recipe import load_recipe, parse_recipe
     from mergetool.routing.evaluate import evaluate_library
-    from mergetool.pipeline.rundir import write_json_atomic
-    from mergetool.inference.runtime import ExpertLibrary
 
     if split not in ("test", "validation"):
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use test or validation")

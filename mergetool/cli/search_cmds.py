@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mergetool.cli._errors import handles_errors
+from mergetool.core.errors import MergetoolError
 
 BUDGETS = (0.25, 0.5, 1.0, 2.0)
 
@@ -32,9 +33,9 @@ def search(
 ) -> None:
     """Search Pareto-optimal groupings G (surrogate-assisted NSGA-II) and write RUN/search/."""
     from mergetool.pipeline.checks import check_recipe
+    from mergetool.pipeline.rundir import prepare_run
     from mergetool.pipeline.session import MergeProblem, Session, references, settings_for, test_scores, write_summary
     from mergetool.recipe import load_recipe
-    from mergetool.pipeline.rundir import prepare_run
     from mergetool.search import run_search
     from mergetool.search.executors import make_executor
 
@@ -88,8 +89,6 @@ def front(
     run_dir, _ = resolve_run(run)
     path = run_dir / "search" / "front.json"
     if not path.is_file():
-        from mergetool.core.errors import MergetoolError
-
         raise MergetoolError(f"no front in {run_dir}", key="RUN", fix="run `mergetool search RECIPE` first")
     fr = json.loads(path.read_text())
     _print_front(Console(), fr, _read(run_dir / "search" / "reference.json"))
@@ -102,8 +101,9 @@ def _override(r, evaluations, seed, no_surrogate, init, granularity, crossover=N
                                 "surrogate": "none" if no_surrogate else None}.items() if v is not None}
     if not search and not granularity:
         return r
-    from mergetool.recipe.loader import parse_recipe
     import yaml
+
+    from mergetool.recipe.loader import parse_recipe
 
     data = yaml.safe_load(r.text)
     data.setdefault("search", {}).update(search)
@@ -129,8 +129,8 @@ def _print_front(console: Console, fr: list[dict], refs: Optional[dict]) -> None
     for b in BUDGETS:
         try:
             picks.setdefault(pick(fr, b)["id"], []).append(f"{b:g}")
-        except Exception:  # nothing fits that budget
-            pass
+        except MergetoolError:  # nothing on the front fits that budget: no pick to show
+            continue
     for f in sorted(fr, key=lambda f: f["storage_cost"]):
         tasks = " ".join(f"{k}={v:.3f}" for k, v in f["per_task"].items())
         table.add_row(str(f["id"]), f"{f['storage_cost']:.4f}", f"{f['performance']:.4f}", tasks,

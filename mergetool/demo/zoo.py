@@ -24,8 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
-from mergetool.demo import datasets
 from mergetool.core.errors import MergetoolError
+from mergetool.demo import datasets
 
 ZOO_FORMAT = 1
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

@@ -19,13 +19,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mergetool.evaluation.metrics import score
-from mergetool.evaluation.runner import TaskModel, adapter_config, pick_device
-from mergetool.evaluation.choice import choice_score
-from mergetool.evaluation.tasks import TaskData, task_data
-from mergetool.merge.experts import ExpertStore
 from mergetool.core.grouping import chain_key, members
 from mergetool.core.results import EvalResult
+from mergetool.evaluation.choice import choice_score
+from mergetool.evaluation.metrics import score
+from mergetool.evaluation.runner import TaskModel, adapter_config, pick_device
+from mergetool.evaluation.tasks import TaskData, task_data
+from mergetool.merge.experts import ExpertStore
 
 
 class Evaluator:
@@ -75,7 +75,7 @@ class Evaluator:
             return self._memo[key]
         self.counts["memo_misses"] += 1
         outputs = self._run(G, t)
-        value = self._score(t, outputs)
+        value = self.score_outputs(t, outputs)
         if self.use_memo:
             self._memo[key] = value
         return value
@@ -170,7 +170,8 @@ class Evaluator:
         self._prefix[key] = states
         self._prefix_bytes += size
 
-    def _score(self, t: int, outputs: np.ndarray) -> float:
+    def score_outputs(self, t: int, outputs: np.ndarray) -> float:
+        """Task t's metric on the model outputs for its split, in the split's order."""
         data = self.data[t]
         cfg = self.recipe.tasks[data.name]
         if cfg.kind == "custom":

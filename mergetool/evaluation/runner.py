@@ -29,9 +29,9 @@ from mergetool.core.compat import skip_weight_init
 from mergetool.core.errors import MergetoolError
 from mergetool.evaluation.choice import TARGET_KEYS, choice_logprobs
 from mergetool.evaluation.stages import staging
+from mergetool.models.plan import Plan
 from mergetool.models.presets import adapter_module_weight
 from mergetool.models.source import PEFT_PREFIX, ModelSource
-from mergetool.models.plan import Plan
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -21,8 +21,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.core.compat import skip_weight_init
+from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.evaluation import stages
 from mergetool.evaluation.runner import instantiate, pick_device
 from mergetool.library.reader import LibraryFiles
@@ -216,6 +216,10 @@ class ExpertLibrary:
         return out
 
     # --- routing --------------------------------------------------------------------------------
+    def use_router(self, router) -> None:
+        """Route with `router` (a trained `routing.router.Router`) instead of the library's stored one."""
+        self._router = router.to(self.device)
+
     def _load_router(self):
         if self._router is None:
             from mergetool.routing.router import Router

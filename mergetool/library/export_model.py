@@ -10,7 +10,7 @@ from mergetool.core.errors import LibraryError
 from mergetool.library.manifest import TOKENIZER_FILES
 from mergetool.library.reader import LibraryFiles
 from mergetool.library.safetensors_io import StreamWriter
-from mergetool.library.writer import EXTRA_FILES, swap_in, make_tmp
+from mergetool.library.writer import EXTRA_FILES, make_tmp, swap_in
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from mergetool.core.budget import best_within
 from mergetool.core.errors import LibraryError
 from mergetool.library.manifest import MANIFEST, Manifest, Solution, StoredTensor, allowed_name, parse_manifest
 from mergetool.library.safetensors_io import data_bytes, read_header
@@ -88,13 +89,8 @@ def select_solution(m: Manifest, *, budget: Optional[float] = None, solution: Op
                            fix=f"use one of {', '.join(str(s.id) for s in m.solutions)}")
     if budget is None:
         return m.default_solution
-    fits = [i for i, s in enumerate(m.solutions) if s.storage.storage_cost <= budget]
-    if not fits:
-        cheapest = min(s.storage.storage_cost for s in m.solutions)
-        raise LibraryError(f"no solution in this library fits budget {budget:g}; the smallest C is {cheapest:.6g}",
-                           key="budget", fix=f"raise the budget to at least {cheapest:.6g}")
-    perf = lambda s: float("-inf") if s.performance is None else s.performance  # noqa: E731
-    return min(fits, key=lambda i: (-perf(m.solutions[i]), m.solutions[i].storage.storage_cost, i))
+    return best_within(m.solutions, budget, cost=lambda s: s.storage.storage_cost, performance=lambda s: s.performance,
+                       what="solution in this library", error=LibraryError)
 
 
 class LibraryFiles:
@@ -136,7 +132,7 @@ class LibraryFiles:
             read_header(self.path / shard)
             try:
                 self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own and OS errors: all mean unreadable
                 raise _fail(f"cannot read {shard}: {exc}", self.path / shard) from None
         return self._handles[shard]
 

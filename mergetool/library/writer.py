@@ -21,19 +21,37 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from mergetool.core.version import __version__
 from mergetool.core.errors import LibraryError
+from mergetool.core.grouping import canonical
+from mergetool.core.grouping import experts as expert_keys
+from mergetool.core.grouping import members as group_members
+from mergetool.core.version import __version__
 from mergetool.evaluation.runner import adapter_layout
-from mergetool.merge.experts import ExpertStore
-from mergetool.core.grouping import canonical, experts as expert_keys, members as group_members
 from mergetool.library.card import render_card
-from mergetool.library.manifest import (MANIFEST, README, TOKENIZER_FILES, AdapterSlot, Base, Component, Expert,
-                                        FileEntry, FrozenBase, Manifest, RouterInfo, Solution, Storage,
-                                        StoredTensor, Task, parse_manifest)
+from mergetool.library.manifest import (
+    MANIFEST,
+    README,
+    TOKENIZER_FILES,
+    AdapterSlot,
+    Base,
+    Component,
+    Expert,
+    FileEntry,
+    FrozenBase,
+    Manifest,
+    RouterInfo,
+    Solution,
+    Storage,
+    StoredTensor,
+    Task,
+    parse_manifest,
+)
 from mergetool.library.safetensors_io import ShardSet, StreamWriter
-from mergetool.models.source import ModelSource
-from mergetool.models.plan import Plan
+from mergetool.merge.cost import storage_cost
+from mergetool.merge.experts import ExpertStore
 from mergetool.merge.quantize import to_tensors
+from mergetool.models.plan import Plan
+from mergetool.models.source import ModelSource
 from mergetool.recipe.schema import Recipe
 
 EXTRA_FILES = ("preprocessor_config.json", "generation_config.json")
@@ -126,116 +144,56 @@ def swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass
+class _Job:
+    """One export: what is written, where, and how."""
+
+    recipe: Recipe
+    plan: Plan
+    base: ModelSource
+    tasks: Sequence[ModelSource]
+    tmp: Path
+    shard_size: int
+    say: Callable[[str], None]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.plan.tasks)
+
+    def release(self) -> None:
+        for src in (self.base, *self.tasks):
+            _release(src)  # pages mapped by earlier reads (e.g. the plan's value checks)
+
+
 def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, budget, say, router=None) -> Manifest:
-    base, tasks = sources
-    names = list(plan.tasks)
-    for src in (base, *tasks):
-        _release(src)  # pages mapped by earlier reads (e.g. the plan's value checks)
-    store = ExpertStore(recipe, plan, base, tasks, cache_bytes=0)  # stream: one expert at a time
+    job = _Job(recipe, plan, sources[0], sources[1], tmp, shard_size, say)
+    job.release()
+    store = ExpertStore(recipe, plan, job.base, job.tasks, cache_bytes=0)  # stream: one expert at a time
     Gs = [canonical(s.grouping) for s in solutions]
-
-    # experts, component by component; an expert shared by several solutions is stored once
-    shards = ShardSet(tmp, "experts", shard_size)
-    raw: list[dict] = []
-    ids: dict[tuple, str] = {}
-    for l, comp in enumerate(plan.components):
-        keys = []
-        for G in Gs:
-            keys += [k for k in expert_keys(G) if k[0] == l and k not in keys]
-        for key in keys:
-            eid = f"e{len(raw)}"
-            ids[key] = eid
-            e = store.expert(*key)
-            tensors, written = {}, 0
-            for name, qt in e.tensors.items():
-                parts = to_tensors(qt, f"{eid}/{name}")
-                idx = shards.add_group(parts)
-                written += sum(t.numel() * t.element_size() for t in parts.values())
-                tensors[name] = dict(shard=idx, prefix=f"{eid}/{name}", **qt.info())
-            if written * 8 != e.bits + 8 * e.mask_bytes:  # C must be the truth about the bytes
-                raise AssertionError(f"expert {eid}: {written} bytes written, {e.bits / 8 + e.mask_bytes} counted")
-            slots = {w: AdapterSlot(a=a, b=b, scaling=s) for w, (a, b, s) in e.lora.items()}
-            slots.update({w: AdapterSlot(vector=v, dim=d) for w, (v, d) in e.ia3.items()})
-            raw.append(dict(id=eid, component=l, group_members=[names[t] for t in key[1]],
-                            tensors=tensors, data_bits=e.bits, mask_bytes=e.mask_bytes, adapter=slots))
-            del e
-        for src in (base, *tasks):
-            _release(src)
-        say(f"component {l + 1}/{plan.L} {comp.name}: {len(keys)} expert(s)")
-    shard_names = shards.close()
-    for r in raw:
-        for info in r["tensors"].values():
-            info["shard"] = shard_names[info["shard"]]
-    experts = [Expert(**r) for r in raw]
-
-    # task-specific tensors (heads) per task, non-float buffers once
-    task_entries, head_bytes, frozen_names = [], 0, set()
-    for t, src in enumerate(tasks):
-        own = {n: v for n, v in store.own_tensors(t).items() if n not in plan.buffers}
-        heads = {}
-        if own:
-            fname = f"heads-{names[t]}.safetensors"
-            w = StreamWriter(tmp / fname)
-            for n, v in own.items():
-                w.add(n, v)
-                heads[n] = StoredTensor(shard=fname, prefix=n, shape=list(v.shape), dtype=_dt(v),
-                                        bits=v.element_size() * 8, granularity="per_tensor", keys=[""])
-            head_bytes += w.close()
-        cfg_name = f"config-{names[t]}.json"
-        if plan.adapter:  # no config.json: the base's, with the task's labels and architecture
-            config, original = adapter_layout(plan, src, base, recipe.tasks[names[t]].kind)
-            (tmp / cfg_name).write_text(json.dumps(config, indent=1), encoding="utf-8")
-            frozen_names.update(n for n in original if n in base and n not in own)
-        else:
-            config = src.config
-            shutil.copyfile(src.path / "config.json", tmp / cfg_name)
-            used = [n for c in plan.components for n in c.tensors] + list(own) + list(plan.buffers)
-            original = {n: src.original_name(n) for n in used if n in src}
-        arch = (config.get("architectures") or [None])[0]
-        task_entries.append(Task(name=names[t], config=cfg_name, architecture=arch,
-                                 labels=_labels(config), heads=heads, original_names=original))
-    buffers = {}
-    if plan.buffers:
-        w = StreamWriter(tmp / "buffers.safetensors")
-        for n in plan.buffers:
-            v = tasks[0].get(n)
-            w.add(n, v)
-            buffers[n] = StoredTensor(shard="buffers.safetensors", prefix=n, shape=list(v.shape), dtype=_dt(v),
-                                      bits=v.element_size() * 8, granularity="per_tensor", keys=[""])
-        w.close()
-
-    frozen = _write_frozen(base, sorted(frozen_names), tmp, shard_size) if plan.adapter else None
-
+    experts, ids = _write_experts(job, store, Gs)
+    task_entries, head_bytes, frozen_names = _write_tasks(job, store)
+    buffers = _write_buffers(job)
+    frozen = _write_frozen(job.base, sorted(frozen_names), tmp, shard_size) if plan.adapter else None
     # configs and tokenizer: the library runs without the original models
-    shutil.copyfile(base.path / "config.json", tmp / "config.json")
-    _copy_tokenizer([s.path for s in tasks] + [base.path], tmp)
+    shutil.copyfile(job.base.path / "config.json", tmp / "config.json")
+    _copy_tokenizer([s.path for s in job.tasks] + [job.base.path], tmp)
 
     by_id = {e.id: e for e in experts}
 
     def storage(eids) -> Storage:
         bits = sum(by_id[i].data_bits for i in eids)
         masks = sum(by_id[i].mask_bytes for i in eids)
-        once = 1.0 if plan.adapter else 0.0  # the frozen base of an adapter zoo, as the search counts it
-        return Storage(d=plan.d, base_bits=plan.base_bits, storage_cost=once + bits / (plan.base_bits * plan.d),
-                       storage_cost_with_heads=once + (bits + 8 * head_bytes) / (plan.base_bits * plan.d),
+        frozen_base = bool(plan.adapter)  # the frozen base of an adapter zoo, as the search counts it
+        return Storage(d=plan.d, base_bits=plan.base_bits,
+                       storage_cost=storage_cost(bits, d=plan.d, base_bits=plan.base_bits, frozen_base=frozen_base),
+                       storage_cost_with_heads=storage_cost(bits + 8 * head_bytes, d=plan.d, base_bits=plan.base_bits,
+                                                            frozen_base=frozen_base),
                        expert_data_bytes=bits // 8 + masks, mask_bytes=masks, head_data_bytes=head_bytes)
 
-    sols = []
-    for s, G in zip(solutions, Gs):
-        chains = {names[t]: [ids[(l, group_members(G, t, l))] for l in range(plan.L)] for t in range(plan.T)}
-        st = storage({ids[k] for k in expert_keys(G)})
-        if s.expected_cost is not None and abs(st.storage_cost - s.expected_cost) > 1e-9 * max(1.0, s.expected_cost):
-            raise LibraryError(f"solution {s.id}: the experts cost C = {st.storage_cost:.6g}, but front.json says "
-                               f"{s.expected_cost:.6g}", key="front.json",
-                               fix="the run was searched with another recipe; re-run the search or use --grouping")
-        if budget is not None and st.storage_cost > budget:
-            raise LibraryError(f"the chosen solution costs C = {st.storage_cost:.6g} > budget {budget:g}",
-                               key="--budget", fix=f"raise the budget to at least {st.storage_cost:.6g}")
-        sols.append(Solution(id=s.id, grouping=G.tolist(), performance=s.performance, per_task=s.per_task,
-                             chains=chains, storage=st))
-
+    sols = [_solution(job, s, G, ids, storage, budget) for s, G in zip(solutions, Gs)]
     components = [Component(name=c.name, kind=c.kind, layer=c.layer, params=c.params,
-                            tensors={n: list(tasks[0].meta(n).shape) for n in c.tensors}) for c in plan.components]
+                            tensors={n: list(job.tasks[0].meta(n).shape) for n in c.tensors})
+                  for c in plan.components]
     all_storage = storage(by_id)
     draft = Manifest(
         format_version=1, mergetool_version=__version__,
@@ -247,6 +205,108 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
         merge={"method": store.method, "parameters": dict(recipe.merge.parameters)},
         recipe=recipe.text, router=None, files={},
         adapter=FrozenBase(type=plan.adapter["type"], tensors=frozen) if plan.adapter else None)
+    return _finish(tmp, draft, router)
+
+
+def _write_experts(job: _Job, store: ExpertStore, Gs) -> tuple[list[Expert], dict[tuple, str]]:
+    """Every expert of every solution, component by component; one shared by several solutions is stored once."""
+    shards = ShardSet(job.tmp, "experts", job.shard_size)
+    raw: list[dict] = []
+    ids: dict[tuple, str] = {}
+    for l, comp in enumerate(job.plan.components):
+        keys = []
+        for G in Gs:
+            keys += [k for k in expert_keys(G) if k[0] == l and k not in keys]
+        for key in keys:
+            ids[key] = f"e{len(raw)}"
+            raw.append(_write_expert(job, store.expert(*key), ids[key], key, shards))
+        job.release()
+        job.say(f"component {l + 1}/{job.plan.L} {comp.name}: {len(keys)} expert(s)")
+    shard_names = shards.close()
+    for r in raw:
+        for info in r["tensors"].values():
+            info["shard"] = shard_names[info["shard"]]
+    return [Expert(**r) for r in raw], ids
+
+
+def _write_expert(job: _Job, e, eid: str, key: tuple, shards: ShardSet) -> dict:
+    tensors, written = {}, 0
+    for name, qt in e.tensors.items():
+        parts = to_tensors(qt, f"{eid}/{name}")
+        idx = shards.add_group(parts)
+        written += sum(t.numel() * t.element_size() for t in parts.values())
+        tensors[name] = dict(shard=idx, prefix=f"{eid}/{name}", **qt.info())
+    if written * 8 != e.bits + 8 * e.mask_bytes:  # C must be the truth about the bytes
+        raise LibraryError(f"expert {eid}: {written} bytes written, {e.bits / 8 + e.mask_bytes} counted",
+                           key="experts", fix="this is a bug in mergetool's cost accounting; please report it")
+    slots = {w: AdapterSlot(a=a, b=b, scaling=s) for w, (a, b, s) in e.lora.items()}
+    slots.update({w: AdapterSlot(vector=v, dim=d) for w, (v, d) in e.ia3.items()})
+    return dict(id=eid, component=key[0], group_members=[job.names[t] for t in key[1]],
+                tensors=tensors, data_bits=e.bits, mask_bytes=e.mask_bytes, adapter=slots)
+
+
+def _write_tasks(job: _Job, store: ExpertStore) -> tuple[list[Task], int, set]:
+    """Per task: its own tensors (heads), its config and original tensor names."""
+    plan, names, base = job.plan, job.names, job.base
+    task_entries, head_bytes, frozen_names = [], 0, set()
+    for t, src in enumerate(job.tasks):
+        own = {n: v for n, v in store.own_tensors(t).items() if n not in plan.buffers}
+        heads = {}
+        if own:
+            fname = f"heads-{names[t]}.safetensors"
+            heads, data = _write_plain(job.tmp / fname, own)
+            head_bytes += data
+        cfg_name = f"config-{names[t]}.json"
+        if plan.adapter:  # no config.json: the base's, with the task's labels and architecture
+            config, original = adapter_layout(plan, src, base, job.recipe.tasks[names[t]].kind)
+            (job.tmp / cfg_name).write_text(json.dumps(config, indent=1), encoding="utf-8")
+            frozen_names.update(n for n in original if n in base and n not in own)
+        else:
+            config = src.config
+            shutil.copyfile(src.path / "config.json", job.tmp / cfg_name)
+            used = [n for c in plan.components for n in c.tensors] + list(own) + list(plan.buffers)
+            original = {n: src.original_name(n) for n in used if n in src}
+        arch = (config.get("architectures") or [None])[0]
+        task_entries.append(Task(name=names[t], config=cfg_name, architecture=arch,
+                                 labels=_labels(config), heads=heads, original_names=original))
+    return task_entries, head_bytes, frozen_names
+
+
+def _write_plain(path: Path, tensors: dict) -> tuple[dict[str, StoredTensor], int]:
+    """Unquantised tensors into one safetensors file; their manifest entries and data bytes."""
+    w = StreamWriter(path)
+    entries = {}
+    for n, v in tensors.items():
+        w.add(n, v)
+        entries[n] = StoredTensor(shard=path.name, prefix=n, shape=list(v.shape), dtype=_dt(v),
+                                  bits=v.element_size() * 8, granularity="per_tensor", keys=[""])
+    return entries, w.close()
+
+
+def _write_buffers(job: _Job) -> dict[str, StoredTensor]:
+    """Non-float buffers, equal in every model (checked by the plan), stored once."""
+    if not job.plan.buffers:
+        return {}
+    return _write_plain(job.tmp / "buffers.safetensors", {n: job.tasks[0].get(n) for n in job.plan.buffers})[0]
+
+
+def _solution(job: _Job, s, G, ids: dict, storage: Callable, budget: Optional[float]) -> Solution:
+    plan, names = job.plan, job.names
+    chains = {names[t]: [ids[(l, group_members(G, t, l))] for l in range(plan.L)] for t in range(plan.T)}
+    st = storage({ids[k] for k in expert_keys(G)})
+    if s.expected_cost is not None and abs(st.storage_cost - s.expected_cost) > 1e-9 * max(1.0, s.expected_cost):
+        raise LibraryError(f"solution {s.id}: the experts cost C = {st.storage_cost:.6g}, but front.json says "
+                           f"{s.expected_cost:.6g}", key="front.json",
+                           fix="the run was searched with another recipe; re-run the search or use --grouping")
+    if budget is not None and st.storage_cost > budget:
+        raise LibraryError(f"the chosen solution costs C = {st.storage_cost:.6g} > budget {budget:g}",
+                           key="--budget", fix=f"raise the budget to at least {st.storage_cost:.6g}")
+    return Solution(id=s.id, grouping=G.tolist(), performance=s.performance, per_task=s.per_task,
+                    chains=chains, storage=st)
+
+
+def _finish(tmp: Path, draft: Manifest, router) -> Manifest:
+    """Router, model card, checksums, then the manifest (which the reader must accept)."""
     if router is not None:
         draft = draft.model_copy(update={"router": router(tmp, draft)})
     draft = draft.model_copy(update={"disk_bytes": disk_bytes(tmp, draft)})
@@ -255,7 +315,7 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
              for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
     final = draft.model_copy(update={"files": files, "disk_bytes": disk_bytes(tmp, draft)})
     text = final.model_dump_json(indent=1)
-    manifest = parse_manifest(json.loads(text), str(tmp / MANIFEST))  # the reader must accept it
+    manifest = parse_manifest(json.loads(text), str(tmp / MANIFEST))
     (tmp / MANIFEST).write_text(text + "\n", encoding="utf-8")
     return manifest
 

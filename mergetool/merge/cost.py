@@ -6,18 +6,17 @@ d is the number of float parameters in the base model's mergeable components and
 full-precision width. An unquantised unit costs b⁺·d_unit/(b⁺·d); a quantised one b bits per
 value plus scale and zero-point (b⁺ bits each, hence 2/d after normalising by b⁺·d).
 
-Two versions:
-- `eq8_cost` is Eq. 8 as written.
-- `storage_cost` is bit-exact on disk: it also counts the padding of each packed code
-  stream to a whole byte (once per tensor). When b·n is a multiple of 8 for every packed
-  tensor (n = its number of quantised values) the two are equal. The per-channel row mask
-  (only stored when a tensor mixes quantised and full rows) is not part of Eq. 8;
-  `mask_bytes` reports it separately, so bytes on disk = storage_cost·d·b⁺/8 + Σ mask_bytes.
+The one implementation, used by the search (ExpertStore.storage_cost), the writer and `inspect`
+(a library's Storage), and the baselines (individual models, static merges, Twin, EMR):
+`storage_cost(bits, d=..., base_bits=...)` = bits / (b⁺·d), plus 1 for an adapter zoo's frozen base,
+which is one shared component stored once. `bits` is exact on disk: `tensor_data_bits` counts the
+padding of each packed code stream to a whole byte (once per tensor), so C can differ from Eq. 8 as
+written by that padding (tests/test_cost.py checks Eq. 8 as written against it). The per-channel row
+mask (only stored when a tensor mixes quantised and full rows) is not part of Eq. 8; `mask_bytes`
+reports it separately, so bytes on disk = C·d·b⁺/8 + Σ mask_bytes.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 from mergetool.merge.quantize import QuantizedTensor, bits_of_dtype
 
@@ -50,26 +49,6 @@ def mask_bytes(qt: QuantizedTensor) -> int:
     return 0 if qt.row_mask is None else (qt.row_mask.numel() + 7) // 8
 
 
-def _eq8_bits(qt: QuantizedTensor, base_bits: int) -> int:
-    """Eq. 8's numerator for one tensor, in bits (cost = bits / (b⁺·d))."""
-    n_q = qt.n_quantized_units
-    q_values = n_q * qt.unit_size
-    full_values = qt.n_units * qt.unit_size - q_values
-    # Non-float tensors (rare buffers) are not parameters of Eq. 8; count their real width.
-    full_bits = base_bits if qt.dtype.is_floating_point else bits_of_dtype(qt.dtype)
-    return qt.bits * q_values + 2 * base_bits * n_q + full_bits * full_values
-
-
-def eq8_cost(qts: Iterable[QuantizedTensor], d: int, base_bits: int) -> float:
-    """C of Eq. 8 over every tensor of every stored expert."""
-    return sum(_eq8_bits(qt, base_bits) for qt in qts) / (base_bits * d)
-
-
-def storage_cost(qts: Iterable[QuantizedTensor], d: int, base_bits: int) -> float:
-    """Bit-exact C: Σ tensor_data_bits / (b⁺·d). Used everywhere a cost is reported."""
-    return sum(tensor_data_bits(qt, base_bits) for qt in qts) / (base_bits * d)
-
-
-def plain_cost(n_params: int, d: int) -> float:
-    """C of n_params unquantised parameters (each costs b⁺ bits)."""
-    return n_params / d
+def storage_cost(bits: float, *, d: int, base_bits: int, frozen_base: bool = False) -> float:
+    """C of `bits` stored bits: bits / (b⁺·d), plus 1 when an adapter zoo's frozen base is stored once."""
+    return (1.0 if frozen_base else 0.0) + bits / (base_bits * d)

@@ -19,16 +19,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mergetool.merge.cost import mask_bytes, tensor_data_bits
 from mergetool.core.errors import MergetoolError
 from mergetool.merge.adapters.ia3 import Ia3Slot, ia3_dense, ia3_targets, merge_ia3, scaled_dim
 from mergetool.merge.adapters.lora import LoraPair, lora_dense, lora_pairs, merge_lora, scaling_for
+from mergetool.merge.cost import mask_bytes, storage_cost, tensor_data_bits
 from mergetool.merge.methods import merge_group, resolve_method
-from mergetool.models.source import ModelSource
-from mergetool.models.plan import Plan
 from mergetool.merge.quantize import QuantizedTensor, QuantSpec, dequantize, quantize
-from mergetool.recipe.schema import Recipe
+from mergetool.models.plan import Plan
+from mergetool.models.source import ModelSource
 from mergetool.models.streaming import LazyTensor, unit_ranges
+from mergetool.recipe.schema import Recipe
 
 
 @dataclass
@@ -207,8 +207,8 @@ class ExpertStore:
         `Plan.individual_cost`)."""
         from mergetool.core.grouping import experts
 
-        base = 1.0 if self.plan.adapter else 0.0
-        return base + sum(self.expert(l, m).bits for l, m in experts(G)) / (self.plan.base_bits * self.plan.d)
+        return storage_cost(sum(self.expert(l, m).bits for l, m in experts(G)), d=self.plan.d,
+                            base_bits=self.plan.base_bits, frozen_base=bool(self.plan.adapter))
 
     def cheapest_grouping(self):
         """The grouping of least C: per component, the partition of the tasks whose experts take the

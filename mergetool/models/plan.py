@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from mergetool.models.presets import Classifier, adapter_module_weight, coarsen, preset_for, sort_key
 from mergetool.core.errors import MergetoolError, MultiError, PlanError
 from mergetool.core.grouping import search_space_log10
+from mergetool.models.presets import Classifier, adapter_module_weight, coarsen, preset_for, sort_key
 from mergetool.models.source import ModelSource, open_model
 from mergetool.recipe.schema import Recipe
 
@@ -127,29 +127,46 @@ def build_plan(recipe: Recipe, *, check_values: bool = True,
     def fail(msg: str, key, fix: Optional[str] = None) -> None:
         errors.append(recipe.error(msg, key, fix, cls=PlanError))
 
+    def stop_if_failed() -> None:
+        if errors:
+            raise MultiError(errors[:20])
+
     preset = _check_architecture(recipe, base, tasks, fail)
-    if errors:
-        raise MultiError(errors)
-    classify = Classifier(preset, recipe.components.rules)
+    stop_if_failed()
     ts_rx = [re.compile(p) for p in recipe.components.task_specific]
     is_ts = lambda n: any(rx.search(n) for rx in ts_rx)  # noqa: E731
-    adapters = tasks[0].is_adapter
-
     task_specific = {t: tuple(sorted(n for n in src.keys() if is_ts(n))) for t, src in zip(names, tasks)}
     shared = [set(n for n in src.keys() if not is_ts(n)) for src in tasks]
     union = set().union(*shared)
+    _check_presence(names, shared, union, fail)
+    stop_if_failed()
+    _check_shapes(base, names, tasks, union, fail)
+    buffers = tuple(sorted(n for n in union if not tasks[0].meta(n).is_float))
+    floats = sorted(n for n in union if tasks[0].meta(n).is_float)
+    groups = _classify(recipe, preset, base, tasks, floats, fail)
+    stop_if_failed()
+    if check_values:
+        _check_values(recipe, base, tasks, floats, buffers, fail)
+        stop_if_failed()
+    base_only = () if tasks[0].is_adapter else tuple(sorted(
+        n for n in base.keys() if n not in union and not is_ts(n)))
     shapes = {f"{t}/{n}": src.meta(n).shape for t, src in zip(names, tasks) for n in task_specific[t]}
+    return _assemble_plan(recipe, preset, base, tasks, groups, is_ts, task_specific=task_specific,
+                          buffers=buffers, base_only=base_only, shapes=shapes)
 
-    # presence: a shared tensor must be in every task model (and, for full models, in the base)
+
+def _check_presence(names, shared: list[set], union: set, fail) -> None:
+    """A shared tensor must be in every task model."""
     for n in sorted(union):
         lacking = [t for t, s in zip(names, shared) if n not in s]
         if lacking:
             fail(f"tensor {n!r} is missing in {', '.join(lacking)}", "models",
                  "add a regex matching it to components.task_specific if it is a per-task head")
-    if errors:
-        raise MultiError(errors[:20])
 
-    # shapes and dtypes: identical across models unless declared task-specific
+
+def _check_shapes(base: ModelSource, names, tasks: list[ModelSource], union: set, fail) -> None:
+    """Shapes and dtypes are identical across models (and, for full models, the base) unless task-specific."""
+    adapters = tasks[0].is_adapter
     for n in sorted(union):
         metas = [(t, s.meta(n)) for t, s in zip(names, tasks)]
         if adapters and n.endswith((".lora_A.weight", ".lora_B.weight")):
@@ -166,12 +183,12 @@ def build_plan(recipe: Recipe, *, check_values: bool = True,
         elif len({m.is_float for _, m in metas}) > 1:
             fail(f"tensor {n!r} is floating point in some models and not in others", "models")
 
-    buffers = tuple(sorted(n for n in union if not tasks[0].meta(n).is_float))
-    floats = sorted(n for n in union if tasks[0].meta(n).is_float)
-    base_only = () if adapters else tuple(sorted(
-        n for n in base.keys() if n not in union and not is_ts(n)))
 
-    # classification: every mergeable float tensor needs a slot
+def _classify(recipe: Recipe, preset: str, base: ModelSource, tasks: list[ModelSource], floats: list[str],
+              fail) -> dict[str, dict]:
+    """Every mergeable float tensor into its component slot: {component name: kind, layer, stack, tensors}."""
+    classify = Classifier(preset, recipe.components.rules)
+    adapters = tasks[0].is_adapter
     groups: dict[str, dict] = {}
     uncovered = []
     for n in floats:
@@ -193,21 +210,20 @@ def build_plan(recipe: Recipe, *, check_values: bool = True,
         fail(f"{len(uncovered)} tensor(s) are not covered by preset {preset!r}: "
              f"{', '.join(uncovered[:SHOW])}{more}", "components",
              "add a components.rules entry (name, pattern) or a task_specific regex for them")
-    if errors:
-        raise MultiError(errors[:20])
-    if check_values:
-        _check_values(recipe, base, tasks, floats, buffers, fail)
-        if errors:
-            raise MultiError(errors[:20])
+    return groups
 
+
+def _assemble_plan(recipe: Recipe, preset: str, base: ModelSource, tasks: list[ModelSource], groups: dict,
+                   is_ts, **fields) -> Plan:
+    """The Plan: components in layer order, d, b⁺ (the base's dominant float width) and adapter facts."""
     meta_src = tasks[0]
     components = tuple(sorted(
         (Component(name, g["kind"], g["layer"], g["stack"], tuple(g["tensors"]),
                    sum(meta_src.meta(n).numel for n in g["tensors"])) for name, g in groups.items()),
         key=lambda c: sort_key(c.kind, c.layer, c.stack, c.name)))
-    base_float = [n for n in base.keys() if base.meta(n).is_float and not is_ts(n) and n not in base_only]
+    base_float = [n for n in base.keys() if base.meta(n).is_float and not is_ts(n) and n not in fields["base_only"]]
     adapter_info = None
-    if adapters:
+    if tasks[0].is_adapter:
         adapter_info = {"type": str(tasks[0].peft_config.peft_type.value),
                         "frozen_params": sum(base.meta(n).numel for n in base_float)}
         d = adapter_info["frozen_params"]
@@ -215,10 +231,9 @@ def build_plan(recipe: Recipe, *, check_values: bool = True,
         d = sum(c.params for c in components)
     dtypes = [base.meta(n).dtype for n in base_float]
     base_bits = 16 if dtypes and max(set(dtypes), key=dtypes.count) in (torch.float16, torch.bfloat16) else 32
-    return Plan(tasks=names, components=components, task_specific=task_specific, buffers=buffers,
-                base_only=base_only, d=d, base_bits=base_bits, preset=preset,
+    return Plan(tasks=recipe.task_names, components=components, d=d, base_bits=base_bits, preset=preset,
                 granularity=recipe.components.granularity, model_type=base.model_type,
-                adapter=adapter_info, shapes=shapes)
+                adapter=adapter_info, **fields)
 
 
 def _adapter_fits(name: str, target: str, base: ModelSource, tasks: list[ModelSource]) -> bool:

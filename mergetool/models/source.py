@@ -106,7 +106,7 @@ def _hub_model(ref: str, key: str) -> Path:
     except LocalEntryNotFoundError:
         raise ModelLoadError(f"hub model {ref!r} is not in the local cache and HF_HUB_OFFLINE is set",
                              key=key, fix="download it once online, or use a local path") from None
-    except Exception as exc:  # network, auth, missing repo: all are input problems here
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all are input problems here
         raise ModelLoadError(f"cannot fetch hub model {ref!r}: {type(exc).__name__}: {exc}", key=key) from None
 
 
@@ -176,13 +176,13 @@ class ModelSource:
 
                 try:
                     self._handles[f] = safe_open(str(f), framework="pt")
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - safetensors' own errors and OS errors alike
                     raise ModelLoadError(f"{f} is not a readable safetensors file: {exc}", key=self.label) from None
             return self._handles[f]
         if f not in self._bins:
             try:
                 self._bins[f] = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - torch's unpickler refuses with many error types
                 raise ModelLoadError(f"{f} cannot be loaded safely (weights_only): {exc}", key=self.label) from None
         return self._bins[f]
 

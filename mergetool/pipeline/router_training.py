@@ -91,8 +91,8 @@ class RouterBuilder:
                                      fix="add `router: {path: ...}` (data that is neither validation nor test)")
 
     def __call__(self, folder: Path, draft: Manifest) -> RouterInfo:
-        from mergetool.library.reader import LibraryFiles
         from mergetool.inference.runtime import ExpertLibrary
+        from mergetool.library.reader import LibraryFiles
 
         self.check()
         cfg, names = self.recipe.router, [t.name for t in draft.tasks]
@@ -136,7 +136,7 @@ class RouterBuilder:
                  + f", training on {sum(counts.values())} inputs")
         router = fit(torch.cat(X), torch.tensor(y), names, cfg.hidden, cfg.epochs, cfg.lr, seed)
         router.save(folder, {"features": kind, "prefix_stages": k, "max_length": max_length, "seed": seed})
-        rt._router = router.to(rt.device)
+        rt.use_router(router)
         per_task, tests, hits = {}, {}, 0
         for name in names:
             spec = self.recipe.tasks[name].test

@@ -13,14 +13,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from mergetool.core.grouping import all_shared, all_singletons, canonical, key
+from mergetool.core.results import EvalResult
 from mergetool.evaluation.engine import Evaluator, default_prefix_budget
 from mergetool.merge.experts import ExpertStore
-from mergetool.core.grouping import all_shared, all_singletons, canonical, key
-from mergetool.models.plan import Plan, build_plan, open_models
 from mergetool.merge.quantize import QuantSpec
-from mergetool.recipe import Recipe, parse_recipe
+from mergetool.models.plan import Plan, build_plan, open_models
 from mergetool.pipeline.rundir import write_json_atomic
-from mergetool.core.results import EvalResult
+from mergetool.recipe import Recipe, parse_recipe
 from mergetool.search import SearchSettings
 
 

@@ -58,10 +58,7 @@ def parse_recipe(text: str, path: Optional[Path] = None) -> Recipe:
     except ValidationError as exc:
         errs = [_from_pydantic(e, data, err) for e in exc.errors()]
         raise MultiError(sorted(errs, key=lambda x: (x.line or 0, x.col or 0))) from None
-    recipe._path = path
-    recipe._text = text
-    recipe._positions = positions
-    return recipe
+    return recipe.with_source(path, text, positions)
 
 
 # --- YAML with positions -------------------------------------------------------------------------

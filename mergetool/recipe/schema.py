@@ -217,6 +217,11 @@ class Recipe(Strict):
             raise ValueError(f"tasks {extra} have no model under `models`")
         return self
 
+    def with_source(self, path: Optional[Path], text: str, positions: dict) -> "Recipe":
+        """This recipe, remembering the file it was read from (for located errors and the run's hash)."""
+        self._path, self._text, self._positions = path, text, positions
+        return self
+
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.models)

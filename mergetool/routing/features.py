@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
+from mergetool.core.compat import skip_weight_init
 from mergetool.core.errors import LibraryError
 from mergetool.library.manifest import FeatureStorage, Manifest
-from mergetool.core.compat import skip_weight_init
 from mergetool.routing.backbone import LAYER, mean_pool, stage_of
 
 FEATURE_FILE = "base-features.safetensors"

@@ -72,7 +72,7 @@ class RayExecutor:
         if not ray.is_initialized():
             try:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
-            except Exception as e:  # connection errors come in many types
+            except Exception as e:  # noqa: BLE001 - Ray's connection errors come in many types
                 raise MergetoolError(
                     f"cannot start or reach Ray at {self.address or 'a local instance'}: {e}",
                     key="search.executor.address",
@@ -110,8 +110,8 @@ class RayExecutor:
         for a in self._actors:
             try:
                 self.ray.kill(a)
-            except Exception:
-                pass
+            except Exception:  # noqa: BLE001 - an actor that already died cannot be killed; nothing to do
+                continue
         self._actors = []
         self._problem_id = None
 

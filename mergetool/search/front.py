@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mergetool.core.errors import MergetoolError
+from mergetool.core.budget import best_within
 
 
 def hv_reference(T: int, ref: Optional[Sequence[float]] = None) -> tuple[float, float]:
@@ -99,17 +99,8 @@ def hv_curve(records: Sequence[dict], ref: tuple[float, float]) -> list[tuple[in
 
 def pick(front: Sequence[dict], budget: float) -> dict:
     """Best-performing front point with C <= budget (ties: cheaper, then lower id)."""
-    if not front:
-        raise MergetoolError("the Pareto front is empty", key="budget", fix="run the search first")
-    fits = [r for r in front if r["storage_cost"] <= budget]
-    if not fits:
-        cheapest = min(r["storage_cost"] for r in front)
-        raise MergetoolError(
-            f"no configuration on the front fits storage budget {budget:g}; the smallest storage cost available is {cheapest:.6g}",
-            key="budget",
-            fix=f"raise the budget to at least {cheapest:.6g}",
-        )
-    return min(fits, key=lambda r: (-r["performance"], r["storage_cost"], r.get("id", r.get("i", 0))))
+    return front[best_within(front, budget, cost=lambda r: r["storage_cost"], performance=lambda r: r.get("performance"),
+                             tie=lambda r: r.get("id", r.get("i", 0)), what="configuration on the front")]
 
 
 def write_front_json(front: Sequence[dict], path) -> Path:

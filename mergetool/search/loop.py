@@ -18,12 +18,20 @@ import numpy as np
 
 from mergetool.core import grouping
 from mergetool.core.errors import MergetoolError
-from mergetool.search.types import EvalResult, SearchResult, SearchSettings
 from mergetool.search.executors import LocalExecutor
-from mergetool.search.front import hv_curve, hv_reference, hypervolume, nondominated, objectives, pareto_front, write_artifacts
+from mergetool.search.front import (
+    hv_curve,
+    hv_reference,
+    hypervolume,
+    nondominated,
+    objectives,
+    pareto_front,
+    write_artifacts,
+)
 from mergetool.search.init import initial_population
 from mergetool.search.journal import Journal, read_state, write_state
 from mergetool.search.surrogate import Surrogate, kendall_tau
+from mergetool.search.types import EvalResult, SearchResult, SearchSettings
 
 STATE_VERSION = 1
 Progress = Callable[[int, int, float, Optional[float], Optional[float]], None]

@@ -7,8 +7,8 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from mergetool.core.results import EvalResult
 from mergetool.core.errors import MergetoolError
+from mergetool.core.results import EvalResult
 
 
 class SearchProblem(Protocol):
