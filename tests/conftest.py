@@ -12,6 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
+import transformers  # noqa: E402
+
+# the test session's own choice: tiny random models make transformers warn a lot (fixtures change nothing)
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
 from hub_server import hub_server, hub_server_raw  # noqa: E402,F401  (loopback Hub fixtures)
 from routed import routed  # noqa: E402,F401  (a routed library of the trained zoo)
 

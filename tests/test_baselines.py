@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,12 +11,12 @@ from typer.testing import CliRunner
 
 from mergetool.baselines import refresh_summary, static
 from mergetool.baselines.dynamic import (
+    TwinModel,
     emr_masks,
     emr_rescalers,
     emr_sums,
     emr_task,
     emr_unify,
-    twin_delta,
     twin_merge,
     twin_params,
 )
@@ -56,7 +57,8 @@ def test_twin_formulas():
     shared = torch.eye(3)
     task1 = torch.eye(3) + torch.diag(torch.tensor([3.0, 0.5, 0.0]))
     task2 = torch.eye(3) + torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0]])  # rank-1 delta
-    d1, d2 = twin_delta(task1, shared, 1), twin_delta(task2, shared, 1)
+    twin = TwinModel(None, {"w": shared}, [SimpleNamespace(get={"w": t}.get) for t in (task1, task2)], [1, 2])
+    d1, d2 = twin.delta(0, "w", 1), twin.delta(1, "w", 1)
     assert torch.allclose(d1, torch.diag(torch.tensor([3.0, 0.0, 0.0])), atol=1e-6)  # best rank-1 approximation
     assert torch.allclose(d2, task2 - shared, atol=1e-6)
     merged = twin_merge(shared, [d1, d2], [0.25, 0.75])
@@ -66,8 +68,9 @@ def test_twin_formulas():
     # storage per compressed delta: r·(m+n), dense when that is no smaller, 1-D always dense
     assert twin_params((3, 3), 1) == 6 and twin_params((3, 3), 2) == 9 and twin_params((4,), 1) == 4
     assert twin_params((10, 2, 3), 1) == 16 and twin_params((64, 32), 4) == 384
-    assert torch.equal(twin_delta(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 1.0]), 1), torch.tensor([1.0, 2.0]))
-    assert torch.equal(twin_delta(task1, shared, 2), task1 - shared)  # rank 2 of 3×3 is stored whole
+    bias = TwinModel(None, {"b": torch.tensor([1.0, 1.0])}, [SimpleNamespace(get={"b": torch.tensor([2.0, 3.0])}.get)], [1])
+    assert torch.equal(bias.delta(0, "b", 1), torch.tensor([1.0, 2.0]))  # 1-D: always dense
+    assert torch.equal(twin.delta(0, "w", 2), task1 - shared)  # rank 2 of 3×3 is stored whole
 
 
 # --- CLI on the trained toy zoo -----------------------------------------------------------------------

@@ -23,7 +23,7 @@ from mergetool.cli.app import app  # noqa: E402
 from mergetool.core.errors import LibraryError, MergetoolError  # noqa: E402
 from mergetool.library import ExpertLibrary, hub  # noqa: E402
 from mergetool.library.card import render_card  # noqa: E402
-from mergetool.library.reader import read_manifest  # noqa: E402
+from mergetool.library.verify import read_manifest  # noqa: E402
 from mergetool.testing.toy import make_text_zoo, recipe_text  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
@@ -349,3 +349,28 @@ def test_hub_ref_parsing():
     for bad in ("hub:", "hub:org/name@"):
         with pytest.raises(LibraryError):
             hub.parse_ref(bad)
+
+
+def _code_block(text: str, lang: str) -> str:
+    start = text.index(f"```{lang}\n") + len(lang) + 4
+    return text[start:text.index("```", start)]
+
+
+def test_model_card_usage_runs_as_written(hub_server, libs, tmp_path, monkeypatch):
+    """The card's Usage section is what a user copies: every mergetool line of its bash block and its
+    python block run as written (pip install aside), so the card cannot lie about the API again."""
+    hub.push(libs["a"], REPO)
+    text = hub_server.get_file(REPO, "README.md").decode()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inputs.jsonl").write_text(json.dumps({"text": "w1 w2 w3"}) + "\n")
+    commands = [line.split()[1:] for line in _code_block(text, "bash").splitlines() if line.startswith("mergetool ")]
+    assert [c[0] for c in commands] == ["pull", "predict", "export-model"]
+    for args in commands:
+        result, out = _invoke(*args)
+        assert result.exit_code == 0, f"mergetool {' '.join(args)}: {out}"
+    assert (tmp_path / "preds.jsonl").read_text().count("\n") == 1
+    namespace: dict = {}
+    exec(compile(_code_block(text, "python"), "README.md", "exec"), namespace)  # noqa: S102 - our own card
+    lib, state = namespace["lib"], namespace["state"]
+    assert type(lib).__module__ == "mergetool.inference.runtime"  # the user-facing class, hub: resolved
+    assert lib.tasks == ["t0", "t1"] and all(isinstance(v, torch.Tensor) for v in state.values())

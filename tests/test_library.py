@@ -268,7 +268,7 @@ def _edit_manifest(lib: Path, fn) -> None:
 
 
 def _relist(lib: Path, name: str):
-    from mergetool.library.writer import sha256_file
+    from mergetool.library.verify import sha256_file
 
     def fn(m):
         m["files"][name] = {"sha256": sha256_file(lib / name), "bytes": (lib / name).stat().st_size}

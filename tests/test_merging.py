@@ -8,7 +8,6 @@ from mergetool.merge.methods import (
     METHOD_ALIASES,
     check_method,
     lora_delta,
-    merge_component,
     merge_group,
     refactor_lora,
     resolve_method,
@@ -82,8 +81,6 @@ def test_singleton_returns_member_unmerged():
     for method in ("ta", "ties", "wa", "slerp"):
         out = merge_group(T([0.0, 0.0, 0.0]), [member], method, {"lambda": 0.3})
         assert out is member
-    comp = {"w": member}
-    assert merge_component({"w": T([0.0, 0.0, 0.0])}, [comp], "ta", {})["w"] is member
 
 
 def test_bf16_inputs_keep_dtype():
@@ -108,20 +105,6 @@ def test_random_methods_are_seeded_and_leave_global_rng_alone():
     assert not torch.equal(a, c)
     assert uses_randomness("dare_ties") and uses_randomness("della")
     assert not uses_randomness("ta") and not uses_randomness("ties")
-
-
-def test_merge_component_seeds_per_tensor_and_copies_buffers():
-    g = torch.Generator().manual_seed(1)
-    base = {"w": torch.randn(50, generator=g), "ids": torch.arange(4)}
-    members = [{"w": base["w"] + torch.randn(50, generator=g), "ids": torch.arange(4)} for _ in range(2)]
-    out = merge_component(base, members, "dare_linear", {"density": 0.5}, seed_key="c|{0,1}")
-    again = merge_group(base["w"], [m["w"] for m in members], "dare_linear", {"density": 0.5},
-                        seed_key="c|{0,1}/w")
-    assert torch.equal(out["w"], again)
-    assert torch.equal(out["ids"], torch.arange(4))
-    members[1]["ids"] = torch.arange(1, 5)
-    with pytest.raises(MergetoolError):
-        merge_component(base, members, "ta", {})
 
 
 def test_slerp_takes_exactly_two_tasks():

@@ -48,15 +48,6 @@ def twin_params(shape: Sequence[int], rank: int) -> int:
     return min(min(rank, m, n) * (m + n), numel)
 
 
-def twin_delta(task: Tensor, shared: Tensor, rank: int) -> Tensor:
-    """SVD_r(θ_t − θ_s): the compressed task delta (dense when factors would not save space)."""
-    delta = task.float() - shared.float()
-    if delta.ndim < 2 or twin_params(delta.shape, rank) == delta.numel():
-        return delta
-    P, Q = svd_factors(delta, rank)
-    return (P @ Q).reshape(delta.shape)
-
-
 def twin_merge(shared: Tensor, deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """θ_s + Σ_t w_t · Δ_t."""
     out = shared.float().clone()

@@ -75,12 +75,15 @@ def _front(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise LibraryError(f"no Pareto front at {path}", key="--budget",
                            fix="run `mergetool search` first, or pass --grouping G.json")
+    bad = LibraryError("front.json is not a list of {id, grouping, performance, storage_cost, per_task}",
+                       file=str(path), fix="re-run `mergetool search`, or pass --grouping G.json")
     try:
         front = json.loads(path.read_text(encoding="utf-8"))
-        assert isinstance(front, list) and all({"id", "grouping", "storage_cost"} <= set(r) for r in front)
-    except (AssertionError, TypeError, UnicodeDecodeError, json.JSONDecodeError):
-        raise LibraryError("front.json is not a list of {id, grouping, performance, storage_cost, per_task}",
-                           file=str(path)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad from None
+    if not isinstance(front, list) or not all(isinstance(r, dict) and {"id", "grouping", "storage_cost"} <= set(r)
+                                              for r in front):
+        raise bad
     return front
 
 

@@ -55,12 +55,6 @@ def key(G) -> str:
     return ";".join(",".join(map(str, col)) for col in _canonical_cols(_as_matrix(G)))
 
 
-def from_key(k: str) -> np.ndarray:
-    """Inverse of key(): the canonical matrix."""
-    cols = [[int(v) for v in col.split(",")] for col in k.split(";")]
-    return np.asarray(cols, dtype=np.int64).T
-
-
 def members(G, t: int, l: int) -> tuple[int, ...]:
     """The tasks sharing task t's group at component l (sorted, t included)."""
     arr = _as_matrix(G)

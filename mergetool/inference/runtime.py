@@ -184,7 +184,13 @@ class ExpertLibrary:
         info = self.manifest.router
         if info is not None:
             return info.max_length
-        return max_length_of(self.manifest.recipe, self.store.config())
+        from mergetool.recipe.loader import parse_recipe  # a library without a router: its recipe's lengths
+
+        try:
+            lengths = [t.max_length for t in parse_recipe(self.manifest.recipe).tasks.values()]
+        except MergetoolError:
+            lengths = []
+        return max_length_of(lengths, self.store.config())
 
     def encode(self, items: list[tuple]) -> tuple[list[dict], int]:
         """Token ids per input (truncated to max_length) and how many were truncated."""

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from mergetool.core.errors import LibraryError, MergetoolError
-from mergetool.library.manifest import MANIFEST, README, FileEntry, Manifest, allowed_name, parse_manifest
+from mergetool.library.manifest import MANIFEST, README, FileEntry, Manifest, parse_manifest
+from mergetool.library.verify import sha256_file, verify_folder
 
 HUB_PREFIX = "hub:"
 IGNORED_FILES = (".gitattributes",)  # added by the Hub to every repo
-IGNORED_DIRS = (".cache",)  # huggingface_hub's local_dir bookkeeping
-MAX_MANIFEST = 256 * 2**20
 TAMPERED = "the repo may be corrupt or tampered with; ask its owner to push it again"
 
 
@@ -106,65 +105,10 @@ def hub_errors(repo_id: str, revision: Optional[str] = None, endpoint: Optional[
 # ------------------------------------------------------------------------------------------- verify
 
 
-@contextlib.contextmanager
-def _relabel(folder: Path, where: str) -> Iterator[None]:
-    """Name files in errors by the repo, not by a cache or temporary path."""
-    try:
-        yield
-    except LibraryError as e:
-        if e.file:
-            e.file = e.file.replace(str(folder), where)
-        raise
-
-
-def _fail(msg: str, where: str, fix: str = TAMPERED) -> LibraryError:
-    return LibraryError(msg, file=where, fix=fix)
-
-
 def verify_snapshot(folder: Path, where: str, *, hashes: bool = True) -> Manifest:
-    """Check a downloaded snapshot (links may only point into the cache's blob store); its manifest."""
-    from mergetool.library.safetensors_io import read_header
-    from mergetool.library.writer import sha256_file
-
-    folder = Path(folder)
-    blobs = os.path.realpath(folder.parent.parent / "blobs")
-    present = set()
-    with _relabel(folder, where):
-        for p in sorted(folder.iterdir()):
-            if p.name in IGNORED_FILES or (p.name in IGNORED_DIRS and p.is_dir() and not p.is_symlink()):
-                continue
-            if p.is_symlink() and os.path.dirname(os.path.realpath(p)) != blobs:
-                raise _fail(f"{p.name} is a link pointing outside the library", where)
-            if p.is_dir():
-                raise _fail(f"unexpected folder {p.name!r}: libraries are flat", where)
-            if not allowed_name(p.name):
-                raise _fail(f"unexpected file {p.name!r}: libraries hold only manifest.json, *.safetensors, "
-                            "*.json, tokenizer files and README.md", where, "never load pickles or code; " + TAMPERED)
-            present.add(p.name)
-        if MANIFEST not in present:
-            raise _fail("no manifest.json: this is not an expert library", where)
-        path = folder / MANIFEST
-        if path.stat().st_size > MAX_MANIFEST:
-            raise _fail("manifest.json is implausibly large", f"{where}/{MANIFEST}")
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _fail(f"manifest.json is not valid JSON: {exc}", f"{where}/{MANIFEST}") from None
-        m = parse_manifest(data, f"{where}/{MANIFEST}")
-        extra, missing = sorted(present - {MANIFEST} - set(m.files)), sorted(set(m.files) - present)
-        if extra:
-            raise _fail(f"file {extra[0]!r} is not listed in the manifest", f"{where}/{extra[0]}")
-        if missing:
-            raise _fail(f"listed file {missing[0]!r} is missing", where)
-        for name, entry in m.files.items():
-            p = folder / name
-            if p.stat().st_size != entry.bytes:
-                raise _fail(f"{name} has {p.stat().st_size} bytes, the manifest says {entry.bytes}", f"{where}/{name}")
-            if name.endswith(".safetensors"):
-                read_header(p)
-            if hashes and sha256_file(p) != entry.sha256:
-                raise _fail(f"checksum mismatch for {name}", f"{where}/{name}")
-    return m
+    """A downloaded snapshot: the library check, with links allowed only into the cache's blob store."""
+    return verify_folder(folder, hashes=hashes, where=where, links_into=Path(folder).parent.parent / "blobs",
+                         ignored_files=IGNORED_FILES, fix=TAMPERED)
 
 
 def _download(repo_id: str, revision: Optional[str], token, endpoint) -> Path:
@@ -187,7 +131,6 @@ def resolve_library(ref: str, *, token=None, endpoint=None) -> tuple[Path, Manif
 def pull(repo_id: str, dest, *, revision: Optional[str] = None, token=None, endpoint=None,
          force: bool = False) -> Path:
     """Download a library into `dest` through the HF cache; only a fully verified copy is moved there."""
-    from mergetool.library.reader import check_folder, read_manifest
     from mergetool.library.writer import check_target, make_tmp, swap_in
 
     if is_hub_ref(repo_id):
@@ -203,8 +146,7 @@ def pull(repo_id: str, dest, *, revision: Optional[str] = None, token=None, endp
         tmp = make_tmp(dest)
         for name in [MANIFEST, *m.files]:
             shutil.copyfile(snap / name, tmp / name)  # plain files, never links
-        with _relabel(tmp, where):
-            check_folder(tmp, read_manifest(tmp), verify=True)  # the copy itself, with every sha256
+        verify_folder(tmp, hashes=True, where=where, fix=TAMPERED)  # the copy itself, with every sha256
         swap_in(tmp, dest)
     except OSError as e:
         raise LibraryError(f"cannot write the library: {e}", file=str(dest), key="DIR") from None
@@ -227,7 +169,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def stage(lib: Path, m: Manifest, repo_id: str) -> Path:
     """A temporary copy of the library (hard links) whose card names `repo_id`; the manifest follows it."""
     from mergetool.library.card import render_card
-    from mergetool.library.writer import disk_bytes, sha256_file
+    from mergetool.library.writer import disk_bytes
 
     lib = Path(lib)
     try:
@@ -264,11 +206,8 @@ def push(lib_dir, repo_id: str, *, private: bool = False, revision: Optional[str
     Files of an earlier push that this library lacks are deleted in the same commit."""
     from huggingface_hub import HfApi
 
-    from mergetool.library.reader import check_folder, read_manifest
-
     lib = Path(lib_dir)
-    m = read_manifest(lib)
-    check_folder(lib, m, verify=True)  # checksums before anything leaves the machine
+    m = verify_folder(lib, hashes=True)  # checksums before anything leaves the machine
     api = HfApi(endpoint=endpoint, token=token)
     message = commit_message or (f"Upload expert library ({len(m.tasks)} tasks, {len(m.experts)} experts, "
                                  f"mergetool {m.mergetool_version})")

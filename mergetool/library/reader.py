@@ -16,67 +16,14 @@ import torch
 
 from mergetool.core.budget import best_within
 from mergetool.core.errors import LibraryError
-from mergetool.library.manifest import MANIFEST, Manifest, Solution, StoredTensor, allowed_name, parse_manifest
+from mergetool.library.manifest import MANIFEST, Manifest, Solution, StoredTensor
 from mergetool.library.safetensors_io import data_bytes, read_header
+from mergetool.library.verify import REEXPORT, verify_folder
 from mergetool.merge.quantize import dequantize, from_tensors
 
-MAX_MANIFEST = 256 * 2**20
-IGNORED_DIRS = (".cache",)  # huggingface_hub's local_dir bookkeeping
 
-
-def _fail(msg: str, where, fix: str = "re-export the library; it may be corrupt or tampered with") -> LibraryError:
+def _fail(msg: str, where, fix: str = REEXPORT) -> LibraryError:
     return LibraryError(msg, file=str(where), fix=fix)
-
-
-def read_manifest(lib: Path) -> Manifest:
-    """Parse and validate manifest.json (format version, safe names, references)."""
-    lib = Path(lib)
-    if not lib.is_dir():
-        raise LibraryError(f"{lib} is not a library folder", file=str(lib), fix="give the folder holding manifest.json")
-    path = lib / MANIFEST
-    if path.is_symlink() or not path.is_file():
-        raise _fail("no manifest.json (or it is not a plain file)", lib, "give the folder holding manifest.json")
-    if path.stat().st_size > MAX_MANIFEST:
-        raise _fail("manifest.json is implausibly large", path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(f"manifest.json is not valid JSON: {exc}", path) from None
-    return parse_manifest(data, str(path))
-
-
-def check_folder(lib: Path, m: Manifest, *, verify: bool) -> None:
-    """The folder holds exactly the listed files, of the listed sizes (and hashes when verify)."""
-    from mergetool.library.writer import sha256_file
-
-    root = lib.resolve()
-    for p in sorted(lib.iterdir()):
-        if p.name in IGNORED_DIRS and p.is_dir() and not p.is_symlink():
-            continue
-        if p.is_symlink():
-            target = p.resolve()
-            if not target.is_relative_to(root) or target.parent != root:
-                raise _fail(f"{p.name} is a symlink pointing outside the library", p)
-        if p.is_dir():
-            raise _fail(f"unexpected folder {p.name!r} in the library", p, "v1 libraries are flat; remove it")
-        if not allowed_name(p.name):
-            raise _fail(f"unexpected file {p.name!r}: libraries hold only manifest.json, *.safetensors, "
-                        "*.json, tokenizer files and README.md", p, "remove it; never load pickles")
-        if p.name != MANIFEST and p.name not in m.files:
-            raise _fail(f"file {p.name!r} is not listed in the manifest", p, "remove it or re-export the library")
-    for name, entry in m.files.items():
-        p = lib / name
-        if not p.is_file():
-            raise _fail(f"listed file {name!r} is missing", lib, "re-download or re-export the library")
-        size = p.stat().st_size
-        if size != entry.bytes:
-            raise _fail(f"{name} has {size} bytes, the manifest says {entry.bytes}", p)
-        if name.endswith(".safetensors"):
-            read_header(p)
-    if verify:
-        for name, entry in m.files.items():
-            if sha256_file(lib / name) != entry.sha256:
-                raise _fail(f"checksum mismatch for {name}", lib / name)
 
 
 def select_solution(m: Manifest, *, budget: Optional[float] = None, solution: Optional[int] = None) -> int:
@@ -104,8 +51,7 @@ class LibraryFiles:
     def load(cls, path, *, budget: Optional[float] = None, solution: Optional[int] = None,
              verify: bool = True) -> "LibraryFiles":
         path = Path(path)  # a local folder; `hub:` references go through mergetool.library.hub.open_library
-        m = read_manifest(path)
-        check_folder(path, m, verify=verify)
+        m = verify_folder(path, hashes=verify)
         return cls(path, m, select_solution(m, budget=budget, solution=solution))
 
     @property

@@ -9,7 +9,6 @@ expert's slots say how its factors or vectors turn into base weights (manifest.A
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -47,6 +46,7 @@ from mergetool.library.manifest import (
     parse_manifest,
 )
 from mergetool.library.safetensors_io import ShardSet, StreamWriter
+from mergetool.library.verify import sha256_file
 from mergetool.merge.cost import storage_cost
 from mergetool.merge.experts import ExpertStore
 from mergetool.merge.quantize import to_tensors
@@ -89,14 +89,6 @@ def check_target(out: Path, force: bool, key: str = "--out") -> None:
     if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
         raise LibraryError(f"{out} exists and is not an expert library; --force only replaces libraries",
                            key=key, fix=f"choose another {key}")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_library(recipe: Recipe, plan: Plan, sources: tuple[ModelSource, Sequence[ModelSource]],

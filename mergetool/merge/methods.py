@@ -324,37 +324,6 @@ def _fast_merge(tensors, canonical, kwargs, ids, dtype, out_dtype, seed_key) -> 
     return gta_merge(tensors[0], tensors[1:], method, bound, ids=ids[1:], work=work, out_dtype=out_dtype)
 
 
-def merge_component(
-    base: Mapping[str, Tensor],
-    members: Sequence[Mapping[str, Tensor]],
-    method: str,
-    parameters: Mapping,
-    *,
-    seed_key: Optional[str] = None,
-) -> dict[str, Tensor]:
-    """F over every tensor of a component; tensor `name` is seeded with f"{seed_key}/{name}"."""
-    if not members:
-        raise ValueError("merge_component needs at least one member")
-    if len(members) == 1:
-        return dict(members[0])
-    names = list(members[0])
-    for i, m in enumerate(members[1:], start=1):
-        if set(m) != set(names):
-            diff = sorted(set(m) ^ set(names))
-            raise MergetoolError(
-                f"member {i} of group {seed_key or ''} has different tensors: {diff[:5]}",
-                key=seed_key,
-                fix="all task models must share the component's tensor names",
-            )
-    return {
-        name: merge_group(
-            base.get(name), [m[name] for m in members], method, parameters,
-            seed_key=f"{seed_key}/{name}" if seed_key is not None else name,
-        )
-        for name in names
-    }
-
-
 def lora_delta(A: Tensor, B: Tensor, scaling: float) -> Tensor:
     """ΔW = scaling · B @ A for A (r × in) and B (out × r), computed in ≥ float32."""
     dtype = torch.promote_types(A.dtype, B.dtype)

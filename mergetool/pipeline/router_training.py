@@ -98,7 +98,8 @@ class RouterBuilder:
         cfg, names = self.recipe.router, [t.name for t in draft.tasks]
         kind, k = resolve(cfg.features, draft)
         storage = write_features(kind, self.base.path, folder)
-        max_length = max_length_of(draft.recipe, json.loads((folder / draft.base.config).read_text()))
+        max_length = max_length_of([t.max_length for t in self.recipe.tasks.values()],
+                                   json.loads((folder / draft.base.config).read_text()))
         key = self._key(kind, k, draft)
         entry = self.cache_dir / key if self.cache_dir else None
         self.cached = bool(entry and all((entry / f).is_file() for f in (WEIGHTS, CONFIG, INFO)))
@@ -175,6 +176,6 @@ class RouterBuilder:
 def _sha(path: Path) -> str:
     if not path.is_file():
         return "missing"
-    from mergetool.library.writer import sha256_file
+    from mergetool.library.verify import sha256_file
 
     return sha256_file(path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -143,16 +143,10 @@ def load_extractor(kind: str, lib_path: Path, file: Optional[str], base_config: 
     return FeatureModel(kind, Path(lib_path) / file, base_config, device)
 
 
-def max_length_of(recipe_text: str, base_config: dict) -> int:
-    """Longest tokenised input: the recipe's largest task max_length, within the model's positions."""
-    import yaml
-
-    try:
-        tasks = (yaml.safe_load(recipe_text) or {}).get("tasks") or {}
-        lengths = [int((cfg or {}).get("max_length", 128)) for cfg in tasks.values()]
-    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
-        lengths = []
-    ml = max(lengths or [128])
+def max_length_of(task_lengths: Iterable[int], base_config: dict) -> int:
+    """Longest tokenised input: the largest task max_length (recipe tasks.*.max_length; 128 when none),
+    within the model's position table."""
+    ml = max(list(task_lengths) or [128])
     positions = base_config.get("max_position_embeddings")
     if isinstance(positions, int) and positions > 0:
         offset = 2 if base_config.get("model_type") in ("roberta", "xlm-roberta") else 0

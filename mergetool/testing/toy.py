@@ -12,8 +12,6 @@ from pathlib import Path
 import torch
 import transformers as tf
 
-tf.logging.set_verbosity_error()
-tf.logging.disable_progress_bar()
 H = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32)
 
 

@@ -19,9 +19,6 @@ from typing import Optional
 import torch
 import transformers as tf
 
-tf.logging.set_verbosity_error()
-tf.logging.disable_progress_bar()
-
 SPECIAL = ["<pad>", "</s>", "<unk>", "<s>"]  # ids 0 1 2 3, T5's order
 WORDS = [f"w{i}" for i in range(60)]
 PAD, EOS, UNK, BOS = 0, 1, 2, 3
