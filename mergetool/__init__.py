@@ -7,7 +7,7 @@ __all__ = ["ExpertLibrary", "__version__"]
 
 def __getattr__(name: str):
     if name == "ExpertLibrary":  # the inference runtime; imported on first use (torch, transformers)
-        from mergetool.inference.runtime import ExpertLibrary
+        from mergetool.inference.runtime import ExpertLibrary  # lazy: loads torch
 
         return ExpertLibrary
     raise AttributeError(f"module 'mergetool' has no attribute {name!r}")

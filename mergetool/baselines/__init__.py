@@ -31,9 +31,23 @@ import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from mergetool.baselines import static
+from mergetool.baselines.dynamic import (
+    EMRModel,
+    Features,
+    PerInputEvaluator,
+    TwinModel,
+    oracle_route,
+    router_ready,
+    train_router,
+)
+from mergetool.baselines.static import STATIC, grid_points
 from mergetool.core.errors import MergetoolError
 from mergetool.core.grouping import all_shared, all_singletons
 from mergetool.merge.cost import storage_cost
+from mergetool.pipeline.rundir import recipe_hash
+from mergetool.pipeline.session import references, test_scores, write_summary
+from mergetool.search.journal import read_journal
 
 METHODS = ("wa", "ta", "ties", "bc", "twin", "emr")
 TWIN_RANKS = (4, 16, 64)
@@ -52,8 +66,6 @@ def _entry(name: str, key: str, kind: str, cost: float, val, test, params: Optio
 
 def resolve_routing(session, requested: str) -> str:
     """auto | router | oracle → router | oracle."""
-    from mergetool.baselines.dynamic import router_ready
-
     if requested not in ROUTINGS:
         raise MergetoolError(f"unknown routing {requested!r}", key="--routing", fix="use auto, router or oracle")
     if requested == "oracle" or (requested == "auto" and not router_ready(session)):
@@ -66,8 +78,6 @@ def resolve_routing(session, requested: str) -> str:
 
 def count_steps(recipe, *, split: str, methods: Sequence[str], twin_ranks: Sequence[int], routing: str) -> int:
     """The number of progress messages run_baselines sends (for a progress bar's total)."""
-    from mergetool.baselines.static import STATIC, grid_points
-
     t, r = int(split == "test"), int(routing == "router")
     n = (2 + recipe.quantization.enabled) * (1 + t)  # individual fp32 (and b-bit), pre-trained
     for key, (_, _, _, grid) in STATIC.items():
@@ -82,8 +92,6 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
                   twin_ranks: Sequence[int] = TWIN_RANKS, routing: str = "auto", device: str = "auto",
                   progress: Optional[Callable[[str], None]] = None) -> dict:
     """Score every baseline; tune on validation, and also score the tuned ones on test if split=test."""
-    from mergetool.pipeline.rundir import recipe_hash
-
     _check_request(session, split, methods)
     run = _BaselineRun(session, split == "test", resolve_routing(session, routing), progress or (lambda _: None))
     _individual_and_pretrained(run)
@@ -95,14 +103,8 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
     p = session.plan
     return {"split": split, "recipe_sha256": recipe_hash(session.recipe), "d": p.d, "b_plus": p.base_bits,
             "tasks": list(p.tasks), "routing": ROUTING_NOTE[run.routing] if {"twin", "emr"} & set(methods) else None,
-            "grids": {k: v[3] for k, v in _static_module().STATIC.items()} | {"twin_rank": sorted(set(twin_ranks))},
+            "grids": {k: v[3] for k, v in static.STATIC.items()} | {"twin_rank": sorted(set(twin_ranks))},
             "methods": run.out}
-
-
-def _static_module():
-    from mergetool.baselines import static
-
-    return static
 
 
 def _check_request(session, split: str, methods: Sequence[str]) -> None:
@@ -123,7 +125,6 @@ def _check_request(session, split: str, methods: Sequence[str]) -> None:
 
 class _BaselineRun:
     """What every baseline of one `run_baselines` call shares: the session, the splits, the output rows."""
-
     def __init__(self, session, test: bool, routing: str, say: Callable[[str], None]):
         self.s, self.p, self.test, self.routing, self.say = session, session.plan, test, routing, say
         self.singles, self.shared = all_singletons(self.p.T, self.p.L), all_shared(self.p.T, self.p.L)
@@ -142,14 +143,11 @@ class _BaselineRun:
     @property
     def evaluators(self) -> dict:
         if self._evaluators is None:
-            from mergetool.baselines.dynamic import PerInputEvaluator
 
             self._evaluators = {sp: PerInputEvaluator(self.s, sp) for sp in self.splits}
         return self._evaluators
 
     def router_for(self, state: dict, what: str) -> tuple:
-        from mergetool.baselines.dynamic import Features, oracle_route, train_router
-
         if self.routing == "oracle":
             return oracle_route(self.p.T), {"kind": "oracle", "params": 0}
         self.say(f"{what}: training the router")
@@ -163,7 +161,7 @@ class _BaselineRun:
 
 
 def _individual_and_pretrained(run: _BaselineRun) -> None:
-    s, static = run.s, _static_module()
+    s = run.s
 
     def session_eval(quantized: bool):
         def fn(sp):
@@ -188,7 +186,7 @@ def _individual_and_pretrained(run: _BaselineRun) -> None:
 
 def _static(run: _BaselineRun, methods: Sequence[str], device: str) -> dict:
     """The tuned static merges asked for (TIES also when Twin needs it as its shared expert)."""
-    static, tuned = _static_module(), {}
+    tuned = {}
     for key in [m for m in static.STATIC if m in methods or (m == "ties" and "twin" in methods)]:
         best, rows = static.tune(run.s, key, device, lambda what: run.say(f"tuning {what}"))
         tuned[key] = best
@@ -204,8 +202,6 @@ def _static(run: _BaselineRun, methods: Sequence[str], device: str) -> dict:
 
 
 def _twin(run: _BaselineRun, ties, twin_ranks: Sequence[int]) -> None:
-    from mergetool.baselines.dynamic import TwinModel
-
     p, ev = run.p, run.evaluators
     run.say("twin: SVD of the task deltas")
     shared_state = {}
@@ -234,8 +230,6 @@ def _twin(run: _BaselineRun, ties, twin_ranks: Sequence[int]) -> None:
 
 
 def _emr(run: _BaselineRun) -> None:
-    from mergetool.baselines.dynamic import EMRModel
-
     run.say("emr: unified vector, masks, rescalers")
     emr = EMRModel(run.p, run.s.base, run.s.tasks)
     route, info = run.router_for(emr.pre, "emr")
@@ -257,8 +251,6 @@ def _emr(run: _BaselineRun) -> None:
 
 def refresh_summary(session, run_dir: Path, baselines: dict) -> Optional[Path]:
     """Rewrite search/summary.md with G2 when the run has a search (front.json); else None."""
-    from mergetool.pipeline.session import references, test_scores, write_summary
-
     search_dir = run_dir / "search"
     front_path = search_dir / "front.json"
     if not front_path.is_file():
@@ -281,7 +273,6 @@ def _search_stats(search_dir: Path) -> dict:
                 stats[k] = v
         if stats:
             return stats
-    from mergetool.search.journal import read_journal
 
     journal = search_dir / "evaluations.jsonl"
     return {"evaluations": len(read_journal(journal)) if journal.is_file() else 0}

@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 from mergetool.evaluation.runner import TaskModel
+from mergetool.evaluation.tasks import load_tokenizer, tokenizer_dir
 from mergetool.merge.cost import storage_cost
+from mergetool.pipeline.router_training import fit, read_texts
 
 Route = Callable[[int, dict], np.ndarray]
 
@@ -110,7 +112,6 @@ def _packed_bits(numel: int) -> int:
 class TwinModel:
     """Shared expert + per-task compressed deltas. SVD factors are computed once at the largest rank
     of the grid and sliced for smaller ranks; tensors a rank keeps whole are stored dense."""
-
     def __init__(self, plan, shared: dict[str, Tensor], tasks: Sequence, ranks: Sequence[int]):
         self.plan, self.shared = plan, shared
         lo, hi = min(ranks), max(ranks)
@@ -155,7 +156,6 @@ class TwinModel:
 
 class EMRModel:
     """Unified task vector, per-task masks and rescalers (θ_pre is kept to rebuild each task)."""
-
     def __init__(self, plan, base, tasks: Sequence):
         self.plan, self.pre = plan, {n: base.get(n) for n in _names(plan)}
         self.uni: dict[str, Tensor] = {}
@@ -193,7 +193,6 @@ class EMRModel:
 class Features:
     """h(x): the mean-pooled last hidden state of a backbone holding `state`, the method's own stored
     model (Twin: its shared expert; EMR: θ_pre), so the features cost no extra storage."""
-
     def __init__(self, session, state: dict[str, Tensor], device):
         p = session.plan
         self.model = TaskModel(p, session.tasks[0], session.full_precision_store.own_tensors(0), device)
@@ -212,9 +211,6 @@ class Features:
 def train_router(session, features: Features) -> tuple[Route, dict]:
     """The project's router (mergetool.routing: 3-layer MLP, recipe.router settings, seeded) trained on
     each task's `router` split; weights = softmax of its logits."""
-    from mergetool.evaluation.tasks import load_tokenizer, tokenizer_dir
-    from mergetool.pipeline.router_training import fit, read_texts
-
     s, cfg, seed = session, session.recipe.router, session.recipe.search.seed
     tok = load_tokenizer(tokenizer_dir(s.base.path, s.tasks[0].path))
     X, y = [], []
@@ -248,7 +244,6 @@ class PerInputEvaluator:
     """Scores a per-input merged model on a split: each input's router weights give its merged
     backbone, run with its task's head. Inputs of a batch with identical weights (all of them under
     oracle routing) share one merge and one forward, which is the same computation as batch size 1."""
-
     def __init__(self, session, split: str):
         self.ev = session.evaluator(split, quantized=False)  # its task data and scorer
         self.session = session

@@ -11,6 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mergetool.cli._errors import handles_errors
+from mergetool.core.errors import MergetoolError
+from mergetool.pipeline.rundir import recipe_hash, resolve_run, write_json_atomic
 
 
 @handles_errors
@@ -32,11 +34,16 @@ def baselines(
     """Score the baselines of the paper's Table I and write RUN/baselines/baselines.json (C by Eq. 8)."""
     import json
 
-    from mergetool.baselines import ROUTINGS, SPLITS, count_steps, refresh_summary, resolve_routing, run_baselines
-    from mergetool.core.errors import MergetoolError
-    from mergetool.pipeline.checks import check_recipe
-    from mergetool.pipeline.rundir import recipe_hash, resolve_run, write_json_atomic
-    from mergetool.pipeline.session import Session
+    from mergetool.baselines import (  # lazy: loads torch
+        ROUTINGS,
+        SPLITS,
+        count_steps,
+        refresh_summary,
+        resolve_routing,
+        run_baselines,
+    )
+    from mergetool.pipeline.checks import check_recipe  # lazy: loads torch
+    from mergetool.pipeline.session import Session  # lazy: loads torch
 
     if split not in SPLITS:
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")

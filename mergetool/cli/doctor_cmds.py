@@ -9,6 +9,7 @@ import typer
 
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import MergetoolError
+from mergetool.doctor import first_failure, header, run_checks
 
 
 @handles_errors
@@ -17,8 +18,6 @@ def doctor(
     assets: Annotated[bool, typer.Option(help="Also look for the offline demo assets (base model, corpora).")] = True,
 ) -> None:
     """Check this environment in a few seconds: lock, staged forward per architecture, offline assets."""
-    from mergetool.doctor import first_failure, header, run_checks
-
     for line in header(device):
         typer.echo(line)
     results, seconds = run_checks(assets=assets)

@@ -27,7 +27,7 @@ def push(
     token: TokenOpt = None,
 ) -> None:
     """Verify an expert library, write its model card and push it to the Hub as one commit."""
-    from mergetool.library import hub
+    from mergetool.library import hub  # lazy: loads torch and huggingface_hub
 
     info = hub.push(lib, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
     typer.echo(f"pushed {lib} to {repo_id}@{revision or 'main'} (commit {info.oid})")
@@ -45,7 +45,7 @@ def pull(
     token: TokenOpt = None,
 ) -> None:
     """Download an expert library; it reaches DIR only after every check passed (schema, sha256, allow-list)."""
-    from mergetool.library import hub
+    from mergetool.library import hub  # lazy: loads torch and huggingface_hub
 
     path = hub.pull(repo_id, dir, revision=revision, token=token, force=force)
     typer.echo(f"pulled {repo_id}@{revision or 'main'} into {path} (verified)")

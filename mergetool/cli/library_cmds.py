@@ -12,6 +12,10 @@ import typer
 from mergetool.cli._errors import handles_errors
 from mergetool.core.budget import best_within
 from mergetool.core.errors import LibraryError, MergetoolError
+from mergetool.core.grouping import validate
+from mergetool.library.card import group_letters
+from mergetool.pipeline.rundir import resolve_run
+from mergetool.search.front import pick
 
 RunArg = Annotated[Optional[Path], typer.Argument(
     help="Run directory (with run.json), or a recipe whose `output` is the run directory. Default: .",
@@ -38,8 +42,6 @@ def parse_budget(text: Optional[str]) -> Optional[float]:
 
 def read_grouping(path: Path, plan):
     """G from {"tasks", "components", "grouping"} (or a bare T x L list), rows/columns in plan order."""
-    from mergetool.core.grouping import validate
-
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -88,8 +90,6 @@ def _front(run_dir: Path) -> list[dict]:
 
 
 def _pick(front: list[dict], budget: Optional[float]) -> dict:
-    from mergetool.search.front import pick
-
     return pick(front, budget)
 
 
@@ -111,11 +111,9 @@ def export(
 
     The library always ships a router: trained on the recipe's `router` splits, or reused from
     RUN/router/ when nothing it depends on changed."""
-    from mergetool.core.grouping import validate
-    from mergetool.library.writer import SolutionIn, check_target, export_library, parse_size
-    from mergetool.models.plan import build_plan, open_models
-    from mergetool.pipeline.router_training import RouterBuilder
-    from mergetool.pipeline.rundir import resolve_run
+    from mergetool.library.writer import SolutionIn, check_target, export_library, parse_size  # lazy: loads torch
+    from mergetool.models.plan import build_plan, open_models  # lazy: loads torch
+    from mergetool.pipeline.router_training import RouterBuilder  # lazy: loads torch
 
     B = parse_budget(budget)
     size = parse_size(shard_size)
@@ -183,8 +181,7 @@ def inspect(
     solution: SolutionOpt = None,
 ) -> None:
     """Show an expert library: tasks, components, groups, chains, storage (computed and on disk)."""
-    from mergetool.library.card import group_letters
-    from mergetool.library.hub import open_library
+    from mergetool.library.hub import open_library  # lazy: loads torch
 
     L = open_library(lib, verify=verify, solution=solution)
     m, s = L.manifest, L.solution
@@ -231,7 +228,6 @@ def _print(report: dict, m, s) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mergetool.library.card import group_letters
 
     con = Console()
     con.print(f"[bold]{report['path']}[/]: format v{m.format_version}, base {m.base.ref}")
@@ -283,8 +279,8 @@ def export_model(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder.")] = False,
 ) -> None:
     """Write one task's chain, dequantised, as a plain Hugging Face checkpoint."""
-    from mergetool.library.export_model import export_model as run
-    from mergetool.library.hub import open_library
+    from mergetool.library.export_model import export_model as run  # lazy: loads torch
+    from mergetool.library.hub import open_library  # lazy: loads torch
 
     B = parse_budget(budget)
     path = run(open_library(lib, budget=B, solution=solution), task, out, force=force)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mergetool.cli._errors import handles_errors
+from mergetool.recipe import json_schema, load_recipe
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 
@@ -18,8 +19,7 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_defaul
 @handles_errors
 def validate(recipe: RecipeArg) -> None:
     """Check a recipe: schema, merge method, data files and models (exit 0, or 2 with one line per problem)."""
-    from mergetool.pipeline.checks import check_recipe
-    from mergetool.recipe import load_recipe
+    from mergetool.pipeline.checks import check_recipe  # lazy: loads torch
 
     r = load_recipe(recipe)
     plan = check_recipe(r)
@@ -33,8 +33,7 @@ def plan(
     values: Annotated[bool, typer.Option(help="Scan every tensor for NaN/Inf and unequal buffers.")] = True,
 ) -> None:
     """Show the component plan: components, task-specific tensors, T, L, d and the search-space size."""
-    from mergetool.pipeline.checks import check_recipe
-    from mergetool.recipe import load_recipe
+    from mergetool.pipeline.checks import check_recipe  # lazy: loads torch
 
     p = check_recipe(load_recipe(recipe), check_values=values)
     if as_json:
@@ -68,8 +67,6 @@ def schema(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None,
 ) -> None:
     """Print the recipe JSON Schema (for editor autocompletion)."""
-    from mergetool.recipe import json_schema
-
     text = json.dumps(json_schema(), indent=2)
     if out:
         out.write_text(text + "\n")

@@ -14,6 +14,8 @@ import typer
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import DataError, MergetoolError
 from mergetool.evaluation.data import jsonl_records
+from mergetool.pipeline.rundir import write_json_atomic
+from mergetool.recipe import load_recipe, parse_recipe
 
 LibArg = Annotated[Path, typer.Argument(help="Expert library folder.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
@@ -115,7 +117,7 @@ def predict(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mergetool.inference.runtime import ExpertLibrary
+    from mergetool.inference.runtime import ExpertLibrary  # lazy: loads torch
 
     lib_ = ExpertLibrary.load(lib, device=device)
     if task is not None:
@@ -171,10 +173,8 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from mergetool.inference.runtime import ExpertLibrary
-    from mergetool.pipeline.rundir import write_json_atomic
-    from mergetool.recipe import load_recipe, parse_recipe
-    from mergetool.routing.evaluate import evaluate_library
+    from mergetool.inference.runtime import ExpertLibrary  # lazy: loads torch
+    from mergetool.routing.evaluate import evaluate_library  # lazy: loads torch
 
     if split not in ("test", "validation"):
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use test or validation")

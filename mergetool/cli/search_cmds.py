@@ -13,6 +13,13 @@ from rich.table import Table
 
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import MergetoolError
+from mergetool.pipeline.rundir import prepare_run, resolve_run
+from mergetool.recipe import load_recipe
+from mergetool.recipe.loader import parse_recipe
+from mergetool.search import run_search
+from mergetool.search.executors import make_executor
+from mergetool.search.front import pick, plot_pareto
+from mergetool.search.journal import read_journal
 
 BUDGETS = (0.25, 0.5, 1.0, 2.0)
 
@@ -32,12 +39,15 @@ def search(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Search Pareto-optimal groupings G (surrogate-assisted NSGA-II) and write RUN/search/."""
-    from mergetool.pipeline.checks import check_recipe
-    from mergetool.pipeline.rundir import prepare_run
-    from mergetool.pipeline.session import MergeProblem, Session, references, settings_for, test_scores, write_summary
-    from mergetool.recipe import load_recipe
-    from mergetool.search import run_search
-    from mergetool.search.executors import make_executor
+    from mergetool.pipeline.checks import check_recipe  # lazy: loads torch
+    from mergetool.pipeline.session import (  # lazy: loads torch
+        MergeProblem,
+        Session,
+        references,
+        settings_for,
+        test_scores,
+        write_summary,
+    )
 
     r = _override(load_recipe(recipe), evaluations, seed, no_surrogate, init, granularity, crossover)
     plan = check_recipe(r)
@@ -82,10 +92,6 @@ def front(
     run: Annotated[Optional[Path], typer.Argument(help="Run directory or recipe (default: current folder).")] = None,
 ) -> None:
     """Print a run's Pareto front (C, P, per task, the pick per budget) and redraw pareto.png."""
-    from mergetool.pipeline.rundir import resolve_run
-    from mergetool.search.front import plot_pareto
-    from mergetool.search.journal import read_journal
-
     run_dir, _ = resolve_run(run)
     path = run_dir / "search" / "front.json"
     if not path.is_file():
@@ -103,7 +109,6 @@ def _override(r, evaluations, seed, no_surrogate, init, granularity, crossover=N
         return r
     import yaml
 
-    from mergetool.recipe.loader import parse_recipe
 
     data = yaml.safe_load(r.text)
     data.setdefault("search", {}).update(search)
@@ -120,8 +125,6 @@ def _progress(console: Console) -> Progress:
 
 
 def _print_front(console: Console, fr: list[dict], refs: Optional[dict]) -> None:
-    from mergetool.search.front import pick
-
     table = Table(title="Pareto front (validation)")
     for col in ("id", "C", "P", "per task", "picked at budget"):
         table.add_column(col)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from mergetool.core.errors import DataError
+from mergetool.evaluation.data import iter_records
+from mergetool.evaluation.metrics import METRICS
 from mergetool.recipe.schema import DataSplit
 
 CHOICE_KINDS = ("causal_lm_choice", "seq2seq_choice")
@@ -69,8 +71,6 @@ def read_rows(records: list[dict], spec: DataSplit, *, key: str, lines: Optional
 
 def check_split(spec: DataSplit, key: str) -> list[DataError]:
     """For `mergetool validate`: every row has a choices list and a label that indexes into it."""
-    from mergetool.evaluation.data import iter_records
-
     if not spec.choices:
         return [DataError("a choice task's split needs a `choices` column", file=spec.path, key=key,
                           fix="add `choices: <column>` to the split")]
@@ -220,7 +220,5 @@ def choice_predictions(outputs: np.ndarray, pairs: np.ndarray, n_rows: int,
 def choice_score(metric: str, outputs: np.ndarray, pairs: np.ndarray, labels: np.ndarray,
                  norms: Optional[np.ndarray] = None) -> float:
     """Accuracy (or `acc_norm`, or any classification metric) of the predicted choices."""
-    from mergetool.evaluation.metrics import METRICS
-
     pred = choice_predictions(outputs, pairs, len(labels), norms if metric == "acc_norm" else None)
     return METRICS["accuracy" if metric == "acc_norm" else metric](pred, labels)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mergetool.core.errors import DataError, MergetoolError
+from mergetool.evaluation.data import iter_records
 from mergetool.recipe.schema import DataSplit
 
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -50,8 +51,6 @@ def read_image(spec: DataSplit, value, *, key: str, row: int):
 
 def check_images(spec: DataSplit, key: str) -> list[DataError]:
     """For `mergetool validate`: the split names an image column and every image file exists."""
-    from mergetool.evaluation.data import iter_records
-
     if not spec.image:
         return [DataError("an image task's split needs an `image` column", file=spec.path, key=key,
                           fix="add `image: <column>` to the split")]

@@ -12,7 +12,7 @@ import torch
 from mergetool.core.errors import DataError, MergetoolError
 from mergetool.evaluation.choice import CHOICE_KINDS, causal_batches, read_rows, seq2seq_batches
 from mergetool.evaluation.data import read_split
-from mergetool.evaluation.images import image_batches
+from mergetool.evaluation.images import image_batches, load_processor, processor_dir
 from mergetool.evaluation.metrics import REGRESSION
 from mergetool.recipe.schema import Recipe, TaskConfig
 
@@ -56,8 +56,6 @@ def load_tokenizer(path: Path):
 
 def load_preprocessor(kind: str, *dirs: Path, cache: Optional[dict] = None):
     """The tokenizer, or for image tasks the image processor, from the first folder holding one."""
-    from mergetool.evaluation.images import load_processor, processor_dir
-
     image = kind == "image_classification"
     folder = processor_dir(*dirs) if image else tokenizer_dir(*dirs)
     cache = {} if cache is None else cache

@@ -25,9 +25,12 @@ from mergetool.core.compat import skip_weight_init
 from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.evaluation import stages
 from mergetool.evaluation.runner import instantiate, pick_device
+from mergetool.library.hub import open_library
 from mergetool.library.reader import LibraryFiles
+from mergetool.recipe.loader import parse_recipe
 from mergetool.routing import backbone as bb
 from mergetool.routing.features import config_from_dict, load_extractor, max_length_of, shared_prefix
+from mergetool.routing.router import Router
 
 Inputs = Union[str, Sequence[Union[str, tuple, dict]]]
 
@@ -40,7 +43,6 @@ class _Chain:
 
 class ExpertLibrary:
     """A verified expert library, ready to route and predict."""
-
     chunk_size = 4096  # inputs routed and grouped together (bounds the cached prefix states)
 
     def __init__(self, store: LibraryFiles, *, device: str = "auto", max_resident_models: int = 4,
@@ -65,8 +67,6 @@ class ExpertLibrary:
     def load(cls, path, device: str = "auto", *, budget: Optional[float] = None, solution: Optional[int] = None,
              verify: bool = True, max_resident_models: int = 4) -> "ExpertLibrary":
         """Open and check a library (sha256 of every file unless verify=False)."""
-        from mergetool.library.hub import open_library  # folders and hub:REPO@REV references
-
         return cls(open_library(path, budget=budget, solution=solution, verify=verify),
                    device=device, max_resident_models=max_resident_models)
 
@@ -184,7 +184,6 @@ class ExpertLibrary:
         info = self.manifest.router
         if info is not None:
             return info.max_length
-        from mergetool.recipe.loader import parse_recipe  # a library without a router: its recipe's lengths
 
         try:
             lengths = [t.max_length for t in parse_recipe(self.manifest.recipe).tasks.values()]
@@ -228,7 +227,6 @@ class ExpertLibrary:
 
     def _load_router(self):
         if self._router is None:
-            from mergetool.routing.router import Router
 
             info = self.manifest.router
             if info is None:

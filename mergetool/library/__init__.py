@@ -16,19 +16,19 @@ __all__ = ["FORMAT_VERSION", "Manifest", "parse_manifest", "ExpertLibrary", "Lib
 
 def __getattr__(name: str):
     if name == "ExpertLibrary":  # above this package in the layers: resolved lazily (pyproject's contract)
-        from mergetool.inference.runtime import ExpertLibrary
+        from mergetool.inference.runtime import ExpertLibrary  # lazy: loads torch
 
         return ExpertLibrary
     if name in ("LibraryFiles", "load_task_state"):
-        from mergetool.library import reader
+        from mergetool.library import reader  # lazy: loads torch
 
         return getattr(reader, name)
     if name == "export_library":
-        from mergetool.library.writer import export_library
+        from mergetool.library.writer import export_library  # lazy: loads torch
 
         return export_library
     if name == "export_model":
-        from mergetool.library.export_model import export_model
+        from mergetool.library.export_model import export_model  # lazy: loads torch
 
         return export_model
     raise AttributeError(name)

@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from mergetool.core.errors import LibraryError, MergetoolError
+from mergetool.library.card import render_card
 from mergetool.library.manifest import MANIFEST, README, FileEntry, Manifest, parse_manifest
+from mergetool.library.reader import LibraryFiles, select_solution
 from mergetool.library.verify import sha256_file, verify_folder
+from mergetool.library.writer import check_target, disk_bytes, make_tmp, swap_in
 
 HUB_PREFIX = "hub:"
 IGNORED_FILES = (".gitattributes",)  # added by the Hub to every repo
@@ -131,8 +134,6 @@ def resolve_library(ref: str, *, token=None, endpoint=None) -> tuple[Path, Manif
 def pull(repo_id: str, dest, *, revision: Optional[str] = None, token=None, endpoint=None,
          force: bool = False) -> Path:
     """Download a library into `dest` through the HF cache; only a fully verified copy is moved there."""
-    from mergetool.library.writer import check_target, make_tmp, swap_in
-
     if is_hub_ref(repo_id):
         repo_id, rev = parse_ref(repo_id)
         revision = revision or rev
@@ -168,9 +169,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def stage(lib: Path, m: Manifest, repo_id: str) -> Path:
     """A temporary copy of the library (hard links) whose card names `repo_id`; the manifest follows it."""
-    from mergetool.library.card import render_card
-    from mergetool.library.writer import disk_bytes
-
     lib = Path(lib)
     try:
         out = Path(tempfile.mkdtemp(prefix=f".{lib.name}.push-", dir=lib.absolute().parent))
@@ -225,8 +223,6 @@ def push(lib_dir, repo_id: str, *, private: bool = False, revision: Optional[str
 
 def open_library(ref, *, budget: Optional[float] = None, solution: Optional[int] = None, verify: bool = True):
     """A stored library from a folder, or from `hub:REPO_ID@REV` through the HF cache (always fully verified)."""
-    from mergetool.library.reader import LibraryFiles, select_solution
-
     if str(ref).startswith("hub:"):
         folder, m = resolve_library(str(ref))
         return LibraryFiles(folder, m, select_solution(m, budget=budget, solution=solution))

@@ -19,6 +19,8 @@ from mergetool.core.errors import LibraryError
 from mergetool.library.manifest import MANIFEST, Manifest, Solution, StoredTensor
 from mergetool.library.safetensors_io import data_bytes, read_header
 from mergetool.library.verify import REEXPORT, verify_folder
+from mergetool.merge.adapters.ia3 import ia3_dense
+from mergetool.merge.adapters.lora import lora_dense
 from mergetool.merge.quantize import dequantize, from_tensors
 
 
@@ -42,7 +44,6 @@ def select_solution(m: Manifest, *, budget: Optional[float] = None, solution: Op
 
 class LibraryFiles:
     """A checked library and one chosen solution (its chains)."""
-
     def __init__(self, path: Path, manifest: Manifest, index: int):
         self.path, self.manifest, self.index = Path(path), manifest, index
         self._handles: dict[str, object] = {}
@@ -102,8 +103,6 @@ class LibraryFiles:
         stored = {n: self.read(st) for n, st in e.tensors.items()}
         if not e.adapter:
             return stored
-        from mergetool.merge.adapters.ia3 import ia3_dense
-        from mergetool.merge.adapters.lora import lora_dense
 
         try:
             out = ia3_dense({w: (s.vector, s.dim) for w, s in e.adapter.items() if s.vector}, stored, self.frozen)

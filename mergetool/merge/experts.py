@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from mergetool.core.errors import MergetoolError
+from mergetool.core.grouping import experts, set_partitions
+from mergetool.core.grouping import members as group_members
 from mergetool.merge.adapters.ia3 import Ia3Slot, ia3_dense, ia3_targets, merge_ia3, scaled_dim
 from mergetool.merge.adapters.lora import LoraPair, lora_dense, lora_pairs, merge_lora, scaling_for
 from mergetool.merge.cost import mask_bytes, storage_cost, tensor_data_bits
@@ -75,7 +77,6 @@ def _qt_bytes(q: QuantizedTensor) -> int:
 
 class ExpertStore:
     """Builds experts from lazily read models; an LRU cache bounded by `cache_bytes` holds them."""
-
     def __init__(self, recipe: Recipe, plan: Plan, base: ModelSource, tasks: Sequence[ModelSource], *,
                  quantization: Optional[QuantSpec] = None, cache_bytes: int = 2 << 30):
         if plan.adapter and plan.adapter.get("type") not in ("LORA", "IA3"):
@@ -205,16 +206,12 @@ class ExpertStore:
         """C(G), Eq. 8, exact to the bytes export writes (experts only; heads are reported apart).
         For adapter zoos the frozen base is one shared component stored once: it adds 1 (as in
         `Plan.individual_cost`)."""
-        from mergetool.core.grouping import experts
-
         return storage_cost(sum(self.expert(l, m).bits for l, m in experts(G)), d=self.plan.d,
                             base_bits=self.plan.base_bits, frozen_base=bool(self.plan.adapter))
 
     def cheapest_grouping(self):
         """The grouping of least C: per component, the partition of the tasks whose experts take the
         fewest bits. Exhaustive (B(T) partitions, 2^T - 1 experts per component), so for T <= 8."""
-        from mergetool.core.grouping import set_partitions
-
         T, L = self.plan.T, self.plan.L
         if T > 8:
             raise ValueError(f"cheapest_grouping enumerates B(T) partitions; T = {T} is too many")
@@ -227,8 +224,6 @@ class ExpertStore:
 
     def task_state(self, G, task: int, components: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
         """Normalised-name state dict of `task`'s chain (dequantised experts) for some components."""
-        from mergetool.core.grouping import members as group_members
-
         state: dict[str, torch.Tensor] = {}
         for l in components if components is not None else range(self.plan.L):
             state.update(self.expert(l, group_members(G, task, l)).dense())

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from mergetool.core.compat import bind_merge_parameters
 from mergetool.core.errors import MergetoolError
+from mergetool.merge.fast_kernels import fast_method, gta_merge
 from mergetool.models.streaming import TensorLike, as_tensor
 
 METHOD_ALIASES = {"wa": "linear", "ta": "task_arithmetic", "tm": "ties", "bc": "breadcrumbs"}
@@ -312,7 +313,6 @@ def _fast_merge(tensors, canonical, kwargs, ids, dtype, out_dtype, seed_key) -> 
     """The streaming kernel with mergekit's own parameter binding; None when it does not apply."""
     from mergekit.merge_methods.base import TensorGroup
 
-    from mergetool.merge.fast_kernels import fast_method, gta_merge
 
     method = _mergekit().get(canonical)
     if not fast_method(method) or any(getattr(t, "device", torch.device("cpu")).type != "cpu" for t in tensors):

@@ -6,16 +6,20 @@
 from __future__ import annotations
 
 from mergetool.core.errors import MergetoolError, MultiError
+from mergetool.evaluation.choice import check_split
 from mergetool.evaluation.data import read_split
+from mergetool.evaluation.images import check_images
+from mergetool.evaluation.metrics import REGRESSION
+from mergetool.evaluation.tasks import label_names, map_labels
+from mergetool.merge.methods import check_method as check
 from mergetool.models.plan import Plan, build_plan
+from mergetool.models.source import resolve_model_ref
 from mergetool.recipe.schema import Recipe
 
 SPLITS = ("validation", "test", "router")
 
 
 def check_method(recipe: Recipe) -> list[MergetoolError]:
-    from mergetool.merge.methods import check_method as check
-
     params = dict(recipe.merge.parameters)
     weights = [m.parameters.get("weight", 1.0) for m in recipe.models]
     if any(m.parameters for m in recipe.models):
@@ -52,9 +56,6 @@ def check_labels(recipe: Recipe, plan: Plan) -> list[MergetoolError]:
     """Every label in every split is one of its task model's classes (id2label names or ids)."""
     import json
 
-    from mergetool.evaluation.metrics import REGRESSION
-    from mergetool.evaluation.tasks import label_names, map_labels
-    from mergetool.models.source import resolve_model_ref
 
     errors: list[MergetoolError] = []
     for i, (task, entry) in enumerate(zip(plan.tasks, recipe.models)):
@@ -68,12 +69,10 @@ def check_labels(recipe: Recipe, plan: Plan) -> list[MergetoolError]:
             if split is None or cfg.kind == "custom":
                 continue
             if cfg.kind.endswith("_choice"):  # a label indexes into its own row's choices
-                from mergetool.evaluation.choice import check_split
 
                 errors.extend(check_split(split, f"tasks.{task}.{split_name}"))
                 continue
             if cfg.kind == "image_classification":
-                from mergetool.evaluation.images import check_images
 
                 errors.extend(check_images(split, f"tasks.{task}.{split_name}"))
             try:

@@ -19,8 +19,12 @@ import torch
 
 from mergetool.core.errors import DataError, MergetoolError
 from mergetool.evaluation.data import iter_records
+from mergetool.inference.runtime import ExpertLibrary
 from mergetool.library.manifest import Manifest, RouterInfo
+from mergetool.library.reader import LibraryFiles
+from mergetool.library.verify import sha256_file
 from mergetool.models.source import ModelSource
+from mergetool.pipeline.rundir import recipe_hash
 from mergetool.recipe.schema import DataSplit, Recipe
 from mergetool.routing.backbone import stage_of
 from mergetool.routing.features import max_length_of, resolve, write_features
@@ -75,7 +79,6 @@ def fit(X: torch.Tensor, y: torch.Tensor, tasks: Sequence[str], hidden: Sequence
 
 class RouterBuilder:
     """`export_library(..., router=RouterBuilder(...))`: writes the router into the library folder."""
-
     def __init__(self, recipe: Recipe, base: ModelSource, *, cache_dir: Optional[Path] = None,
                  device: str = "auto", progress: Optional[Callable[[str], None]] = None):
         self.recipe, self.base, self.cache_dir, self.device = recipe, base, cache_dir, device
@@ -91,9 +94,6 @@ class RouterBuilder:
                                      fix="add `router: {path: ...}` (data that is neither validation nor test)")
 
     def __call__(self, folder: Path, draft: Manifest) -> RouterInfo:
-        from mergetool.inference.runtime import ExpertLibrary
-        from mergetool.library.reader import LibraryFiles
-
         self.check()
         cfg, names = self.recipe.router, [t.name for t in draft.tasks]
         kind, k = resolve(cfg.features, draft)
@@ -156,8 +156,6 @@ class RouterBuilder:
 
     def _key(self, kind: str, k: int, draft: Manifest) -> str:
         """Everything the router depends on: recipe, router settings, features, prefix experts, data."""
-        from mergetool.pipeline.rundir import recipe_hash
-
         n = 10**6
         prefix = [[l, draft.expert(draft.chains[draft.tasks[0].name][l]).group_members]
                   for l, c in enumerate(draft.components) if any(stage_of(x, n) < k for x in c.tensors)]
@@ -176,6 +174,5 @@ class RouterBuilder:
 def _sha(path: Path) -> str:
     if not path.is_file():
         return "missing"
-    from mergetool.library.verify import sha256_file
 
     return sha256_file(path)

@@ -8,6 +8,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from mergetool.core.errors import RecipeError
+
 PRESETS = ("auto", "bert", "roberta", "distilbert", "gpt2", "llama", "vit", "clip_vision", "t5", "custom")
 GRANULARITIES = ("component", "layer", "kind", "model")
 KINDS = ("embeddings", "attention", "mlp", "norm", "other")
@@ -20,7 +22,6 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 class Strict(BaseModel):
     """Base of all recipe models: immutable, unknown keys refused."""
-
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -251,8 +252,6 @@ class Recipe(Strict):
 
     def error(self, message: str, key: Union[str, tuple], fix: Optional[str] = None, cls=None):
         """A located error about `key` (a dotted string or a loc tuple) of this recipe."""
-        from mergetool.core.errors import RecipeError
-
         loc = tuple(key.split(".")) if isinstance(key, str) else tuple(key)
         loc = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in loc)
         line, col = self.position(loc)

@@ -20,6 +20,7 @@ import torch
 from mergetool.core.compat import skip_weight_init
 from mergetool.core.errors import LibraryError
 from mergetool.library.manifest import FeatureStorage, Manifest
+from mergetool.library.safetensors_io import StreamWriter
 from mergetool.routing.backbone import LAYER, mean_pool, stage_of
 
 FEATURE_FILE = "base-features.safetensors"
@@ -70,7 +71,6 @@ def write_features(kind: str, base_path: Path, folder: Path) -> FeatureStorage:
     from transformers import AutoModel
     from transformers.utils import logging
 
-    from mergetool.library.safetensors_io import StreamWriter
 
     logging.disable_progress_bar()
     model = AutoModel.from_pretrained(str(base_path))
@@ -92,7 +92,6 @@ def write_features(kind: str, base_path: Path, folder: Path) -> FeatureStorage:
 
 class FeatureModel:
     """The `base` or `embeddings` extractor, loaded from the library's base-features file."""
-
     def __init__(self, kind: str, file: Path, base_config: dict, device: torch.device):
         from safetensors.torch import load_file
         from transformers import AutoModel

@@ -6,13 +6,12 @@ loop (pymoo, scikit-learn) is imported on first use of `run_search`.
 
 from __future__ import annotations
 
+from mergetool.search.loop import run_search as _run
 from mergetool.search.types import EvalResult, SearchProblem, SearchResult, SearchSettings
 
 
 def run_search(problem, settings: SearchSettings, journal_path, *, progress=None, executor=None) -> SearchResult:
     """Run (or resume) Algorithm 1; see mergetool.search.loop.run_search."""
-    from mergetool.search.loop import run_search as _run
-
     return _run(problem, settings, journal_path, progress=progress, executor=executor)
 
 
