@@ -85,7 +85,7 @@ class AdapterSlot(Frozen):
     dim: Optional[int] = None
 
 
-class Expert(Frozen):
+class StoredExpert(Frozen):
     id: str
     component: int  # index into Manifest.components
     group_members: list[str]  # task names
@@ -95,7 +95,7 @@ class Expert(Frozen):
     adapter: dict[str, AdapterSlot] = Field(default_factory=dict)  # base weight name -> slot (adapters)
 
 
-class Component(Frozen):
+class StoredComponent(Frozen):
     name: str
     kind: str
     layer: Optional[int]
@@ -187,8 +187,8 @@ class Manifest(Frozen):
     mergetool_version: str
     base: Base
     tasks: list[Task]
-    components: list[Component]
-    experts: list[Expert]
+    components: list[StoredComponent]
+    experts: list[StoredExpert]
     buffers: dict[str, StoredTensor]  # non-float buffers shared by every task
     solutions: list[Solution] = Field(min_length=1)
     default_solution: int = 0  # index into solutions
@@ -210,10 +210,10 @@ class Manifest(Frozen):
         raise LibraryError(f"task {name!r} is not in this library", key="task",
                            fix=f"use one of {', '.join(t.name for t in self.tasks)}")
 
-    def expert(self, eid: str) -> Expert:
+    def expert(self, eid: str) -> StoredExpert:
         return self.expert_map()[eid]
 
-    def expert_map(self) -> dict[str, Expert]:
+    def expert_map(self) -> dict[str, StoredExpert]:
         return {e.id: e for e in self.experts}
 
 

@@ -33,14 +33,14 @@ from mergetool.library.manifest import (
     TOKENIZER_FILES,
     AdapterSlot,
     Base,
-    Component,
-    Expert,
     FileEntry,
     FrozenBase,
     Manifest,
     RouterInfo,
     Solution,
     Storage,
+    StoredComponent,
+    StoredExpert,
     StoredTensor,
     Task,
     parse_manifest,
@@ -183,7 +183,7 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
                        expert_data_bytes=bits // 8 + masks, mask_bytes=masks, head_data_bytes=head_bytes)
 
     sols = [_solution(job, s, G, ids, storage, budget) for s, G in zip(solutions, Gs)]
-    components = [Component(name=c.name, kind=c.kind, layer=c.layer, params=c.params,
+    components = [StoredComponent(name=c.name, kind=c.kind, layer=c.layer, params=c.params,
                             tensors={n: list(job.tasks[0].meta(n).shape) for n in c.tensors})
                   for c in plan.components]
     all_storage = storage(by_id)
@@ -200,7 +200,7 @@ def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, bud
     return _finish(tmp, draft, router)
 
 
-def _write_experts(job: _Job, store: ExpertStore, Gs) -> tuple[list[Expert], dict[tuple, str]]:
+def _write_experts(job: _Job, store: ExpertStore, Gs) -> tuple[list[StoredExpert], dict[tuple, str]]:
     """Every expert of every solution, component by component; one shared by several solutions is stored once."""
     shards = ShardSet(job.tmp, "experts", job.shard_size)
     raw: list[dict] = []
@@ -218,7 +218,7 @@ def _write_experts(job: _Job, store: ExpertStore, Gs) -> tuple[list[Expert], dic
     for r in raw:
         for info in r["tensors"].values():
             info["shard"] = shard_names[info["shard"]]
-    return [Expert(**r) for r in raw], ids
+    return [StoredExpert(**r) for r in raw], ids
 
 
 def _write_expert(job: _Job, e, eid: str, key: tuple, shards: ShardSet) -> dict:

@@ -256,15 +256,7 @@ def merge_group(
         return t if out_dtype is None else t.to(out_dtype)
     first = members[0]
     if not first.dtype.is_floating_point:
-        first = as_tensor(first)
-        others = [as_tensor(t) for t in members[1:]] + ([as_tensor(base)] if base is not None else [])
-        if any(not torch.equal(first, t) for t in others):
-            raise MergetoolError(
-                f"non-float tensor {seed_key or ''} differs between models",
-                key=seed_key,
-                fix="non-float buffers cannot be merged; they must be identical",
-            )
-        return first
+        return _equal_buffer(base, members, seed_key)
 
     canonical = resolve_method(method)
     spec = _spec(canonical)
@@ -287,26 +279,45 @@ def merge_group(
             out = _fast_merge(tensors, canonical, kwargs, ids, dtype, out_dtype, seed_key)
             if out is not None:
                 return out
-        tensors = [as_tensor(t) for t in tensors]
-
-        def run() -> Tensor:
-            return _mergekit().merge_tensors(
-                tensors, canonical, parameters=kwargs, ids=ids, base_index=base_index,
-                name=seed_key, dtype=dtype, out_dtype=out_dtype,
-            )
-
-        if not uses_randomness(canonical):
-            return run()
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(stable_seed(seed_key or ""))
-            return run()
+        return _mergekit_merge([as_tensor(t) for t in tensors], canonical, kwargs, ids, base_index, seed_key,
+                               dtype, out_dtype)
     except (TypeError, ValueError) as e:
         raise MergetoolError(
             f"merge method {canonical!r} failed{' on ' + seed_key if seed_key else ''}: {e}",
             key=seed_key,
             fix="check the method's parameters and that all models have equal shapes",
         ) from None
+
+
+def _equal_buffer(base: Optional[TensorLike], members: Sequence[TensorLike], seed_key: Optional[str]) -> Tensor:
+    """A non-float tensor is passed through; it must be identical in every model."""
+    first = as_tensor(members[0])
+    others = [as_tensor(t) for t in members[1:]] + ([as_tensor(base)] if base is not None else [])
+    if any(not torch.equal(first, t) for t in others):
+        raise MergetoolError(
+            f"non-float tensor {seed_key or ''} differs between models",
+            key=seed_key,
+            fix="non-float buffers cannot be merged; they must be identical",
+        )
+    return first
+
+
+def _mergekit_merge(tensors: list[Tensor], canonical: str, kwargs: dict, ids, base_index, seed_key, dtype,
+                    out_dtype) -> Tensor:
+    """mergekit's own `merge_tensors`; a random method runs under a seed of its own (the global RNG is left alone)."""
+
+    def run() -> Tensor:
+        return _mergekit().merge_tensors(
+            tensors, canonical, parameters=kwargs, ids=ids, base_index=base_index,
+            name=seed_key, dtype=dtype, out_dtype=out_dtype,
+        )
+
+    if not uses_randomness(canonical):
+        return run()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(stable_seed(seed_key or ""))
+        return run()
 
 
 def _fast_merge(tensors, canonical, kwargs, ids, dtype, out_dtype, seed_key) -> Optional[Tensor]:

@@ -257,6 +257,48 @@ def screen(pm, run: _Run, cands: list[np.ndarray], cap: int, k: int, rng: np.ran
     return sorted(int(j) for j in front), pred
 
 
+def _start(problem, s: SearchSettings, journal: Journal, journal_path: Path, T: int, L: int) -> tuple:
+    """(state, initial population, init used): checks the journal against the budget and the settings,
+    then reuses the saved initial population or draws it (K-means over the models' task vectors)."""
+    if len(journal) > s.evaluations:
+        raise MergetoolError(
+            f"the journal already holds {len(journal)} evaluations, more than the budget of {s.evaluations}",
+            file=str(journal_path), key="search.evaluations", fix=f"set evaluations to at least {len(journal)}",
+        )
+    fingerprint = {"version": STATE_VERSION, "T": T, "L": L, "settings": s.fingerprint()}
+    state = read_state(journal_path) or {}
+    if state and state.get("fingerprint") != fingerprint:
+        raise MergetoolError(
+            "this run directory holds a search with other settings (seed, population, surrogate, init or T x L)",
+            file=str(journal_path), fix="resume with the original settings or use a new run directory",
+        )
+    if "initial_population" in state:  # resume without recomputing K-means over the models
+        init, init_used = [np.asarray(G, dtype=np.int64) for G in state["initial_population"]], state["init_used"]
+    else:
+        init, init_used = initial_population(problem, s)
+    state = {"fingerprint": fingerprint, "initial_population": [G.tolist() for G in init], "init_used": init_used,
+             "generation": 0, "evaluations": len(journal), "screened": 0, "complete": False}
+    write_state(journal_path, state)
+    return state, init, init_used
+
+
+def _generation(pm, run: "_Run", pop, pop_recs, k: int, rng: np.random.Generator) -> Optional[list]:
+    """One generation's offspring, screened by the surrogate when on, evaluated in chain order; None when
+    variation found no unseen grouping."""
+    s = run.s
+    cands = offspring(pm, pop, pop_recs, s.n_offspring, rng, run.keys, s.crossover_prob, s.crossover)
+    if not cands:
+        return None
+    if s.surrogate == "random_forest":
+        chosen, pred = screen(pm, run, cands, s.per_generation, k, rng)
+        chosen = chain_order(chosen, key=lambda j: cands[j])
+        Gs, preds = [cands[j] for j in chosen], [float(pred[j]) for j in chosen]
+    else:
+        Gs, preds = chain_order(cands[: s.per_generation]), None
+    left = s.evaluations - run.n
+    return run.evaluate(Gs[:left], None if preds is None else preds[:left], k)
+
+
 def run_search(problem, settings: SearchSettings, journal_path, *, progress: Optional[Progress] = None,
                executor=None) -> SearchResult:
     """Run Algorithm 1 until `settings.evaluations` real evaluations; resume from the journal if present."""
@@ -268,25 +310,7 @@ def run_search(problem, settings: SearchSettings, journal_path, *, progress: Opt
     executor = executor or LocalExecutor()
     journal = Journal(journal_path)
     try:
-        if len(journal) > s.evaluations:
-            raise MergetoolError(
-                f"the journal already holds {len(journal)} evaluations, more than the budget of {s.evaluations}",
-                file=str(journal_path), key="search.evaluations", fix=f"set evaluations to at least {len(journal)}",
-            )
-        fingerprint = {"version": STATE_VERSION, "T": T, "L": L, "settings": s.fingerprint()}
-        state = read_state(journal_path) or {}
-        if state and state.get("fingerprint") != fingerprint:
-            raise MergetoolError(
-                "this run directory holds a search with other settings (seed, population, surrogate, init or T x L)",
-                file=str(journal_path), fix="resume with the original settings or use a new run directory",
-            )
-        if "initial_population" in state:  # resume without recomputing K-means over the models
-            init, init_used = [np.asarray(G, dtype=np.int64) for G in state["initial_population"]], state["init_used"]
-        else:
-            init, init_used = initial_population(problem, s)
-        state = {"fingerprint": fingerprint, "initial_population": [G.tolist() for G in init], "init_used": init_used,
-                 "generation": 0, "evaluations": len(journal), "screened": 0, "complete": False}
-        write_state(journal_path, state)
+        state, init, init_used = _start(problem, s, journal, journal_path, T, L)
 
         run = _Run(problem, s, journal, executor, progress, ref)
         run.evaluate(chain_order([grouping.validate(G, T, L) for G in init[: s.evaluations]]), None, 0)
@@ -298,19 +322,11 @@ def run_search(problem, settings: SearchSettings, journal_path, *, progress: Opt
                 stopped = "exhausted"
                 break
             rng = np.random.default_rng([s.seed, k])
-            cands = offspring(pm, pop, pop_recs, s.n_offspring, rng, run.keys, s.crossover_prob, s.crossover)
-            if not cands:
+            new = _generation(pm, run, pop, pop_recs, k, rng)
+            if new is None:  # no new candidate this generation
                 stalls, k = stalls + 1, k + 1
                 continue
             stalls = 0
-            if s.surrogate == "random_forest":
-                chosen, pred = screen(pm, run, cands, s.per_generation, k, rng)
-                chosen = chain_order(chosen, key=lambda j: cands[j])
-                Gs, preds = [cands[j] for j in chosen], [float(pred[j]) for j in chosen]
-            else:
-                Gs, preds = chain_order(cands[: s.per_generation]), None
-            left = s.evaluations - run.n
-            new = run.evaluate(Gs[:left], None if preds is None else preds[:left], k)
             pop_recs, pop = survive(pm, pop_recs + new, s.population, rng)
             state.update(generation=k, evaluations=run.n, screened=run.screened)
             write_state(journal_path, state)
