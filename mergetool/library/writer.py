@@ -106,8 +106,8 @@ def export_library(recipe: Recipe, plan: Plan, sources: tuple[ModelSource, Seque
         raise LibraryError("nothing to export", key="solutions")
     tmp = make_tmp(out)
     try:
-        manifest = _write(recipe, plan, sources, solutions, tmp, shard_size, default, budget,
-                          progress or (lambda _m: None), router)
+        job = _Job(recipe, plan, sources[0], sources[1], tmp, shard_size, progress or (lambda _m: None))
+        manifest = _write(job, solutions, default=default, budget=budget, router=router)
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,15 +157,16 @@ class _Job:
             _release(src)  # pages mapped by earlier reads (e.g. the plan's value checks)
 
 
-def _write(recipe, plan, sources, solutions, tmp: Path, shard_size, default, budget, say, router=None) -> Manifest:
-    job = _Job(recipe, plan, sources[0], sources[1], tmp, shard_size, say)
+def _write(job: _Job, solutions: Sequence[SolutionIn], *, default: int, budget: Optional[float],
+           router: Optional[Callable[[Path, Manifest], RouterInfo]]) -> Manifest:
+    recipe, plan, tmp = job.recipe, job.plan, job.tmp
     job.release()
     store = ExpertStore(recipe, plan, job.base, job.tasks, cache_bytes=0)  # stream: one expert at a time
     Gs = [canonical(s.grouping) for s in solutions]
     experts, ids = _write_experts(job, store, Gs)
     task_entries, head_bytes, frozen_names = _write_tasks(job, store)
     buffers = _write_buffers(job)
-    frozen = _write_frozen(job.base, sorted(frozen_names), tmp, shard_size) if plan.adapter else None
+    frozen = _write_frozen(job.base, sorted(frozen_names), tmp, job.shard_size) if plan.adapter else None
     # configs and tokenizer: the library runs without the original models
     shutil.copyfile(job.base.path / "config.json", tmp / "config.json")
     _copy_tokenizer([s.path for s in job.tasks] + [job.base.path], tmp)
