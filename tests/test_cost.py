@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergetool.merge.cost import mask_bytes, storage_cost, tensor_data_bits
+from mergetool.core.storage import storage_cost
+from mergetool.merge.cost import mask_bytes, tensor_data_bits
 from mergetool.merge.quantize import QuantSpec, bits_of_dtype, quantize, to_tensors
 
 D = 1024  # a power of two keeps every cost an exact binary fraction

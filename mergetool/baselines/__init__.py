@@ -44,7 +44,7 @@ from mergetool.baselines.dynamic import (
 from mergetool.baselines.static import STATIC, grid_points
 from mergetool.core.errors import MergetoolError
 from mergetool.core.grouping import all_shared, all_singletons
-from mergetool.merge.cost import storage_cost
+from mergetool.core.storage import storage_cost
 from mergetool.pipeline.rundir import recipe_hash
 from mergetool.pipeline.session import references, test_scores, write_summary
 from mergetool.search.journal import read_journal

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mergetool.core.storage import storage_cost
 from mergetool.evaluation.runner import TaskModel
 from mergetool.evaluation.tasks import load_tokenizer, tokenizer_dir
-from mergetool.merge.cost import storage_cost
 from mergetool.pipeline.router_training import fit, read_texts
 
 Route = Callable[[int, dict], np.ndarray]

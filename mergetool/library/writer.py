@@ -24,6 +24,7 @@ from mergetool.core.errors import LibraryError
 from mergetool.core.grouping import canonical
 from mergetool.core.grouping import experts as expert_keys
 from mergetool.core.grouping import members as group_members
+from mergetool.core.storage import storage_cost
 from mergetool.core.version import __version__
 from mergetool.evaluation.runner import adapter_layout
 from mergetool.library.card import render_card
@@ -47,7 +48,6 @@ from mergetool.library.manifest import (
 )
 from mergetool.library.safetensors_io import ShardSet, StreamWriter
 from mergetool.library.verify import sha256_file
-from mergetool.merge.cost import storage_cost
 from mergetool.merge.experts import ExpertStore
 from mergetool.merge.quantize import to_tensors
 from mergetool.models.plan import Plan

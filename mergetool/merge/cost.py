@@ -6,10 +6,8 @@ d is the number of float parameters in the base model's mergeable components and
 full-precision width. An unquantised unit costs b⁺·d_unit/(b⁺·d); a quantised one b bits per
 value plus scale and zero-point (b⁺ bits each, hence 2/d after normalising by b⁺·d).
 
-The one implementation, used by the search (ExpertStore.storage_cost), the writer and `inspect`
-(a library's Storage), and the baselines (individual models, static merges, Twin, EMR):
-`storage_cost(bits, d=..., base_bits=...)` = bits / (b⁺·d), plus 1 for an adapter zoo's frozen base,
-which is one shared component stored once. `bits` is exact on disk: `tensor_data_bits` counts the
+C itself is `core.storage.storage_cost(bits, d=..., base_bits=...)` = bits / (b⁺·d) (plus 1 for an adapter
+zoo's frozen base, stored once); this module counts the bits. `bits` is exact on disk: `tensor_data_bits` counts the
 padding of each packed code stream to a whole byte (once per tensor), so C can differ from Eq. 8 as
 written by that padding (tests/test_cost.py checks Eq. 8 as written against it). The per-channel row
 mask (only stored when a tensor mixes quantised and full rows) is not part of Eq. 8; `mask_bytes`
@@ -47,8 +45,3 @@ def tensor_data_bits(qt: QuantizedTensor, base_bits: int) -> int:
 def mask_bytes(qt: QuantizedTensor) -> int:
     """Bytes of the packed row mask (0 when the tensor does not mix quantised and full rows)."""
     return 0 if qt.row_mask is None else (qt.row_mask.numel() + 7) // 8
-
-
-def storage_cost(bits: float, *, d: int, base_bits: int, frozen_base: bool = False) -> float:
-    """C of `bits` stored bits: bits / (b⁺·d), plus 1 when an adapter zoo's frozen base is stored once."""
-    return (1.0 if frozen_base else 0.0) + bits / (base_bits * d)

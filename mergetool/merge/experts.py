@@ -22,9 +22,10 @@ import torch
 from mergetool.core.errors import MergetoolError
 from mergetool.core.grouping import experts, set_partitions
 from mergetool.core.grouping import members as group_members
+from mergetool.core.storage import storage_cost
 from mergetool.merge.adapters.ia3 import Ia3Slot, ia3_dense, ia3_targets, merge_ia3, scaled_dim
 from mergetool.merge.adapters.lora import LoraPair, lora_dense, lora_pairs, merge_lora, scaling_for
-from mergetool.merge.cost import mask_bytes, storage_cost, tensor_data_bits
+from mergetool.merge.cost import mask_bytes, tensor_data_bits
 from mergetool.merge.methods import merge_group, resolve_method
 from mergetool.merge.quantize import QuantizedTensor, QuantSpec, dequantize, quantize
 from mergetool.models.plan import Plan

@@ -17,6 +17,7 @@ import torch
 
 from mergetool.core.errors import MergetoolError, MultiError, PlanError
 from mergetool.core.grouping import search_space_log10
+from mergetool.core.storage import storage_cost
 from mergetool.models.presets import Classifier, adapter_module_weight, coarsen, preset_for, sort_key
 from mergetool.models.source import ModelSource, open_model
 from mergetool.recipe.schema import Recipe
@@ -69,9 +70,8 @@ class Plan:
     def individual_cost(self) -> float:
         """C of keeping every task model whole in full precision (T for full fine-tunes)."""
         mergeable = sum(c.params for c in self.components)
-        if self.adapter:
-            return 1.0 + self.T * mergeable / self.d
-        return self.T * mergeable / self.d
+        return storage_cost(self.T * mergeable * self.base_bits, d=self.d, base_bits=self.base_bits,
+                            frozen_base=bool(self.adapter))
 
     def head_params(self, task: str) -> int:
         return sum(math.prod(self.shapes.get(f"{task}/{n}", ())) for n in self.task_specific[task])
