@@ -1,4 +1,4 @@
-"""The dependency adapters (mergetool/compat.py), the environment check and `mergetool doctor`.
+"""The dependency adapters (mergetool/core/compat.py), the environment check and `mergetool doctor`.
 
 Each adapter is called against the installed releases; when one breaks, the test fails with one line
 that names the package and its version (run `bash scripts/test.sh --latest` to see it coming)."""
@@ -27,7 +27,7 @@ def call_adapter(package: str, fn, *args, **kwargs):
         pytest.fail(str(e), pytrace=False)
     except Exception as e:  # noqa: BLE001 - the point is to name the version, whatever broke
         pytest.fail(f"{package} {compat.installed_version(package)}: {fn.__name__} failed "
-                    f"({type(e).__name__}: {e}); adapt mergetool/compat.py", pytrace=False)
+                    f"({type(e).__name__}: {e}); adapt mergetool/core/compat.py", pytrace=False)
 
 
 def tiny_bert_config(attn_implementation: str = "sdpa"):
@@ -71,7 +71,7 @@ def test_skip_weight_init_exists_and_builds_a_model():
     except ImportError:
         pytest.fail(f"transformers {compat.installed_version('transformers')}: transformers.initialization."
                     "no_init_weights is gone; model construction falls back to random init (slower); "
-                    "adapt mergetool/compat.py", pytrace=False)
+                    "adapt mergetool/core/compat.py", pytrace=False)
     with compat.skip_weight_init():
         model = transformers.BertModel(tiny_bert_config())
     assert sum(p.numel() for p in model.parameters()) > 0
@@ -94,7 +94,7 @@ def test_mergekit_parameter_binding():
 def test_drift_line_names_package_version_and_fix():
     line = compat.drift("transformers", "create_causal_mask takes neither cache nor past_key_values").one_line()
     assert re.match(r"^environment: transformers \S+: create_causal_mask", line)
-    assert "\n" not in line and "mergetool/compat.py" in line
+    assert "\n" not in line and "mergetool/core/compat.py" in line
 
 
 def test_no_private_foreign_api_outside_the_adapter():
@@ -108,7 +108,7 @@ def test_no_private_foreign_api_outside_the_adapter():
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if banned.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
-    assert not offenders, "private dependency API outside mergetool/compat.py:\n" + "\n".join(offenders)
+    assert not offenders, "private dependency API outside mergetool/core/compat.py:\n" + "\n".join(offenders)
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta", "vit", "clip", "gpt2", "llama"])

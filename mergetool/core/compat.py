@@ -39,7 +39,7 @@ def drift(package: str, what: str) -> DependencyDrift:
     return DependencyDrift(
         f"{package} {installed_version(package)}: {what}",
         key="environment",
-        fix="install the locked versions (bash scripts/setup_env.sh), or adapt mergetool/compat.py",
+        fix="install the locked versions (bash scripts/setup_env.sh), or adapt mergetool/core/compat.py",
     )
 
 
