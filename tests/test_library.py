@@ -318,13 +318,20 @@ def _symlink_out(lib, tmp):
     return "symlink pointing outside"
 
 
+def _linked_manifest(lib, tmp):
+    (lib / "manifest-copy.json").write_bytes((lib / "manifest.json").read_bytes())
+    (lib / "manifest.json").unlink()
+    (lib / "manifest.json").symlink_to(lib / "manifest-copy.json")  # inside the folder, still not a plain file
+    return "not a plain file"
+
+
 def _missing_file(lib, tmp):
     (lib / "heads-t0.safetensors").unlink()
     return "missing"
 
 
 @pytest.mark.parametrize("tamper", [_corrupt, _parent_path, _absolute_path, _format_version, _pickle_shard,
-                                    _extra_pkl, _symlink_out, _missing_file], ids=lambda f: f.__name__.strip("_"))
+                                    _extra_pkl, _symlink_out, _linked_manifest, _missing_file], ids=lambda f: f.__name__.strip("_"))
 def test_unsafe_library_refused(lib, tmp_path, tamper):
     bad = tmp_path / "bad"
     shutil.copytree(lib, bad)

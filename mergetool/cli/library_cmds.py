@@ -89,10 +89,6 @@ def _front(run_dir: Path) -> list[dict]:
     return front
 
 
-def _pick(front: list[dict], budget: Optional[float]) -> dict:
-    return pick(front, budget)
-
-
 @handles_errors
 def export(
     run: RunArg = None,
@@ -139,7 +135,7 @@ def export(
     else:
         front = _front(run_dir)
         if all_:
-            chosen = [r for r in front if B is None or r["storage_cost"] <= B] or [_pick(front, B)]
+            chosen = [r for r in front if B is None or r["storage_cost"] <= B] or [pick(front, B)]
         elif solution is not None:
             chosen = [r for r in front if r["id"] == solution]
             if not chosen:
@@ -149,7 +145,7 @@ def export(
                 raise LibraryError(f"solution {solution} costs C = {chosen[0]['storage_cost']:.6g} > budget {B:g}",
                                    key="--budget", fix="raise the budget or pick another solution")
         else:
-            chosen = [_pick(front, B)]
+            chosen = [pick(front, B)]
         sols = []
         for r in chosen:
             try:

@@ -223,7 +223,7 @@ def push(lib_dir, repo_id: str, *, private: bool = False, revision: Optional[str
 
 def open_library(ref, *, budget: Optional[float] = None, solution: Optional[int] = None, verify: bool = True):
     """A stored library from a folder, or from `hub:REPO_ID@REV` through the HF cache (always fully verified)."""
-    if str(ref).startswith("hub:"):
+    if is_hub_ref(ref):
         folder, m = resolve_library(str(ref))
         return LibraryFiles(folder, m, select_solution(m, budget=budget, solution=solution))
     return LibraryFiles.load(Path(ref), budget=budget, solution=solution, verify=verify)

@@ -63,6 +63,9 @@ def verify_folder(folder: Path, *, hashes: bool, where: Optional[str] = None, li
         return LibraryError(msg, file=f"{label}/{name}" if name else label, fix=fix_)
 
     present = _listing(folder, links_into, ignored_files, fail)
+    if links_into is None and (folder / MANIFEST).is_symlink():  # a local library's manifest is a plain file
+        raise LibraryError("no manifest.json (or it is not a plain file)", file=label,
+                           fix="give the folder holding manifest.json")
     m = read_manifest(folder, label, fix)
     extra, missing = sorted(present - {MANIFEST} - set(m.files)), sorted(set(m.files) - present)
     if extra:

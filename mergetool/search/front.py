@@ -97,7 +97,7 @@ def hv_curve(records: Sequence[dict], ref: tuple[float, float]) -> list[tuple[in
     return curve
 
 
-def pick(front: Sequence[dict], budget: float) -> dict:
+def pick(front: Sequence[dict], budget: Optional[float]) -> dict:
     """Best-performing front point with C <= budget (ties: cheaper, then lower id)."""
     return front[best_within(front, budget, cost=lambda r: r["storage_cost"], performance=lambda r: r.get("performance"),
                              tie=lambda r: r.get("id", r.get("i", 0)), what="configuration on the front")]
