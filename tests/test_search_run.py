@@ -95,7 +95,11 @@ def test_resume_after_kill(trained_zoo, finished, tmp_path):
     result = runner.invoke(app, ["search", str(recipe), "--resume", "--quiet"])
     assert result.exit_code == 0, result.output
     recs = journal(run)
-    assert len(recs) == BUDGET and sorted(r["i"] for r in recs) == list(range(BUDGET))
+    assert len(recs) == BUDGET
+    # racing (on by default): full and partial evaluations share the plan numbering, without gaps or repeats
+    partial = [json.loads(line)["i"] for line in (run / "search" / "partial.jsonl").read_text().splitlines()]
+    planned = sorted([r["i"] for r in recs] + [i for i in partial if i not in {r["i"] for r in recs}])
+    assert planned == list(range(len(planned)))
     summary = (run / "search" / "summary.md").read_text()
     assert f"evaluated in this process: {BUDGET - done}" in summary
     assert front(run) == front(finished)

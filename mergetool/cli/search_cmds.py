@@ -35,6 +35,10 @@ def search(
     init: Annotated[Optional[str], typer.Option(help="Ablation: kmeans | random.")] = None,
     granularity: Annotated[Optional[str], typer.Option(help="Ablation: component | layer | kind | model.")] = None,
     crossover: Annotated[Optional[str], typer.Option(help="Ablation: one_point | uniform.")] = None,
+    no_racing: Annotated[bool, typer.Option("--no-racing", help="Ablation: every candidate on all validation "
+                                            "inputs (no subset first).")] = False,
+    precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 (screening under bf16 autocast; the "
+                                                     "front is re-scored at fp32). Overrides search.precision.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -49,7 +53,8 @@ def search(
         write_summary,
     )
 
-    r = _override(load_recipe(recipe), evaluations, seed, no_surrogate, init, granularity, crossover)
+    r = _override(load_recipe(recipe), evaluations, seed, no_surrogate, init, granularity, crossover,
+                  no_racing=no_racing, precision=precision)
     plan = check_recipe(r)
     run_dir = prepare_run(r, resume=resume, force=force)
     console = Console(stderr=True, quiet=quiet)
@@ -78,6 +83,7 @@ def search(
     stats = {"evaluations": result.evaluations, "evaluated in this process": result.evaluated_now,
              "replayed from the journal": result.replayed, "generations": result.generations,
              "candidates screened by the surrogate": result.screened,
+             "racing": _racing_line(settings, result),
              "surrogate Kendall tau (predicted vs real P)": _fmt(result.kendall_tau),
              "hypervolume": f"{result.hv:.4f} (reference P=0, C=T+1={result.hv_ref[1]:g})",
              "init": result.init_used, "stopped": result.stopped,
@@ -102,9 +108,13 @@ def front(
     plot_pareto(records, fr, run_dir / "search" / "pareto.png")
 
 
-def _override(r, evaluations, seed, no_surrogate, init, granularity, crossover=None):
+def _override(r, evaluations, seed, no_surrogate, init, granularity, crossover=None, *, no_racing=False,
+              precision=None):
     search = {k: v for k, v in {"evaluations": evaluations, "seed": seed, "init": init, "crossover": crossover,
-                                "surrogate": "none" if no_surrogate else None}.items() if v is not None}
+                                "surrogate": "none" if no_surrogate else None, "precision": precision}.items()
+              if v is not None}
+    if no_racing:
+        search["racing"] = None
     if not search and not granularity:
         return r
     import yaml
@@ -115,6 +125,14 @@ def _override(r, evaluations, seed, no_surrogate, init, granularity, crossover=N
     if granularity:
         data.setdefault("components", {})["granularity"] = granularity
     return parse_recipe(yaml.safe_dump(data, sort_keys=False), r.path)
+
+
+def _racing_line(settings, result) -> str:
+    if not settings.racing:
+        return f"off; {result.examples} validation inputs run"
+    r = settings.racing
+    return (f"{result.evaluations} full and {result.partial} partial evaluations (subset {r.fraction:g} of the "
+            f"inputs, confidence {r.confidence:g}, margin {r.margin:g}); {result.examples} validation inputs run")
 
 
 def _progress(console: Console) -> Progress:

@@ -4,7 +4,7 @@ it, and the search, which only ranks it (the search knows nothing about models).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 
 @dataclass
@@ -16,3 +16,5 @@ class EvalResult:
     storage_cost: float  # C_G (Eq. 8), lower is better
     seconds: float = 0.0
     cache: dict[str, Any] = field(default_factory=dict)  # counters; keys ending in "hits"/"misses" feed the hit rate
+    # racing: P on the fixed validation subset, its standard error "se", "per_task" and "rows" (None when off)
+    subset: Optional[dict[str, Any]] = None

@@ -10,7 +10,9 @@ With `caches=False` every expert is rebuilt and every task runs a full forward: 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import math
 import os
 import time
 from collections import OrderedDict
@@ -23,17 +25,34 @@ from mergetool.core.grouping import chain_key, members
 from mergetool.core.results import EvalResult
 from mergetool.evaluation.choice import choice_score
 from mergetool.evaluation.metrics import score
+from mergetool.evaluation.racing import draw_subset, predictions, standard_error, subset_view
 from mergetool.evaluation.runner import TaskModel, adapter_config, pick_device
 from mergetool.evaluation.tasks import TaskData, task_data
 from mergetool.merge.experts import ExpertStore
+
+PRECISIONS = ("fp32", "bf16")
+SUBSET_MEMO = 4096  # raced (task, chain)s whose subset outputs are kept for completion (logits: small)
+
+
+def _subset_summary(subs: dict[str, dict]) -> dict:
+    """The racing subset's P (mean over tasks), its standard error, per-task scores and rows."""
+    T = len(subs)
+    return {"performance": float(np.mean([s["score"] for s in subs.values()])),
+            "se": math.sqrt(sum(s["se"] ** 2 for s in subs.values())) / T,
+            "per_task": {k: float(s["score"]) for k, s in subs.items()},
+            "rows": int(sum(s["rows"] for s in subs.values()))}
 
 
 class Evaluator:
     def __init__(self, store: ExpertStore, *, split: str = "validation", device: str = "auto",
                  caches: bool = True, memo: Optional[bool] = None, prefix: Optional[bool] = None,
                  experts: Optional[bool] = None, prefix_cache_bytes: Optional[int] = None,
-                 batch_size: Optional[int] = None):
-        """`caches` switches all three caches; `memo`, `prefix`, `experts` override one each."""
+                 batch_size: Optional[int] = None, precision: str = "fp32"):
+        """`caches` switches all three caches; `memo`, `prefix`, `experts` override one each.
+        `precision="bf16"` runs the forward under bf16 autocast (screening; scores differ slightly)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.store, self.plan, self.recipe = store, store.plan, store.recipe
         self.device = pick_device(device)
         self.use_memo = caches if memo is None else memo
@@ -53,32 +72,40 @@ class Evaluator:
         self._prefix_bytes = 0
         self.prefix_cache_bytes = prefix_cache_bytes if prefix_cache_bytes is not None else default_prefix_budget()
         self.counts = {"memo_hits": 0, "memo_misses": 0, "prefix_hits": 0, "prefix_misses": 0,
-                       "stage_calls": 0, "forward_calls": 0}
+                       "stage_calls": 0, "forward_calls": 0, "examples": 0}
+        self.subsets: Optional[list[tuple[int, ...]]] = None  # racing: per task, its subset's batch ids
+        self._subset_memo: OrderedDict[tuple, dict] = OrderedDict()
 
     # --- public ---------------------------------------------------------------------------------
     def evaluate(self, G) -> EvalResult:
+        """P and C of G on the whole split; with racing on, also its scores on the racing subset."""
         start = time.perf_counter()
         if not self.use_experts:
             self.store.clear()  # naive: every expert of G is merged (once) for this configuration
         before = dict(self.counts, **self.store.stats())
-        per_task = {name: self.score_task(G, t) for t, name in enumerate(self.plan.tasks)}
-        cost = self.store.storage_cost(G)
-        after = dict(self.counts, **self.store.stats())
-        delta = {k: after[k] - before.get(k, 0) for k in after if k != "experts_cached"}
-        return EvalResult(float(np.mean(list(per_task.values()))), per_task, cost,
-                          time.perf_counter() - start, delta)
+        scored = {name: self._full_task(G, t) for t, name in enumerate(self.plan.tasks)}
+        per_task = {name: v for name, (v, _) in scored.items()}
+        subset = _subset_summary({name: sub for name, (_, sub) in scored.items()}) if self.subsets else None
+        return self._result(per_task, G, start, before, subset)
+
+    def evaluate_subset(self, G) -> EvalResult:
+        """P of G on the racing subset only (see `use_subset`); C is exact. Its outputs are kept, so
+        completing G later (`evaluate`) runs only the other batches."""
+        if not self.subsets:
+            raise ValueError("evaluate_subset needs use_subset(fraction, seed) first")
+        start = time.perf_counter()
+        before = dict(self.counts, **self.store.stats())
+        summary = _subset_summary({name: self._subset_task(G, t) for t, name in enumerate(self.plan.tasks)})
+        return self._result(summary["per_task"], G, start, before, summary)
+
+    def use_subset(self, fraction: float, seed: int) -> None:
+        """Fix each task's racing subset: whole batches, stratified by label (evaluation/racing.py)."""
+        self.subsets = [draw_subset(d, fraction, seed) for d in self.data]
+        self._memo.clear()
+        self._subset_memo.clear()
 
     def score_task(self, G, t: int) -> float:
-        key = (t, chain_key(G, t))
-        if self.use_memo and key in self._memo:
-            self.counts["memo_hits"] += 1
-            return self._memo[key]
-        self.counts["memo_misses"] += 1
-        outputs = self._run(G, t)
-        value = self.score_outputs(t, outputs)
-        if self.use_memo:
-            self._memo[key] = value
-        return value
+        return self._full_task(G, t)[0]
 
     def use_store(self, store: ExpertStore) -> None:
         """Score another store's experts (same plan and data: the baselines' variants) on the data and
@@ -98,7 +125,7 @@ class Evaluator:
 
     def outputs(self, G, t: int) -> np.ndarray:
         """Raw outputs of task t's assembled chain on its split (batch order)."""
-        return self._run(G, t)
+        return np.concatenate(self._run(G, t, range(len(self.data[t].batches))))
 
     # --- internals -----------------------------------------------------------------------------
     def _model(self, t: int) -> TaskModel:
@@ -114,26 +141,87 @@ class Evaluator:
                 model.loaded.pop(l, None)
                 model.load(l, m, self.store.expert(l, m).dense())
 
-    def _run(self, G, t: int) -> np.ndarray:
+    def _result(self, per_task: dict, G, start: float, before: dict, subset: Optional[dict]) -> EvalResult:
+        cost = self.store.storage_cost(G)
+        after = dict(self.counts, **self.store.stats())
+        delta = {k: after[k] - before.get(k, 0) for k in after if k != "experts_cached"}
+        return EvalResult(float(np.mean(list(per_task.values()))), per_task, cost,
+                          time.perf_counter() - start, delta, subset)
+
+    def _full_task(self, G, t: int) -> tuple[float, Optional[dict]]:
+        """(task t's score on the whole split, its subset stats or None), memoised by chain."""
+        key = (t, chain_key(G, t))
+        if self.use_memo and key in self._memo:
+            self.counts["memo_hits"] += 1
+            return self._memo[key]
+        self.counts["memo_misses"] += 1
+        n = len(self.data[t].batches)
+        if self.subsets:  # the subset's batches (kept from a raced run when there was one), then the rest
+            ids = self.subsets[t]
+            sub = self._subset_memo.pop(key, None) or self._subset_stats(t, ids, self._run(G, t, ids))
+            rest = [b for b in range(n) if b not in ids]
+            by_batch = dict(zip(ids, sub["outputs"])) | dict(zip(rest, self._run(G, t, rest)))
+            outputs = [by_batch[b] for b in range(n)]
+            sub = {k: v for k, v in sub.items() if k != "outputs"}
+        else:
+            outputs, sub = self._run(G, t, range(n)), None
+        value = (self.score_outputs(t, np.concatenate(outputs)), sub)
+        if self.use_memo:
+            self._memo[key] = value
+        return value
+
+    def _subset_task(self, G, t: int) -> dict:
+        key = (t, chain_key(G, t))
+        if self.use_memo and key in self._memo:  # scored whole already: its subset stats came with it
+            self.counts["memo_hits"] += 1
+            return self._memo[key][1]
+        if key in self._subset_memo:
+            self.counts["memo_hits"] += 1
+        else:
+            self.counts["memo_misses"] += 1
+            ids = self.subsets[t]
+            self._subset_memo[key] = self._subset_stats(t, ids, self._run(G, t, ids))
+            while len(self._subset_memo) > SUBSET_MEMO:
+                self._subset_memo.popitem(last=False)
+        return {k: v for k, v in self._subset_memo[key].items() if k != "outputs"}
+
+    def _subset_stats(self, t: int, ids, outputs: list) -> dict:
+        """Task t's score on the racing subset, its standard error (inf for a custom evaluator), rows."""
+        data = self.data[t]
+        view = subset_view(data, ids)
+        flat = np.concatenate(outputs)[view.outputs_index]
+        value = self.score_outputs(t, flat, view)
+        if self.recipe.tasks[data.name].kind == "custom":
+            se = math.inf
+        else:
+            se = standard_error(data.metric, predictions(data.metric, flat, view), view.labels, seed=t)
+        return {"score": float(value), "se": float(se), "rows": len(view.labels), "outputs": outputs}
+
+    def _run(self, G, t: int, ids) -> list[np.ndarray]:
+        """Outputs of task t's assembled chain on batches `ids` (in that order), one array per batch."""
+        ids = tuple(ids)
+        if not ids:
+            return []
         model = self._model(t)
         data = self.data[t]
-        with torch.inference_mode():
+        self.counts["examples"] += sum(int(next(iter(data.batches[b].values())).shape[0]) for b in ids)
+        with torch.inference_mode(), self._precision():
             if not (self.use_prefix and model.layerable):
                 self._load(model, G, t, range(self.plan.L))
                 outs = []
-                for batch in data.batches:
+                for b in ids:
                     self.counts["forward_calls"] += 1
-                    outs.append(model.forward(_to(batch, self.device)).float().cpu())
-                return torch.cat(outs).numpy()
-            return self._run_staged(model, G, t, data)
+                    outs.append(model.forward(_to(data.batches[b], self.device)).float().cpu().numpy())
+                return outs
+            return self._run_staged(model, G, t, data, ids)
 
-    def _run_staged(self, model: TaskModel, G, t: int, data: TaskData) -> np.ndarray:
+    def _run_staged(self, model: TaskModel, G, t: int, data: TaskData, ids: tuple) -> list[np.ndarray]:
         stages = model.stages
         prefix: list = []
         keys = []
         for comps in stages[:-1]:
             prefix.extend((l, members(G, t, l)) for l in comps)
-            keys.append((t, tuple(prefix)))
+            keys.append((t, ids, tuple(prefix)))
         start, states = 0, None
         for s in range(len(keys) - 1, -1, -1):
             if keys[s] in self._prefix:
@@ -146,12 +234,18 @@ class Evaluator:
         for s in range(start, len(stages)):
             self._load(model, G, t, stages[s])
             fn = model.stage_fn(s)
-            inputs = [_to(b, self.device) for b in data.batches] if s == 0 else states
+            inputs = [_to(data.batches[b], self.device) for b in ids] if s == 0 else states
             states = [fn(x) for x in inputs]
             self.counts["stage_calls"] += len(inputs)
             if s < len(stages) - 1:
                 self._remember(keys[s], states)
-        return torch.cat([o.float().cpu() for o in states]).numpy()
+        return [o.float().cpu().numpy() for o in states]
+
+    def _precision(self):
+        """bf16 autocast when asked (screening); a no-op at fp32."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _remember(self, key: tuple, states: list) -> None:
         """Keep `states` under the budget, evicting the oldest. States in host memory also yield to
@@ -170,9 +264,9 @@ class Evaluator:
         self._prefix[key] = states
         self._prefix_bytes += size
 
-    def score_outputs(self, t: int, outputs: np.ndarray) -> float:
-        """Task t's metric on the model outputs for its split, in the split's order."""
-        data = self.data[t]
+    def score_outputs(self, t: int, outputs: np.ndarray, view=None) -> float:
+        """Task t's metric on the model outputs for its split (or a racing subset's `view`), in batch order."""
+        data = view if view is not None else self.data[t]
         cfg = self.recipe.tasks[data.name]
         if cfg.kind == "custom":
             module_name, _, fn_name = cfg.evaluator.partition(":")

@@ -22,6 +22,7 @@ from mergetool.models.plan import Plan, build_plan, open_models
 from mergetool.pipeline.rundir import write_json_atomic
 from mergetool.recipe import Recipe, parse_recipe
 from mergetool.search import SearchSettings
+from mergetool.search.types import RacingSettings
 
 
 class Session:
@@ -41,15 +42,16 @@ class Session:
     def full_precision_store(self) -> ExpertStore:
         return ExpertStore(self.recipe, self.plan, self.base, self.tasks, quantization=QuantSpec(bits=32))
 
-    def evaluator(self, split: str = "validation", *, quantized: bool = True, caches: bool = True) -> Evaluator:
-        k = (split, quantized, caches)
+    def evaluator(self, split: str = "validation", *, quantized: bool = True, caches: bool = True,
+                  precision: str = "fp32") -> Evaluator:
+        k = (split, quantized, caches) + ((precision,) if precision != "fp32" else ())
         if k not in self._evaluators:
             store = self.store if quantized else self.full_precision_store
             # the search's evaluator (validation, quantised) gets the full prefix budget; one-off scoring
             # (references, test scores, baselines) a quarter, so one process never holds several full ones
             budget = None if (split, quantized) == ("validation", True) else default_prefix_budget() // 4
             self._evaluators[k] = Evaluator(store, split=split, device=self.device, caches=caches,
-                                            prefix_cache_bytes=budget)
+                                            prefix_cache_bytes=budget, precision=precision)
         return self._evaluators[k]
 
     def score_store(self, store: ExpertStore, G, split: str = "validation") -> EvalResult:
@@ -74,17 +76,38 @@ class Session:
 
 
 class MergeProblem:
-    """evaluate(G) → P and C on the validation split; storage_cost(G) exact (Eq. 8)."""
+    """evaluate(G) → P and C on the validation split; storage_cost(G) exact (Eq. 8). With racing,
+    evaluate_subset(G) scores the fixed validation subset only; with bf16, evaluate_fp32(G) re-scores."""
 
     def __init__(self, session: Session):
         self._session = session
         self.T, self.L = session.plan.T, session.plan.L
+        self._racing: Optional[tuple[float, int]] = None
+        self._precision = "fp32"
 
     @property
     def session(self) -> Session:
         return self._session
 
+    def _evaluator(self) -> Evaluator:
+        return self._session.evaluator("validation", precision=self._precision)
+
+    def use_racing(self, fraction: float, seed: int) -> None:
+        self._racing = (float(fraction), int(seed))
+        self._evaluator().use_subset(fraction, seed)
+
+    def use_precision(self, precision: str) -> None:
+        self._precision = precision
+        if self._racing:
+            self._evaluator().use_subset(*self._racing)
+
     def evaluate(self, G) -> EvalResult:
+        return self._evaluator().evaluate(G)
+
+    def evaluate_subset(self, G) -> EvalResult:
+        return self._evaluator().evaluate_subset(G)
+
+    def evaluate_fp32(self, G) -> EvalResult:
         return self._session.evaluator("validation").evaluate(G)
 
     def storage_cost(self, G) -> float:
@@ -105,17 +128,22 @@ class MergeProblem:
 
     def __getstate__(self) -> dict:
         r = self._session.recipe
-        return {"text": r.text, "path": str(r.path) if r.path else None, "device": self._session.device}
+        return {"text": r.text, "path": str(r.path) if r.path else None, "device": self._session.device,
+                "racing": self._racing, "precision": self._precision}
 
     def __setstate__(self, state: dict) -> None:
         recipe = parse_recipe(state["text"], Path(state["path"]) if state["path"] else None)
         self.__init__(Session(recipe, device=state["device"]))
+        self.use_precision(state.get("precision", "fp32"))
+        if state.get("racing"):
+            self.use_racing(*state["racing"])
 
 
 def settings_for(recipe: Recipe) -> SearchSettings:
     s = recipe.search
+    racing = None if s.racing is None else RacingSettings(s.racing.fraction, s.racing.confidence, s.racing.margin)
     return SearchSettings(population=s.population, evaluations=s.evaluations, surrogate=s.surrogate,
-                          init=s.init, seed=s.seed, crossover=s.crossover)
+                          init=s.init, seed=s.seed, crossover=s.crossover, racing=racing, precision=s.precision)
 
 
 def references(session: Session, search_dir: Path, progress: Optional[Callable[[str], None]] = None) -> dict:

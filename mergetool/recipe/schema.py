@@ -151,6 +151,15 @@ class RayConfig(Strict):
     num_workers: int = Field(2, ge=1)
 
 
+class RacingConfig(Strict):
+    """Racing: score candidates on a fixed subset of validation inputs first (whole batches, stratified
+    by label), and complete only those whose upper confidence bound could beat the front at their C."""
+
+    fraction: float = Field(0.25, gt=0, le=1, description="share of each task's validation inputs in the subset")
+    confidence: float = Field(0.95, gt=0, lt=1, description="one-sided confidence of the upper bound")
+    margin: float = Field(0.0, ge=0, description="extra slack added to the upper bound")
+
+
 class SearchConfig(Strict):
     population: int = Field(20, ge=2)
     evaluations: int = Field(300, ge=1)
@@ -162,6 +171,15 @@ class SearchConfig(Strict):
     seed: int = 0
     executor: Literal["local", "ray"] = "local"
     ray: RayConfig = RayConfig()
+    racing: Optional[RacingConfig] = Field(RacingConfig(), description="null (or --no-racing) evaluates every "
+                                           "candidate on all validation inputs")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: screen under bf16 autocast; the final "
+                                               "front is re-scored at fp32")
+
+    @field_validator("racing", mode="before")
+    @classmethod
+    def _racing_switch(cls, v: Any) -> Any:
+        return {True: {}, False: None}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _budget(self) -> "SearchConfig":

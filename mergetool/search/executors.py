@@ -1,6 +1,6 @@
 """Executors run a generation's real evaluations: sequentially, or in parallel on Ray.
 
-`map(problem, items)` takes [(i, G), ...] and yields (i, result) as evaluations finish, in any
+`map(problem, items, part)` takes [(i, G), ...] and yields (i, result) as evaluations finish, in any
 order; the loop keys everything by i, so the search does not depend on completion order.
 """
 
@@ -14,14 +14,23 @@ import numpy as np
 from mergetool.core.errors import MergetoolError
 
 
+def evaluate_part(problem, G: np.ndarray, part: str):
+    """One evaluation: "full" (all validation inputs) or "subset" (racing: the fixed subset only)."""
+    if part == "full":
+        return problem.evaluate(G)
+    if part == "subset":
+        return problem.evaluate_subset(G)
+    raise ValueError(f"unknown evaluation part {part!r}")
+
+
 class LocalExecutor:
     """Evaluate one after another in this process."""
 
     name = "local"
 
-    def map(self, problem, items: Sequence[tuple[int, np.ndarray]]) -> Iterator[tuple[int, Any]]:
+    def map(self, problem, items: Sequence[tuple[int, np.ndarray]], part: str = "full") -> Iterator[tuple[int, Any]]:
         for i, G in items:
-            yield i, problem.evaluate(G)
+            yield i, evaluate_part(problem, G, part)
 
     def close(self) -> None:
         pass
@@ -87,7 +96,7 @@ class RayExecutor:
         self._actors = [worker.remote(ref, self.num_workers + 1) for _ in range(self.num_workers)]
         self._problem_id = id(problem)
 
-    def map(self, problem, items: Sequence[tuple[int, np.ndarray]]) -> Iterator[tuple[int, Any]]:
+    def map(self, problem, items: Sequence[tuple[int, np.ndarray]], part: str = "full") -> Iterator[tuple[int, Any]]:
         items = list(items)
         if not items:
             return
@@ -100,7 +109,7 @@ class RayExecutor:
             while queue and free:  # one task per worker at a time
                 actor = free.pop()
                 i, G = queue.pop(0)
-                pending[actor.evaluate.remote(i, np.asarray(G))] = actor
+                pending[actor.evaluate.remote(i, np.asarray(G), part)] = actor
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 free.append(pending.pop(ref))
@@ -137,8 +146,8 @@ class _Worker:
         os.environ["MERGETOOL_PREFIX_CACHE_SHARE"] = str(share)
         self.problem = problem
 
-    def evaluate(self, i: int, G: np.ndarray):
-        return i, self.problem.evaluate(G)
+    def evaluate(self, i: int, G: np.ndarray, part: str = "full"):
+        return i, evaluate_part(self.problem, G, part)
 
 
 def make_executor(kind: str = "local", address: Optional[str] = None, num_workers: int = 2):

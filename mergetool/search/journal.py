@@ -26,6 +26,7 @@ FIELDS = (
     "cache",
     "generation",
 )
+OPTIONAL = ("subset", "continued", "screened_performance")  # racing and bf16 records; written when present
 STATE_NAME = "search_state.json"
 
 
@@ -113,7 +114,8 @@ class Journal:
 
     def append(self, record: dict) -> dict:
         """Write one record as a line, flush and fsync; returns the JSON round-tripped record."""
-        line = json.dumps({f: record[f] for f in FIELDS}, default=str)  # odd cache values become strings
+        fields = FIELDS + tuple(f for f in OPTIONAL if f in record)
+        line = json.dumps({f: record[f] for f in fields}, default=str)  # odd cache values become strings
         self._f.write(line + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())

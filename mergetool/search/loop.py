@@ -30,10 +30,12 @@ from mergetool.search.front import (
 )
 from mergetool.search.init import initial_population
 from mergetool.search.journal import Journal, read_state, write_state
+from mergetool.search.racing import PARTIAL_NAME, race
 from mergetool.search.surrogate import Surrogate, kendall_tau
 from mergetool.search.types import EvalResult, SearchResult, SearchSettings
 
 STATE_VERSION = 1
+DRY_GENERATIONS = 5  # racing: this many generations in a row without a completed candidate ends the search
 Progress = Callable[[int, int, float, Optional[float], Optional[float]], None]
 
 
@@ -55,8 +57,10 @@ def _as_result(res: Any) -> EvalResult:
     if isinstance(res, EvalResult):
         return res
     if isinstance(res, dict):
-        return EvalResult(**{k: res[k] for k in ("performance", "per_task", "storage_cost", "seconds", "cache") if k in res})
-    return EvalResult(res.performance, res.per_task, res.storage_cost, getattr(res, "seconds", 0.0), getattr(res, "cache", {}))
+        keys = ("performance", "per_task", "storage_cost", "seconds", "cache", "subset")
+        return EvalResult(**{k: res[k] for k in keys if k in res})
+    return EvalResult(res.performance, res.per_task, res.storage_cost, getattr(res, "seconds", 0.0),
+                      getattr(res, "cache", {}), getattr(res, "subset", None))
 
 
 def _seed_int(*parts: int) -> int:
@@ -112,12 +116,13 @@ class _Run:
     """Bookkeeping shared by the generations: records in plan order, keys, counters, progress."""
 
     def __init__(self, problem, settings: SearchSettings, journal: Journal, executor, progress: Optional[Progress],
-                 ref: tuple[float, float]):
+                 ref: tuple[float, float], partials: Optional[Journal] = None):
         self.problem, self.s, self.journal, self.executor = problem, settings, journal, executor
-        self.progress, self.ref = progress, ref
-        self.records: list[dict] = []
+        self.progress, self.ref, self.partials = progress, ref, partials
+        self.records: list[dict] = []  # full evaluations, in plan order
         self.keys: set[str] = set()
-        self.evaluated_now = self.replayed = self.screened = 0
+        self.planned = 0  # plan index of the next candidate (full and raced ones share the numbering)
+        self.evaluated_now = self.replayed = self.screened = self.partial = self.examples = 0
         self._front: list[dict] = []
         self._hv = 0.0
         self._hits = self._misses = 0
@@ -133,59 +138,69 @@ class _Run:
             self._costs[k] = float(self.problem.storage_cost(G))
         return self._costs[k]
 
-    def _seen(self, rec: dict) -> None:
+    def seen(self, rec: dict) -> None:
+        """Account a full record (new or replayed): the running front and HV, cache counters, examples."""
         self._front = nondominated(self._front + [rec])
         self._hv = hypervolume(self._front, self.ref)
+        self.examples += int((rec.get("cache") or {}).get("examples", 0))
         for k, v in (rec.get("cache") or {}).items():  # every "*hits" / "*misses" counter the evaluator reports
             if isinstance(v, (int, float)) and str(k).endswith("hits"):
                 self._hits += v
             elif isinstance(v, (int, float)) and str(k).endswith("misses"):
                 self._misses += v
 
-    def _report(self, done: int) -> None:
+    def report(self, done: int) -> None:
         if self.progress is None:
             return
         best = max((r["performance"] for r in self._front), default=None)
         total = self._hits + self._misses
         self.progress(done, self.s.evaluations, self._hv, best, self._hits / total if total else None)
 
+    def replay(self, journal: Journal, i: int, G: np.ndarray) -> Optional[dict]:
+        """The journal's record of planned candidate i (None when absent); it must hold the grouping planned."""
+        rec = journal.get(i)
+        if rec is not None and grouping.key(rec["grouping"]) != grouping.key(G):
+            raise MergetoolError(
+                f"journal record i={i} holds a different grouping than this search plans; "
+                "it was written with other settings, seed or problem",
+                file=str(journal.path),
+                fix="resume with the original settings and seed, or use a new run directory",
+            )
+        return rec
+
     def evaluate(self, Gs: Sequence[np.ndarray], preds: Optional[Sequence[float]], generation: int) -> list[dict]:
-        """Evaluate planned candidates i = n, n+1, ...: replay from the journal or run them."""
+        """Evaluate planned candidates i = planned, planned+1, ... on all inputs: replay from the journal or run them."""
         batch: list[dict] = []
         todo: list[tuple[int, np.ndarray]] = []
         planned: dict[int, tuple[np.ndarray, Optional[float]]] = {}
+        base, self.planned = self.planned, self.planned + len(Gs)
         for j, G in enumerate(Gs):
-            i, pred = self.n + j, (None if preds is None else float(preds[j]))
-            rec = self.journal.get(i)
+            i, pred = base + j, (None if preds is None else float(preds[j]))
+            rec = self.replay(self.journal, i, G)
             if rec is not None:
-                if grouping.key(rec["grouping"]) != grouping.key(G):
-                    raise MergetoolError(
-                        f"journal record i={i} holds a different grouping than this search plans; "
-                        "it was written with other settings, seed or problem",
-                        file=str(self.journal.path),
-                        fix="resume with the original settings and seed, or use a new run directory",
-                    )
                 batch.append(rec)
                 self.replayed += 1
-                self._seen(rec)
+                self.seen(rec)
             else:
                 todo.append((i, G))
                 planned[i] = (G, pred)
         if batch:
-            self._report(self.n + len(batch))
+            self.report(self.n + len(batch))
         for i, res in self.executor.map(self.problem, todo):
             G, pred = planned[i]
-            rec = self.journal.append(self._record(i, G, _as_result(res), pred, generation))
+            rec = self.journal.append(self.record(i, G, res, pred, generation))
             self.evaluated_now += 1
             batch.append(rec)
-            self._seen(rec)
-            self._report(self.n + len(batch))
+            self.seen(rec)
+            self.report(self.n + len(batch))
         batch.sort(key=lambda r: r["i"])
         self.records.extend(batch)
         self.keys.update(grouping.key(r["grouping"]) for r in batch)
         return batch
 
-    def _record(self, i: int, G: np.ndarray, res: EvalResult, pred: Optional[float], generation: int) -> dict:
+    def record(self, i: int, G: np.ndarray, res: Any, pred: Optional[float], generation: int) -> dict:
+        """The journal record of one evaluation's result (full, or on the racing subset)."""
+        res = _as_result(res)
         p = float(res.performance)
         if not math.isfinite(p):
             raise MergetoolError(
@@ -203,6 +218,7 @@ class _Run:
             "seconds": float(res.seconds),
             "cache": dict(res.cache or {}),
             "generation": generation,
+            **({"subset": dict(res.subset)} if res.subset else {}),
         }
 
 
@@ -295,52 +311,98 @@ def _generation(pm, run: "_Run", pop, pop_recs, k: int, rng: np.random.Generator
         Gs, preds = [cands[j] for j in chosen], [float(pred[j]) for j in chosen]
     else:
         Gs, preds = chain_order(cands[: s.per_generation]), None
+    if s.racing:
+        return race(run, Gs, preds, k)
     left = s.evaluations - run.n
     return run.evaluate(Gs[:left], None if preds is None else preds[:left], k)
 
 
+def _configure(problem, s: SearchSettings) -> None:
+    """Tell the problem about racing and precision; refuse a problem that cannot do what was asked."""
+    needs = (["use_racing", "evaluate_subset"] if s.racing else []) + \
+        (["use_precision", "evaluate_fp32"] if s.precision != "fp32" else [])
+    missing = [m for m in needs if not callable(getattr(problem, m, None))]
+    if missing:
+        raise MergetoolError(f"this problem has no {', '.join(missing)}", key="search.racing" if s.racing else
+                             "search.precision", fix="turn racing off (--no-racing) or use precision fp32")
+    if s.racing:
+        problem.use_racing(s.racing.fraction, s.seed)
+    if s.precision != "fp32":
+        problem.use_precision(s.precision)
+
+
+def _rescore(problem, records: list[dict], journal_path: Path) -> list[dict]:
+    """The front of a reduced-precision search, re-scored at fp32 (cached in rescored.jsonl): the points
+    the picks (G1/G2/G3, budgets) are made from. Each keeps its screening score as "screened_performance"."""
+    out = []
+    with Journal(journal_path.with_name("rescored.jsonl")) as cache:
+        for rec in nondominated(records):
+            done = cache.get(int(rec["i"]))
+            if done is None:
+                r = _as_result(problem.evaluate_fp32(np.asarray(rec["grouping"])))
+                done = cache.append(dict(rec, performance=float(r.performance),
+                                         per_task={str(k): float(v) for k, v in r.per_task.items()},
+                                         screened_performance=rec["performance"]))
+            out.append(done)
+    return nondominated(out)
+
+
+def _loop(pm, run: _Run, state: dict, journal_path: Path) -> tuple[int, str]:
+    """Generations until the budget of full evaluations; returns (last generation, why it stopped)."""
+    s, T, L = run.s, int(run.problem.T), int(run.problem.L)
+    pop_recs, pop = survive(pm, run.records, s.population, np.random.default_rng([s.seed, 0, 3]))
+    space = grouping.search_space_size(T, L)
+    k, stalls, dry = 1, 0, 0
+    while run.n < s.evaluations:
+        if len(run.keys) >= space or stalls >= 3:
+            return k - 1, "exhausted"
+        if dry >= DRY_GENERATIONS:  # racing dropped every candidate of the last generations
+            return k - 1, "converged"
+        rng = np.random.default_rng([s.seed, k])
+        new = _generation(pm, run, pop, pop_recs, k, rng)
+        if new is None:  # no new candidate this generation
+            stalls, k = stalls + 1, k + 1
+            continue
+        stalls, dry = 0, (dry + 1 if not new else 0)
+        pop_recs, pop = survive(pm, pop_recs + new, s.population, rng)
+        state.update(generation=k, evaluations=run.n, screened=run.screened, partial=run.partial)
+        write_state(journal_path, state)
+        k += 1
+    return k - 1, "budget"
+
+
 def run_search(problem, settings: SearchSettings, journal_path, *, progress: Optional[Progress] = None,
                executor=None) -> SearchResult:
-    """Run Algorithm 1 until `settings.evaluations` real evaluations; resume from the journal if present."""
+    """Run Algorithm 1 until `settings.evaluations` full evaluations; resume from the journal if present."""
     T, L = int(problem.T), int(problem.L)
     if T < 1 or L < 1:
         raise MergetoolError(f"the search needs at least one task and one component (got T={T}, L={L})", key="search")
     journal_path = Path(journal_path)
     s, ref, pm = settings, hv_reference(T, settings.hv_ref), _pymoo()
+    _configure(problem, s)
     executor = executor or LocalExecutor()
     journal = Journal(journal_path)
+    partials = Journal(journal_path.with_name(PARTIAL_NAME)) if s.racing else None
     try:
         state, init, init_used = _start(problem, s, journal, journal_path, T, L)
-
-        run = _Run(problem, s, journal, executor, progress, ref)
+        run = _Run(problem, s, journal, executor, progress, ref, partials)
         run.evaluate(chain_order([grouping.validate(G, T, L) for G in init[: s.evaluations]]), None, 0)
-        pop_recs, pop = survive(pm, run.records, s.population, np.random.default_rng([s.seed, 0, 3]))
-        space = grouping.search_space_size(T, L)
-        k, stalls, stopped = 1, 0, "budget"
-        while run.n < s.evaluations:
-            if len(run.keys) >= space or stalls >= 3:
-                stopped = "exhausted"
-                break
-            rng = np.random.default_rng([s.seed, k])
-            new = _generation(pm, run, pop, pop_recs, k, rng)
-            if new is None:  # no new candidate this generation
-                stalls, k = stalls + 1, k + 1
-                continue
-            stalls = 0
-            pop_recs, pop = survive(pm, pop_recs + new, s.population, rng)
-            state.update(generation=k, evaluations=run.n, screened=run.screened)
-            write_state(journal_path, state)
-            k += 1
-        state.update(generation=k - 1, evaluations=run.n, screened=run.screened, complete=True, stopped=stopped)
+        generations, stopped = _loop(pm, run, state, journal_path)
+        state.update(generation=generations, evaluations=run.n, screened=run.screened, partial=run.partial,
+                     complete=True, stopped=stopped)
         write_state(journal_path, state)
     finally:
         journal.close()
+        if partials is not None:
+            partials.close()
 
     records = run.records
-    artifacts = write_artifacts(records, journal_path.parent, ref) if s.write_artifacts else {}
+    front_recs = _rescore(problem, records, journal_path) if s.precision != "fp32" else records
+    artifacts = write_artifacts(front_recs, journal_path.parent, ref) if s.write_artifacts else {}
     return SearchResult(
-        records=records, front=pareto_front(records), hv=hypervolume(records, ref), hv_ref=ref,
+        records=records, front=pareto_front(front_recs), hv=hypervolume(front_recs, ref), hv_ref=ref,
         hv_curve=hv_curve(records, ref), evaluations=run.n, evaluated_now=run.evaluated_now, replayed=run.replayed,
-        screened=run.screened, generations=k - 1 if run.n else 0, kendall_tau=kendall_tau(records),
-        init_used=init_used, stopped=stopped, artifacts=artifacts,
+        screened=run.screened, generations=generations if run.n else 0, kendall_tau=kendall_tau(records),
+        init_used=init_used, stopped=stopped, artifacts=artifacts, partial=run.partial, examples=run.examples,
+        rescored=len(front_recs) if s.precision != "fp32" else 0,
     )

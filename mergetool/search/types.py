@@ -22,11 +22,37 @@ class SearchProblem(Protocol):
     def storage_cost(self, G: np.ndarray) -> float: ...
 
     # optional: def task_vectors(self) -> Sequence[np.ndarray]  # L arrays of shape (T, D_l)
+    # racing:   def use_racing(self, fraction: float, seed: int) -> None; def evaluate_subset(self, G) -> EvalResult
+    #           (evaluate() then also fills EvalResult.subset)
+    # bf16:     def use_precision(self, precision: str) -> None; def evaluate_fp32(self, G) -> EvalResult
 
 
 SURROGATES = ("random_forest", "none")
+PRECISIONS = ("fp32", "bf16")
 INITS = ("kmeans", "random")
 CROSSOVERS = ("one_point", "uniform")
+
+
+@dataclass(frozen=True)
+class RacingSettings:
+    """Racing (successive halving on validation inputs): a candidate is scored on a fixed subset first
+    (`fraction` of each task's inputs, whole batches) and completed only if the upper confidence bound of
+    its subset P (one-sided `confidence`, plus `margin`) beats what the front already holds at its C."""
+
+    fraction: float = 0.25
+    confidence: float = 0.95
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise MergetoolError(f"racing fraction must be in (0, 1], got {self.fraction}",
+                                 key="search.racing.fraction", fix="use e.g. 0.25 (a quarter of each task's inputs)")
+        if not 0.0 < self.confidence < 1.0:
+            raise MergetoolError(f"racing confidence must be in (0, 1), got {self.confidence}",
+                                 key="search.racing.confidence", fix="use e.g. 0.95")
+        if not self.margin >= 0.0:
+            raise MergetoolError(f"racing margin must be >= 0, got {self.margin}",
+                                 key="search.racing.margin", fix="use 0 (or a small slack such as 0.01)")
 
 
 @dataclass(frozen=True)
@@ -45,6 +71,8 @@ class SearchSettings:
     rf_trees: int = 100
     hv_ref: Optional[tuple[float, float]] = None  # (P_ref, C_ref); default (0, T + 1)
     write_artifacts: bool = True  # front.json, hv.csv, pareto.png, hv.png next to the journal
+    racing: Optional[RacingSettings] = None  # None: every candidate is evaluated on all inputs
+    precision: str = "fp32"  # "bf16": screen under bf16 autocast; the final front is re-scored at fp32
 
     def __post_init__(self) -> None:
         def bad(k: str, msg: str, fix: str) -> MergetoolError:
@@ -66,6 +94,8 @@ class SearchSettings:
             raise bad("max_evals_per_generation", "max_evals_per_generation must be at least 1", "leave it unset")
         if not 0.0 <= self.crossover_prob <= 1.0:
             raise bad("crossover_prob", "crossover_prob must be in [0, 1]", "use 0.9")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"unknown precision {self.precision!r}", f"use one of {', '.join(PRECISIONS)}")
         if self.rf_trees < 1:
             raise bad("rf_trees", "rf_trees must be at least 1", "use 100")
 
@@ -84,6 +114,9 @@ class SearchSettings:
         d = asdict(self)
         for k in ("evaluations", "write_artifacts", "hv_ref"):
             d.pop(k)
+        for k, default in (("racing", None), ("precision", "fp32")):  # absent when off: older runs still resume
+            if d[k] == default:
+                d.pop(k)
         return d
 
 
@@ -94,7 +127,7 @@ class SearchResult:
     hv: float
     hv_ref: tuple[float, float]
     hv_curve: list[tuple[int, float]]  # (evaluations, hv)
-    evaluations: int  # real evaluations in the journal
+    evaluations: int  # full evaluations in the journal
     evaluated_now: int  # evaluate() calls made by this process
     replayed: int  # records taken from the journal instead of evaluate()
     screened: int  # candidates whose P the surrogate predicted
@@ -103,3 +136,6 @@ class SearchResult:
     init_used: str
     stopped: str  # "budget" | "exhausted"
     artifacts: dict[str, str] = field(default_factory=dict)
+    partial: int = 0  # raced candidates scored on the subset only (dropped, or left by the budget)
+    examples: int = 0  # validation inputs run through a model, over full and partial evaluations
+    rescored: int = 0  # front points re-scored at fp32 after a bf16 search
