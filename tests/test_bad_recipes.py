@@ -90,6 +90,12 @@ def cases(base, tasks, data, root: Path, zoo_factory):
         "unknown_crossover": (good(base, tasks, data, extra="search: {crossover: two_point}\n"),
                               "did you mean 'one_point'"),
         "router_hidden": (good(base, tasks, data, extra="router: {hidden: [256]}\n"), "3-layer"),
+        "racing_fraction": (good(base, tasks, data, extra="search: {racing: {fraction: 0}}\n"), "search.racing.fraction"),
+        "racing_fraction_above_one": (good(base, tasks, data, extra="search: {racing: {fraction: 1.5}}\n"),
+                                      "search.racing.fraction"),
+        "racing_negative_margin": (good(base, tasks, data, extra="search: {racing: {margin: -0.1}}\n"),
+                                   "search.racing.margin"),
+        "unknown_precision": (good(base, tasks, data, extra="search: {precision: fp8}\n"), "search.precision"),
         "unset_env_var": (good("${MERGETOOL_TEST_UNSET_VAR}", tasks, data), "MERGETOOL_TEST_UNSET_VAR"),
         "bad_task_name": (good(base, tasks, data, names=("t0", "bad name!")), "task names"),
         "custom_without_evaluator": (good(base, tasks, data).replace(
@@ -112,7 +118,8 @@ CASE_IDS = [
     "bad_regex", "preset_mismatch", "uncovered", "custom_without_rules", "shape_mismatch", "nan_weights",
     "architecture_mismatch", "adapter_and_full_mix", "unknown_method", "fixed_arity_method",
     "unknown_merge_parameter", "bits_out_of_range", "budget_below_population", "unknown_literal", "unknown_crossover",
-    "router_hidden", "unset_env_var", "bad_task_name", "custom_without_evaluator",
+    "router_hidden", "racing_fraction", "racing_fraction_above_one", "racing_negative_margin", "unknown_precision",
+    "unset_env_var", "bad_task_name", "custom_without_evaluator",
 ]
 
 

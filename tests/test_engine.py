@@ -147,3 +147,42 @@ def test_release_keeps_only_the_search_evaluator(session):
     assert list(session._evaluators) == [("validation", True, True)] and session.evaluator() is search_ev
     assert "full_precision_store" not in session.__dict__
     assert session.evaluator(quantized=False).evaluate(G).per_task  # rebuilt on demand
+
+
+def test_raced_then_completed_equals_one_shot_bitwise(session):
+    """Racing: subset first, then the other batches, gives exactly the one-shot scores; the subset's
+    batches are not run twice, and the subset is a label-stratified part of the split."""
+    from mergetool.evaluation.engine import Evaluator
+
+    p = session.plan
+    raced, one_shot, plain = (Evaluator(session.store, device="cpu", batch_size=8) for _ in range(3))
+    raced.use_subset(0.25, seed=0)
+    one_shot.use_subset(0.25, seed=0)
+    n_rows = [len(d.labels) for d in raced.data]
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        G = rng.integers(0, p.T, (p.T, p.L))
+        sub = raced.evaluate_subset(G)
+        done, direct, ref = raced.evaluate(G), one_shot.evaluate(G), plain.evaluate(G)
+        assert done.per_task == direct.per_task == ref.per_task  # bitwise, not approx
+        assert done.subset == direct.subset and sub.subset["per_task"] == done.subset["per_task"]
+        assert 0 < sub.subset["rows"] < sum(n_rows) and 0 < sub.subset["se"] < 1
+        assert ref.subset is None
+    assert raced.counts["examples"] == one_shot.counts["examples"] == plain.counts["examples"]
+    for d, ids in zip(raced.data, raced.subsets):
+        assert 0 < len(ids) < len(d.batches)
+
+
+def test_racing_subset_is_stratified_and_fixed(session):
+    from mergetool.evaluation.engine import Evaluator
+    from mergetool.evaluation.racing import batch_rows, draw_subset
+
+    ev = Evaluator(session.store, device="cpu", batch_size=4)
+    for d in ev.data:
+        ids = draw_subset(d, 0.5, seed=7)
+        assert ids == draw_subset(d, 0.5, seed=7)  # drawn from the seed alone
+        rows = np.concatenate([batch_rows(d)[b] for b in ids])
+        labels = np.asarray(d.labels)
+        for c in np.unique(labels):  # each class near half its count
+            assert abs(np.sum(labels[rows] == c) - 0.5 * np.sum(labels == c)) <= 0.25 * np.sum(labels == c) + 2
+        assert draw_subset(d, 1.0, seed=7) == tuple(range(len(d.batches)))
