@@ -186,3 +186,24 @@ def test_racing_subset_is_stratified_and_fixed(session):
         for c in np.unique(labels):  # each class near half its count
             assert abs(np.sum(labels[rows] == c) - 0.5 * np.sum(labels == c)) <= 0.25 * np.sum(labels == c) + 2
         assert draw_subset(d, 1.0, seed=7) == tuple(range(len(d.batches)))
+
+
+@pytest.mark.parametrize("spec", [None, ("conditional", "per_tensor", 4), ("always", "per_channel", 3),
+                                  ("never", "per_channel", 8)])
+def test_exact_cost_without_building_equals_built(session, spec):
+    """C from Q's decision alone (no expert quantised, packed or held) equals C of the built experts."""
+    from mergetool.core.grouping import experts
+    from mergetool.core.storage import storage_cost
+    from mergetool.merge.experts import ExpertStore
+    from mergetool.merge.quantize import QuantSpec
+
+    q = None if spec is None else QuantSpec(bits=spec[2], granularity=spec[1], mode=spec[0])
+    make = lambda: ExpertStore(session.recipe, session.plan, session.base, session.tasks, quantization=q)  # noqa: E731
+    counted, built = make(), make()
+    p = session.plan
+    rng = np.random.default_rng(5)
+    for G in [all_shared(p.T, p.L), all_singletons(p.T, p.L)] + [rng.integers(0, p.T, (p.T, p.L)) for _ in range(8)]:
+        bits = sum(built.expert(l, m).bits for l, m in experts(G))
+        assert counted.storage_cost(G) == storage_cost(bits, d=p.d, base_bits=p.base_bits)  # exactly
+    stats = counted.stats()
+    assert stats["expert_misses"] == 0 and stats["experts_cached"] == 0 and stats["experts_counted"] > 0

@@ -31,6 +31,12 @@ def journal(run: Path) -> list[dict]:
     return [json.loads(x) for x in lines if x.strip()]
 
 
+def decisions(run: Path) -> list[tuple]:
+    """Racing's decisions: (plan index, grouping, completed?) of every candidate scored on the subset."""
+    lines = (run / "search" / "partial.jsonl").read_text().splitlines()
+    return sorted((r["i"], json.dumps(r["grouping"]), r["continued"]) for r in map(json.loads, lines))
+
+
 def front(run: Path) -> list[tuple]:
     data = json.loads((run / "search" / "front.json").read_text())
     return sorted((json.dumps(f["grouping"]), round(f["performance"], 12), round(f["storage_cost"], 12)) for f in data)
@@ -103,6 +109,7 @@ def test_resume_after_kill(trained_zoo, finished, tmp_path):
     summary = (run / "search" / "summary.md").read_text()
     assert f"evaluated in this process: {BUDGET - done}" in summary
     assert front(run) == front(finished)
+    assert decisions(run) == decisions(finished) and any(not c for _, _, c in decisions(run))
 
 
 def test_moved_run_dir_resumes_with_a_larger_budget(trained_zoo, finished, tmp_path):
@@ -126,6 +133,7 @@ def test_ray_executor_same_front(trained_zoo, finished, tmp_path):
     result = runner.invoke(app, ["search", str(recipe), "--quiet"])
     assert result.exit_code == 0, result.output
     assert front(tmp_path / "runs" / "toy") == front(finished)
+    assert decisions(tmp_path / "runs" / "toy") == decisions(finished)  # racing decides the same on Ray
 
 
 def test_other_recipe_in_run_dir_refused(trained_zoo, finished, tmp_path):

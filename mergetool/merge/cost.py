@@ -16,7 +16,11 @@ reports it separately, so bytes on disk = C·d·b⁺/8 + Σ mask_bytes.
 
 from __future__ import annotations
 
-from mergetool.merge.quantize import QuantizedTensor, bits_of_dtype
+from typing import Optional
+
+from torch import Tensor
+
+from mergetool.merge.quantize import QuantizedTensor, QuantSpec, bits_of_dtype, unit_flags
 
 
 def _check_width(qt: QuantizedTensor, base_bits: int) -> None:
@@ -29,17 +33,36 @@ def _check_width(qt: QuantizedTensor, base_bits: int) -> None:
             )
 
 
+def data_bits(*, quantized_values: int, quantized_units: int, bits: int, full_values: int, full_bits: int,
+              base_bits: int) -> int:
+    """Exact stored bits of one tensor from counts: the packed codes (padded once to a whole byte),
+    scale + zero-point per quantised unit (b⁺ bits each) and the full-precision values."""
+    packed = 8 * ((quantized_values * bits + 7) // 8) if quantized_units else 0
+    return packed + 2 * base_bits * quantized_units + full_bits * full_values
+
+
 def tensor_data_bits(qt: QuantizedTensor, base_bits: int) -> int:
     """Exact bits of qt's stored data, the row mask excluded: packed codes (whole bytes),
     scale + zero-point, and full-precision values (base_bits each, which is checked)."""
     _check_width(qt, base_bits)
-    bits = 0
-    if qt.packed is not None:
-        bits += 8 * qt.packed.numel()
-        bits += base_bits * (qt.scale.numel() + qt.zero.numel())
-    if qt.full is not None:
-        bits += bits_of_dtype(qt.full.dtype) * qt.full.numel()
-    return bits
+    n_q = qt.n_quantized_units
+    return data_bits(quantized_values=n_q * qt.unit_size, quantized_units=n_q, bits=qt.bits,
+                     full_values=0 if qt.full is None else qt.full.numel(),
+                     full_bits=bits_of_dtype(qt.full.dtype if qt.full is not None else qt.dtype), base_bits=base_bits)
+
+
+def counted_bits(tensor: Tensor, spec: QuantSpec, *, base_bits: int, source_range: Optional[Tensor] = None) -> int:
+    """The bits `tensor_data_bits(quantize(tensor, spec, ...))` gives, from Q's decision alone: nothing is
+    quantised, packed or held (the search's exact C without building experts)."""
+    full_bits = bits_of_dtype(tensor.dtype)
+    decided = unit_flags(tensor, spec, meta_dtype=tensor.dtype, source_range=source_range)
+    if decided is None:
+        return data_bits(quantized_values=0, quantized_units=0, bits=spec.bits, full_values=tensor.numel(),
+                         full_bits=full_bits, base_bits=base_bits)
+    _, units, _, _, flags = decided
+    n_q = int(flags.sum())
+    return data_bits(quantized_values=n_q * units.shape[1], quantized_units=n_q, bits=spec.bits,
+                     full_values=(units.shape[0] - n_q) * units.shape[1], full_bits=full_bits, base_bits=base_bits)
 
 
 def mask_bytes(qt: QuantizedTensor) -> int:

@@ -25,7 +25,7 @@ from mergetool.core.grouping import members as group_members
 from mergetool.core.storage import storage_cost
 from mergetool.merge.adapters.ia3 import Ia3Slot, ia3_dense, ia3_targets, merge_ia3, scaled_dim
 from mergetool.merge.adapters.lora import LoraPair, lora_dense, lora_pairs, merge_lora, scaling_for
-from mergetool.merge.cost import mask_bytes, tensor_data_bits
+from mergetool.merge.cost import counted_bits, mask_bytes, tensor_data_bits
 from mergetool.merge.methods import merge_group, resolve_method
 from mergetool.merge.quantize import QuantizedTensor, QuantSpec, dequantize, quantize
 from mergetool.models.plan import Plan
@@ -91,7 +91,8 @@ class ExpertStore:
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple, Expert] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
+        self._bits: dict[tuple, int] = {}  # stored bits per (component, members): never evicted
+        self.hits = self.misses = self.counted = 0
 
     # --- experts --------------------------------------------------------------------------------
     def expert(self, component: int, members: Sequence[int]) -> Expert:
@@ -104,6 +105,7 @@ class ExpertStore:
             self.misses += 1
         expert = self._build(*key)
         with self._lock:
+            self._bits[key] = expert.bits
             self._cache[key] = expert
             self._evict()
         return expert
@@ -130,18 +132,37 @@ class ExpertStore:
             if self.plan.adapter["type"] == "IA3":
                 return self._build_ia3(component, members)
             return self._build_lora(component, members)
+        out = {name: quantize(merged, self.spec, meta_dtype=merged.dtype, source_range=ranges)
+               for name, merged, ranges in self._merged(component, members)}
+        return self._expert(component, members, out)
+
+    def _merged(self, component: int, members: tuple[int, ...]):
+        """(name, F over the members in the base dtype, the members' mean unit ranges) per tensor."""
         comp = self.plan.components[component]
         params = self._params_for(members)
-        out: dict[str, QuantizedTensor] = {}
         for name in comp.tensors:
             dtype = self.base.meta(name).dtype
             sources = [LazyTensor(self.tasks[t], name) for t in members]  # streamed, never mapped
             base_t = LazyTensor(self.base, name) if len(members) > 1 else None
             merged = merge_group(base_t, sources, self.method, params,
-                                 seed_key=f"{comp.name}|{','.join(map(str, members))}/{name}")
-            merged = merged.to(dtype)
-            out[name] = quantize(merged, self.spec, meta_dtype=dtype, source_range=self._range(merged, sources))
-        return self._expert(component, members, out)
+                                 seed_key=f"{comp.name}|{','.join(map(str, members))}/{name}").to(dtype)
+            yield name, merged, self._range(merged, sources)
+
+    def expert_bits(self, component: int, members: Sequence[int]) -> int:
+        """The stored bits of expert (component, members), exactly as built, without building it: from
+        the merge and Q's decision only (a singleton is not even merged). Kept for good (a few ints)."""
+        key = (component, tuple(sorted(members)))
+        if key not in self._bits:
+            with self._lock:
+                held = self._cache.get(key)
+            if held is not None or self.plan.adapter:  # adapters: the re-factorised merge decides the shapes
+                self._bits[key] = (held or self.expert(*key)).bits
+            else:
+                self._bits[key] = sum(counted_bits(merged, self.spec, base_bits=self.plan.base_bits,
+                                                   source_range=ranges)
+                                      for _, merged, ranges in self._merged(*key))
+                self.counted += 1
+        return self._bits[key]
 
     def _range(self, merged: torch.Tensor, sources) -> Optional[torch.Tensor]:
         """Mean source range per unit for the conditional rule; None for a singleton (own source)."""
@@ -207,7 +228,7 @@ class ExpertStore:
         """C(G), Eq. 8, exact to the bytes export writes (experts only; heads are reported apart).
         For adapter zoos the frozen base is one shared component stored once: it adds 1 (as in
         `Plan.individual_cost`)."""
-        return storage_cost(sum(self.expert(l, m).bits for l, m in experts(G)), d=self.plan.d,
+        return storage_cost(sum(self.expert_bits(l, m) for l, m in experts(G)), d=self.plan.d,
                             base_bits=self.plan.base_bits, frozen_base=bool(self.plan.adapter))
 
     def cheapest_grouping(self):
@@ -218,7 +239,7 @@ class ExpertStore:
             raise ValueError(f"cheapest_grouping enumerates B(T) partitions; T = {T} is too many")
 
         def bits(l: int, rgs: tuple) -> int:
-            return sum(self.expert(l, tuple(t for t in range(T) if rgs[t] == g)).bits for g in set(rgs))
+            return sum(self.expert_bits(l, tuple(t for t in range(T) if rgs[t] == g)) for g in set(rgs))
 
         parts = set_partitions(T)
         return np.array([min(parts, key=lambda rgs: bits(l, rgs)) for l in range(L)], dtype=int).T
@@ -241,4 +262,5 @@ class ExpertStore:
             self._cache.clear()
 
     def stats(self) -> dict:
-        return {"expert_hits": self.hits, "expert_misses": self.misses, "experts_cached": len(self._cache)}
+        return {"expert_hits": self.hits, "expert_misses": self.misses, "experts_cached": len(self._cache),
+                "experts_counted": self.counted}

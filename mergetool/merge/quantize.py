@@ -206,6 +206,35 @@ def _grid(lo: Tensor, hi: Tensor, qmax: int, meta_dtype: torch.dtype) -> tuple[T
     return s, z.to(meta_dtype).double()
 
 
+def unit_flags(tensor: Tensor, spec: QuantSpec, sources: Optional[Sequence[Tensor]] = None, *,
+               meta_dtype: Optional[torch.dtype] = None, source_range: Optional[Tensor] = None):
+    """Q's decision, the one rule `quantize` and the cost count share: (granularity, units, scale, zero,
+    flags), flags True where a unit is quantised; None when nothing can be (not float, Q off, empty)."""
+    gran = _effective_granularity(tensor, spec)
+    if not tensor.is_floating_point() or not spec.enabled or tensor.numel() == 0:
+        return None
+    units = _units(tensor, gran)
+    lo, hi = _min_max(units)
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise MergetoolError(
+            "cannot quantise a tensor holding inf or NaN",
+            fix="check the models for non-finite weights, or disable quantisation",
+        )
+    flags = torch.ones_like(lo, dtype=torch.bool)
+    if spec.mode == "conditional" and source_range is not None:
+        flags = (hi - lo) <= source_range.to(hi)
+    elif spec.mode == "conditional" and sources is not None:
+        ranges = []
+        for src in sources:
+            if tuple(src.shape) != tuple(tensor.shape):
+                raise ValueError(f"source shape {tuple(src.shape)} differs from {tuple(tensor.shape)}")
+            s_lo, s_hi = _min_max(_units(src, gran))
+            ranges.append(s_hi - s_lo)
+        flags = (hi - lo) <= torch.stack(ranges).mean(dim=0)
+    s, z = _grid(lo, hi, (1 << spec.bits) - 1, meta_dtype or tensor.dtype)
+    return gran, units, s, z, flags & torch.isfinite(s) & torch.isfinite(z)
+
+
 def quantize(
     tensor: Tensor,
     spec: QuantSpec,
@@ -220,36 +249,14 @@ def quantize(
     (float64), as `mergetool.models.streaming.unit_ranges` computes it without holding the sources.
     `meta_dtype` is the dtype of scale/zero, normally the base model's float dtype (default:
     the tensor's). A unit whose scale or zero-point overflows meta_dtype stays unquantised."""
-    gran = _effective_granularity(tensor, spec)
-    qt = QuantizedTensor(tuple(tensor.shape), tensor.dtype, spec.bits, gran)
+    qt = QuantizedTensor(tuple(tensor.shape), tensor.dtype, spec.bits, _effective_granularity(tensor, spec))
     qt.full = tensor
-    if not tensor.is_floating_point() or not spec.enabled or tensor.numel() == 0:
+    decided = unit_flags(tensor, spec, sources, meta_dtype=meta_dtype, source_range=source_range)
+    if decided is None or not bool(decided[4].any()):
         return qt
-    units = _units(tensor, gran)
-    lo, hi = _min_max(units)
-    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        raise MergetoolError(
-            "cannot quantise a tensor holding inf or NaN",
-            fix="check the models for non-finite weights, or disable quantisation",
-        )
-    flags = torch.ones_like(lo, dtype=torch.bool)
-    if spec.mode == "conditional" and source_range is not None:
-        flags = (hi - lo) <= source_range.to(hi)
-    elif spec.mode == "conditional" and sources is not None:
-        ranges = []
-        for src in sources:
-            if tuple(src.shape) != qt.shape:
-                raise ValueError(f"source shape {tuple(src.shape)} differs from {qt.shape}")
-            s_lo, s_hi = _min_max(_units(src, gran))
-            ranges.append(s_hi - s_lo)
-        flags = (hi - lo) <= torch.stack(ranges).mean(dim=0)
+    _, units, s, z, flags = decided
     qmax = (1 << spec.bits) - 1
     meta_dtype = meta_dtype or tensor.dtype
-    s, z = _grid(lo, hi, qmax, meta_dtype)
-    flags &= torch.isfinite(s) & torch.isfinite(z)
-    if not bool(flags.any()):
-        return qt
-
     s, z = s[flags], z[flags]
     rows = flags.to(units.device)
     picked = units if bool(flags.all()) else units[rows]
