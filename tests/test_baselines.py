@@ -163,8 +163,11 @@ def test_baselines_json(done):
     assert by["ta"]["params"]["lambda"] in (0.5, 1.0) and len(by["ta"]["grid"]) == 2
     assert by["ties"]["params"]["density"] in (0.2, 0.8)
     assert by["bc"]["params"]["gamma"] == 0.01 and {"lambda", "density"} <= set(by["bc"]["params"])
-    best_ta = max(g["performance"] for g in by["ta"]["grid"])
+    best_ta = max(g["performance"] for g in by["ta"]["grid"] if not g.get("raced_out"))
     assert by["ta"]["validation"]["performance"] == best_ta
+    for m in ("wa", "ta", "ties", "bc"):  # racing (the recipe default): a raced-out point has only its subset P
+        for g in by[m]["grid"]:
+            assert (g["performance"] is None) == bool(g.get("raced_out")) == ("subset_performance" in g)
 
     twin, emr = by["twin"], by["emr"]
     assert twin["params"]["rank"] in (2, 8) and twin["params"]["shared"]["density"] == by["ties"]["params"]["density"]
@@ -245,3 +248,25 @@ def test_bad_input(case, trained_zoo, tmp_path):
                 "no_router_split": "`router` split", "ranks": "--twin-ranks"}[case]
     assert expected in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_raced_grid_picks_what_the_full_grid_picks(trained_zoo, tmp_path):
+    """Racing a static grid completes fewer points and still picks the full grid's winner here."""
+    from mergetool.baselines import static
+    from mergetool.pipeline.session import Session
+    from mergetool.recipe import parse_recipe
+    from mergetool.search.types import RacingSettings
+    from mergetool.testing.toy import trained_recipe
+
+    session = Session(parse_recipe(trained_recipe(trained_zoo), tmp_path / "toy.yaml"), device="cpu")
+    full_best, full_rows = static.tune(session, "bc", "cpu")
+    racing = RacingSettings(0.5, 0.9)
+    raced_best, raced_rows = static.tune(session, "bc", "cpu", racing=racing)
+    assert all(r["performance"] is not None for r in full_rows)
+    assert raced_best.params == full_best.params and raced_best.performance == full_best.performance
+    out = [r for r in raced_rows if r.get("raced_out")]
+    assert out and len(out) < len(raced_rows)
+    for r in raced_rows:  # completed points score exactly as in the full grid
+        if r["performance"] is not None:
+            assert r["performance"] == next(f["performance"] for f in full_rows
+                                            if (f["lambda"], f["density"]) == (r["lambda"], r["density"]))

@@ -46,8 +46,9 @@ from mergetool.core.errors import MergetoolError
 from mergetool.core.grouping import all_shared, all_singletons
 from mergetool.core.storage import storage_cost
 from mergetool.pipeline.rundir import recipe_hash
-from mergetool.pipeline.session import references, test_scores, write_summary
+from mergetool.pipeline.session import picked, references, test_scores, write_summary
 from mergetool.search.journal import read_journal
+from mergetool.search.types import RacingSettings
 
 METHODS = ("wa", "ta", "ties", "bc", "twin", "emr")
 TWIN_RANKS = (4, 16, 64)
@@ -90,10 +91,15 @@ def count_steps(recipe, *, split: str, methods: Sequence[str], twin_ranks: Seque
 
 def run_baselines(session, *, split: str = "validation", methods: Sequence[str] = METHODS,
                   twin_ranks: Sequence[int] = TWIN_RANKS, routing: str = "auto", device: str = "auto",
-                  progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Score every baseline; tune on validation, and also score the tuned ones on test if split=test."""
+                  progress: Optional[Callable[[str], None]] = None, racing: Optional[RacingSettings] = None,
+                  reference: Optional[dict] = None) -> dict:
+    """Score every baseline; tune on validation, and also score the tuned ones on test if split=test.
+
+    `racing` races the static grids (static.tune); `reference` is the search's reference.json, whose
+    individual fp32 scores (the same evaluator, so the same numbers) are taken instead of recomputed."""
     _check_request(session, split, methods)
     run = _BaselineRun(session, split == "test", resolve_routing(session, routing), progress or (lambda _: None))
+    run.racing, run.reference = racing, reference or {}
     _individual_and_pretrained(run)
     tuned = _static(run, methods, device)
     if "twin" in methods:
@@ -131,6 +137,8 @@ class _BaselineRun:
         self.splits = SPLITS if test else ("validation",)
         self.out: list[dict] = []
         self._evaluators: Optional[dict] = None
+        self.racing: Optional[RacingSettings] = None
+        self.reference: dict = {}
 
     def evaluate(self, fn, what: str):
         """fn(split) on validation and, when asked for, on test."""
@@ -169,7 +177,13 @@ def _individual_and_pretrained(run: _BaselineRun) -> None:
             return r.performance, r.per_task
         return fn
 
-    val, tst = run.evaluate(session_eval(False), "individual fp32")
+    known = run.reference.get("individual") or {}
+    if all(sp in known for sp in run.splits):  # the search scored them already (same evaluator, same numbers)
+        for sp in run.splits:
+            run.say(f"individual fp32 ({sp}, from the search's reference.json)")
+        val, tst = [(known[sp]["performance"], known[sp]["per_task"]) if sp in run.splits else None for sp in SPLITS]
+    else:
+        val, tst = run.evaluate(session_eval(False), "individual fp32")
     run.out.append(_entry("Individual (fp32)", "individual", "individual",
                           s.full_precision_store.storage_cost(run.singles), val, tst))
     q = s.recipe.quantization
@@ -188,7 +202,7 @@ def _static(run: _BaselineRun, methods: Sequence[str], device: str) -> dict:
     """The tuned static merges asked for (TIES also when Twin needs it as its shared expert)."""
     tuned = {}
     for key in [m for m in static.STATIC if m in methods or (m == "ties" and "twin" in methods)]:
-        best, rows = static.tune(run.s, key, device, lambda what: run.say(f"tuning {what}"))
+        best, rows = static.tune(run.s, key, device, lambda what: run.say(f"tuning {what}"), racing=run.racing)
         tuned[key] = best
         if key not in methods:
             continue
@@ -257,7 +271,7 @@ def refresh_summary(session, run_dir: Path, baselines: dict) -> Optional[Path]:
         return None
     front = json.loads(front_path.read_text())
     refs = references(session, search_dir)
-    tests = test_scores(session, search_dir, [f["grouping"] for f in front])
+    tests = test_scores(session, search_dir, picked(front, refs, baselines))  # G1, G2, G3
     return write_summary(run_dir, front, refs, _search_stats(search_dir), baselines, tests)
 
 

@@ -21,6 +21,8 @@ from mergetool.merge.cost import tensor_data_bits
 from mergetool.merge.experts import Expert, ExpertStore
 from mergetool.merge.quantize import QuantSpec, quantize
 from mergetool.recipe import MergeConfig, QuantizationConfig
+from mergetool.search.racing import upper_bound
+from mergetool.search.types import RacingSettings
 
 FULL = QuantSpec(bits=32)
 
@@ -76,22 +78,35 @@ def grid_points(grid: dict) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
 
 
-def tune(session, key: str, device: str, progress: Optional[Callable[[str], None]] = None
-         ) -> tuple[Scored, list[dict]]:
-    """Every grid point of a static method on validation; the best (first on ties) and the grid."""
+def tune(session, key: str, device: str, progress: Optional[Callable[[str], None]] = None,
+         racing: Optional[RacingSettings] = None) -> tuple[Scored, list[dict]]:
+    """Every grid point of a static method on validation; the best (first on ties) and the grid.
+
+    With `racing`, a point is scored on the racing subset first and completed only if the upper confidence
+    bound of its subset P beats the subset P of the best point so far (the search's rule, with a front of
+    one point); a point raced out keeps its subset P in the grid rows ("raced_out")."""
     _, method, fixed, grid = STATIC[key]
     G = all_shared(session.plan.T, session.plan.L)
-    best, rows = None, []
+    subset = None if racing is None else (racing.fraction, session.recipe.search.seed)
+    best, best_subset, rows = None, None, []
     for point in grid_points(grid):
         params = {**fixed, **point}
         if progress:
             progress(f"{key} {params}")
         store = ExpertStore(variant(session.recipe, method, params), session.plan, session.base, session.tasks,
                             quantization=FULL)
-        perf, per_task, cost = score(session, store, G, "validation")
-        rows.append({**point, "performance": perf})
-        if best is None or perf > best.performance:
-            best = Scored(params, perf, per_task, cost, store)
+        if racing is not None and best is not None:
+            sub = session.score_store(store, G, "validation", subset=subset, part="subset").subset
+            if upper_bound(sub, racing) <= best_subset:
+                rows.append({**point, "performance": None, "subset_performance": sub["performance"],
+                             "raced_out": True})
+                store.clear()
+                continue
+        r = session.score_store(store, G, "validation", subset=subset)
+        rows.append({**point, "performance": r.performance})
+        if best is None or r.performance > best.performance:
+            best = Scored(params, r.performance, r.per_task, r.storage_cost, store)
+            best_subset = None if r.subset is None else r.subset["performance"]
         else:
             store.clear()
     return best, rows

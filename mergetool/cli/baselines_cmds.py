@@ -29,6 +29,8 @@ def baselines(
     routing: Annotated[str, typer.Option(help="Twin/EMR routing: auto (router when every task has a `router` "
                                               "split) | router | oracle (one-hot on the true task).")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    no_racing: Annotated[bool, typer.Option("--no-racing", help="Score every grid point on all validation inputs "
+                                            "(default: race them as the search does, with search.racing).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Score the baselines of the paper's Table I and write RUN/baselines/baselines.json (C by Eq. 8)."""
@@ -43,7 +45,7 @@ def baselines(
         run_baselines,
     )
     from mergetool.pipeline.checks import check_recipe  # lazy: loads torch
-    from mergetool.pipeline.session import Session  # lazy: loads torch
+    from mergetool.pipeline.session import Session, settings_for  # lazy: loads torch
 
     if split not in SPLITS:
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")
@@ -76,8 +78,10 @@ def baselines(
             bar.update(task, description=what, advance=1 if started[0] else 0)
             started[0] = True
 
+        reference = run_dir / "search" / "reference.json"
         result = run_baselines(session, split=split, methods=chosen, twin_ranks=ranks, routing=routing,
-                               device=device, progress=progress)
+                               device=device, progress=progress, racing=None if no_racing else settings_for(recipe).racing,
+                               reference=json.loads(reference.read_text()) if reference.is_file() else None)
         bar.update(task, completed=total, description="done")
     path = write_json_atomic(run_dir / "baselines" / "baselines.json", result)
     print_table(Console(), result)

@@ -47,6 +47,7 @@ def search(
     from mergetool.pipeline.session import (  # lazy: loads torch
         MergeProblem,
         Session,
+        picked,
         references,
         settings_for,
         test_scores,
@@ -77,9 +78,8 @@ def search(
             result = run_search(MergeProblem(session), settings, search_dir / "evaluations.jsonl",
                                 progress=on_progress, executor=executor)
         bar.update(task, description="test split")
-        chosen = [f["grouping"] for f in result.front]
-        tests = test_scores(session, search_dir, chosen)
-    baselines = _read(run_dir / "baselines" / "baselines.json")
+        baselines = _read(run_dir / "baselines" / "baselines.json")
+        tests = test_scores(session, search_dir, picked(result.front, refs, baselines))  # G1, G2, G3
     stats = {"evaluations": result.evaluations, "evaluated in this process": result.evaluated_now,
              "replayed from the journal": result.replayed, "generations": result.generations,
              "candidates screened by the surrogate": result.screened,

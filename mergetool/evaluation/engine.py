@@ -120,6 +120,7 @@ class Evaluator:
     def clear_caches(self) -> None:
         """Drop the score memo and the prefix activations (memory back; results unchanged)."""
         self._memo.clear()
+        self._subset_memo.clear()
         self._prefix.clear()
         self._prefix_bytes = 0
 

@@ -54,14 +54,20 @@ class Session:
                                             prefix_cache_bytes=budget, precision=precision)
         return self._evaluators[k]
 
-    def score_store(self, store: ExpertStore, G, split: str = "validation") -> EvalResult:
-        """G scored with another store's experts (baselines) on this session's data and modules."""
+    def score_store(self, store: ExpertStore, G, split: str = "validation", *,
+                    subset: Optional[tuple[float, int]] = None, part: str = "full") -> EvalResult:
+        """G scored with another store's experts (baselines) on this session's data and modules. With
+        `subset` (racing: fraction, seed), part="subset" scores that subset only, and a later "full" call
+        on the same store runs only the other batches."""
         k = ("other store", split)
         if k not in self._evaluators:
             self._evaluators[k] = Evaluator(store, split=split, device=self.device, memo=False, prefix=False)
         ev = self._evaluators[k]
-        ev.use_store(store)
-        return ev.evaluate(G)
+        if ev.store is not store:
+            ev.use_store(store)
+        if subset is not None and ev.subsets is None:
+            ev.use_subset(*subset)
+        return ev.evaluate_subset(G) if part == "subset" else ev.evaluate(G)
 
     def release(self) -> None:
         """Drop what one-off scoring built (other splits' evaluators, full-precision experts) and keep
@@ -180,6 +186,15 @@ def test_scores(session: Session, search_dir: Path, groupings: list) -> dict:
             cache[k] = {"performance": r.performance, "per_task": r.per_task}
             write_json_atomic(path, cache)  # after each: a killed run keeps what it scored
     return cache
+
+
+def picked(front: list[dict], reference: dict, baselines: Optional[dict]) -> list:
+    """The groupings of G1, G2 and G3 (those the summary reports on test), without repeats."""
+    out: dict[str, list] = {}
+    for f in select(front, reference, baselines).values():
+        if isinstance(f, dict):
+            out.setdefault(key(f["grouping"]), f["grouping"])
+    return list(out.values())
 
 
 def select(front: list[dict], reference: dict, baselines: Optional[dict]) -> dict:
