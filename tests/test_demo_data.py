@@ -158,3 +158,14 @@ def test_build_zoo_tiny_layout_and_resume(tmp_path, monkeypatch):
     zoo.build_zoo(tmp_path, **small)  # cached: no retraining
     assert time.time() - start < 5
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("idle,threads", [(1.0, 4), (0.5, 2), (0.05, 1), (None, 1)])
+def test_auto_threads_counts_idle_cores_now(monkeypatch, idle, threads):
+    """Training threads follow the cores idle now (/proc/stat), not the lagging load average."""
+    from mergetool.demo import zoo
+
+    monkeypatch.setattr(zoo.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(zoo, "_idle_share", lambda window: idle)
+    monkeypatch.setattr(zoo.os, "getloadavg", lambda: (3.2, 0.0, 0.0))  # the fallback: 4 - 3.2 → 1
+    assert zoo.auto_threads() == threads

@@ -178,17 +178,37 @@ def _accuracy(model, ids: list[list[int]], labels: list[int], pad_id: int, devic
     return correct / len(ids)
 
 
-def auto_threads(own_threads: int = 0) -> int:
-    """CPU threads for training: the cores other processes leave free (1-min load
-    average, minus our own `own_threads`), at least 1. On a shared box, more threads
-    than free cores is several times SLOWER than one thread (measured: 2 threads on
-    2 busy cores ran 2.5-4x slower per step than 1)."""
+def auto_threads(own_threads: int = 0, window: float = 1.0) -> int:
+    """CPU threads for training: the cores idle right now, at least 1. Measured from /proc/stat over
+    `window` seconds while we are between tasks (the 1-min load average, the fallback off Linux, still
+    counts the steps that ran just before, such as the doctor, and picked 1 thread on an idle 2-core
+    machine). On a shared box, more threads than free cores is several times SLOWER than one thread
+    (measured: 2 threads on 2 busy cores ran 2.5-4x slower per step than 1)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    idle = _idle_share(window)
+    if idle is not None:
+        return max(1, min(cores, round(cores * idle + 0.25)))  # 1.5 idle cores of 2 → 2
     try:
         others = max(0.0, os.getloadavg()[0] - own_threads)
     except (AttributeError, OSError):
         return cores
     return max(1, min(cores, round(cores - others)))
+
+
+def _idle_share(window: float) -> Optional[float]:
+    """Share of CPU time idle over `window` seconds (all CPUs, from /proc/stat); None off Linux."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(window)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle1 - idle0) / (total1 - total0) if total1 > total0 else None
 
 
 @contextlib.contextmanager
