@@ -167,6 +167,10 @@ def test_raced_then_completed_equals_one_shot_bitwise(session):
         assert done.per_task == direct.per_task == ref.per_task  # bitwise, not approx
         assert done.subset == direct.subset and sub.subset["per_task"] == done.subset["per_task"]
         assert 0 < sub.subset["rows"] < sum(n_rows) and 0 < sub.subset["se"] < 1
+        items = sub.subset["items"]  # accuracy tasks: each subset row's 0/1 score, for paired racing
+        assert set(items) == set(p.tasks) and sum(len(x) for x in items.values()) == sub.subset["rows"]
+        for t, x in items.items():
+            assert np.mean(x) == sub.subset["per_task"][t]
         assert ref.subset is None
     assert raced.counts["examples"] == one_shot.counts["examples"] == plain.counts["examples"]
     for d, ids in zip(raced.data, raced.subsets):

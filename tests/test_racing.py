@@ -1,6 +1,7 @@
 """Racing: subset-then-complete equals one-shot bitwise; decisions do not depend on executor order or resume."""
 
 import json
+import math
 import zlib
 
 import numpy as np
@@ -10,7 +11,7 @@ from mergetool.core import grouping
 from mergetool.core.errors import MergetoolError
 from mergetool.search import EvalResult, SearchSettings, run_search
 from mergetool.search.journal import read_journal
-from mergetool.search.racing import front_bar, upper_bound
+from mergetool.search.racing import continues, difference_se, front_points
 from mergetool.search.types import RacingSettings
 from tests.test_search_core import Killed, Synthetic
 
@@ -95,12 +96,36 @@ def test_racing_drops_candidates_and_counts_full_evaluations(raced):
 
 def test_decision_rule_is_the_upper_bound_against_the_front(raced):
     _, res, d = raced
-    bar = front_bar([r for r in res.records if r["generation"] == 0])
+    front = front_points([r for r in res.records if r["generation"] == 0])
     r = RacingSettings(0.25, 0.9)
-    for rec in read_journal(d / "partial.jsonl"):
-        if rec["generation"] == 1:
-            assert rec["continued"] == (upper_bound(rec["subset"], r) > bar(rec["storage_cost"]))
-    assert upper_bound({"performance": 0.5, "se": 0.0}, RacingSettings(margin=0.1)) == pytest.approx(0.6)
+    gen1 = [rec for rec in read_journal(d / "partial.jsonl") if rec["generation"] == 1]
+    assert gen1 and all(rec["continued"] == continues(rec, front, r) for rec in gen1)
+
+
+def _sub(items: dict, se: float = 0.05) -> dict:
+    per = {t: float(np.mean(x)) for t, x in items.items()}
+    return {"performance": float(np.mean(list(per.values()))), "se": se, "per_task": per,
+            "per_task_se": {t: se for t in items}, "items": items}
+
+
+def test_paired_difference_is_tighter_than_two_intervals():
+    """Two models that agree on most rows are told apart on the subset by the paired error."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 200)
+    b = a.copy()
+    b[:12] = 0  # b loses up to 12 rows a may get right
+    a[:12] = 1
+    A, B = _sub({"t": a.tolist()}), _sub({"t": b.tolist()})
+    assert difference_se(A, B) < 0.25 * math.hypot(0.05, 0.05)
+    assert difference_se(A, A) == 0.0
+    r = RacingSettings(confidence=0.95)
+    front = [dict(i=0, storage_cost=1.0, performance=A["performance"], subset=A)]
+    assert not continues(dict(storage_cost=1.5, subset=B), front, r)  # worse and dearer: dropped
+    assert continues(dict(storage_cost=0.5, subset=B), front, r)  # cheaper than every front point: kept
+    assert not continues(dict(storage_cost=1.0, subset=A), front, r)  # the same rows at the same C: no gain
+    assert continues(dict(storage_cost=2.0, subset=A), front, RacingSettings(margin=0.01))  # slack keeps it
+    # without rows (a custom metric) the separate errors are combined
+    assert difference_se({"se": 0.03}, {"se": 0.04}) == pytest.approx(0.05)
 
 
 def test_decisions_do_not_depend_on_evaluation_order(raced, tmp_path):

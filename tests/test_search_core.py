@@ -294,7 +294,7 @@ def test_ray_executor_matches_local(tmp_path, reference):
 
 
 def test_one_point_crossover_keeps_parent_prefixes():
-    from mergetool.search.loop import crossover
+    from mergetool.search.operators import crossover
 
     A = np.zeros((3, 8), dtype=np.int64)
     B = np.array([[0] * 8, [1] * 8, [2] * 8], dtype=np.int64)
@@ -310,7 +310,7 @@ def test_one_point_crossover_keeps_parent_prefixes():
 
 
 def test_chain_order_puts_shared_prefixes_next_to_each_other():
-    from mergetool.search.loop import chain_order
+    from mergetool.search.operators import chain_order
 
     a = np.array([[0, 0, 0], [1, 1, 1]])
     b = np.array([[0, 0, 0], [0, 1, 1]])

@@ -72,6 +72,22 @@ def test_outputs(finished):
     assert json.loads((finished / "run.json").read_text())["recipe_sha256"]
 
 
+def test_racing_report_and_no_racing_ablation(trained_zoo, finished, tmp_path):
+    """The summary counts full and partial evaluations and inputs run; --no-racing scores every candidate
+    on all inputs (no partial journal, contiguous plan numbering)."""
+    summary = (finished / "search" / "summary.md").read_text()
+    line = summary.split("- racing: ")[1].splitlines()[0]
+    full, partial = int(line.split()[0]), int(line.split(" and ")[1].split()[0])
+    assert full == BUDGET and partial > 0 and "validation inputs run" in line
+    recipe = write_recipe(tmp_path, trained_zoo)
+    result = runner.invoke(app, ["search", str(recipe), "--quiet", "--no-racing"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "toy"
+    assert not (run / "search" / "partial.jsonl").exists()
+    assert [r["i"] for r in journal(run)] == list(range(BUDGET))
+    assert "- racing: off" in (run / "search" / "summary.md").read_text()
+
+
 def test_front_command(finished):
     result = runner.invoke(app, ["front", str(finished)])
     assert result.exit_code == 0, result.output

@@ -21,7 +21,7 @@ from mergetool.merge.cost import tensor_data_bits
 from mergetool.merge.experts import Expert, ExpertStore
 from mergetool.merge.quantize import QuantSpec, quantize
 from mergetool.recipe import MergeConfig, QuantizationConfig
-from mergetool.search.racing import upper_bound
+from mergetool.search.racing import continues
 from mergetool.search.types import RacingSettings
 
 FULL = QuantSpec(bits=32)
@@ -82,13 +82,13 @@ def tune(session, key: str, device: str, progress: Optional[Callable[[str], None
          racing: Optional[RacingSettings] = None) -> tuple[Scored, list[dict]]:
     """Every grid point of a static method on validation; the best (first on ties) and the grid.
 
-    With `racing`, a point is scored on the racing subset first and completed only if the upper confidence
-    bound of its subset P beats the subset P of the best point so far (the search's rule, with a front of
+    With `racing`, a point is scored on the racing subset first and completed only if it could beat the
+    best point so far on the same rows (the search's rule, `search.racing.continues`, with a front of that
     one point); a point raced out keeps its subset P in the grid rows ("raced_out")."""
     _, method, fixed, grid = STATIC[key]
     G = all_shared(session.plan.T, session.plan.L)
     subset = None if racing is None else (racing.fraction, session.recipe.search.seed)
-    best, best_subset, rows = None, None, []
+    best, best_subset, rows = None, {}, []
     for point in grid_points(grid):
         params = {**fixed, **point}
         if progress:
@@ -97,7 +97,8 @@ def tune(session, key: str, device: str, progress: Optional[Callable[[str], None
                             quantization=FULL)
         if racing is not None and best is not None:
             sub = session.score_store(store, G, "validation", subset=subset, part="subset").subset
-            if upper_bound(sub, racing) <= best_subset:
+            if not continues({"storage_cost": 1.0, "subset": sub}, [{"storage_cost": 1.0, "subset": best_subset}],
+                             racing):
                 rows.append({**point, "performance": None, "subset_performance": sub["performance"],
                              "raced_out": True})
                 store.clear()
@@ -106,7 +107,7 @@ def tune(session, key: str, device: str, progress: Optional[Callable[[str], None
         rows.append({**point, "performance": r.performance})
         if best is None or r.performance > best.performance:
             best = Scored(params, r.performance, r.per_task, r.storage_cost, store)
-            best_subset = None if r.subset is None else r.subset["performance"]
+            best_subset = r.subset
         else:
             store.clear()
     return best, rows

@@ -35,11 +35,14 @@ SUBSET_MEMO = 4096  # raced (task, chain)s whose subset outputs are kept for com
 
 
 def _subset_summary(subs: dict[str, dict]) -> dict:
-    """The racing subset's P (mean over tasks), its standard error, per-task scores and rows."""
+    """The racing subset's P (mean over tasks), its standard error, per-task scores and standard errors,
+    rows, and (tasks scored by accuracy) each row's 0/1 score, which racing compares pairwise."""
     T = len(subs)
     return {"performance": float(np.mean([s["score"] for s in subs.values()])),
             "se": math.sqrt(sum(s["se"] ** 2 for s in subs.values())) / T,
             "per_task": {k: float(s["score"]) for k, s in subs.items()},
+            "per_task_se": {k: float(s["se"]) for k, s in subs.items()},
+            "items": {k: s["items"] for k, s in subs.items() if s.get("items") is not None},
             "rows": int(sum(s["rows"] for s in subs.values()))}
 
 
@@ -192,11 +195,16 @@ class Evaluator:
         view = subset_view(data, ids)
         flat = np.concatenate(outputs)[view.outputs_index]
         value = self.score_outputs(t, flat, view)
+        items = None
         if self.recipe.tasks[data.name].kind == "custom":
             se = math.inf
         else:
-            se = standard_error(data.metric, predictions(data.metric, flat, view), view.labels, seed=t)
-        return {"score": float(value), "se": float(se), "rows": len(view.labels), "outputs": outputs}
+            pred = predictions(data.metric, flat, view)
+            se = standard_error(data.metric, pred, view.labels, seed=t)
+            if data.metric in ("accuracy", "acc_norm"):  # a mean of per-row scores: compared row by row
+                items = (pred == np.asarray(view.labels)).astype(int).tolist()
+        return {"score": float(value), "se": float(se), "rows": len(view.labels), "items": items,
+                "outputs": outputs}
 
     def _run(self, G, t: int, ids) -> list[np.ndarray]:
         """Outputs of task t's assembled chain on batches `ids` (in that order), one array per batch."""

@@ -85,8 +85,8 @@ class MergeProblem:
     """evaluate(G) → P and C on the validation split; storage_cost(G) exact (Eq. 8). With racing,
     evaluate_subset(G) scores the fixed validation subset only; with bf16, evaluate_fp32(G) re-scores."""
 
-    def __init__(self, session: Session):
-        self._session = session
+    def __init__(self, session: Session, *, caches: bool = True):
+        self._session, self._caches = session, caches  # caches=False: the naive evaluation (benchmarks)
         self.T, self.L = session.plan.T, session.plan.L
         self._racing: Optional[tuple[float, int]] = None
         self._precision = "fp32"
@@ -96,7 +96,7 @@ class MergeProblem:
         return self._session
 
     def _evaluator(self) -> Evaluator:
-        return self._session.evaluator("validation", precision=self._precision)
+        return self._session.evaluator("validation", caches=self._caches, precision=self._precision)
 
     def use_racing(self, fraction: float, seed: int) -> None:
         self._racing = (float(fraction), int(seed))
@@ -135,11 +135,11 @@ class MergeProblem:
     def __getstate__(self) -> dict:
         r = self._session.recipe
         return {"text": r.text, "path": str(r.path) if r.path else None, "device": self._session.device,
-                "racing": self._racing, "precision": self._precision}
+                "racing": self._racing, "precision": self._precision, "caches": self._caches}
 
     def __setstate__(self, state: dict) -> None:
         recipe = parse_recipe(state["text"], Path(state["path"]) if state["path"] else None)
-        self.__init__(Session(recipe, device=state["device"]))
+        self.__init__(Session(recipe, device=state["device"]), caches=state.get("caches", True))
         self.use_precision(state.get("precision", "fp32"))
         if state.get("racing"):
             self.use_racing(*state["racing"])

@@ -3,16 +3,17 @@ those whose upper confidence bound could beat the front at their exact C.
 
 The decision for a candidate depends only on its own subset result and on the front that stood at the
 start of the generation (its points' subset scores come with their full records), never on evaluation
-order, the executor or a resume. Subset results are journalled in partial.jsonl (keyed by plan index,
+order, the executor or a resume. Candidate and front point are compared on the same rows: for accuracy
+the difference's error is paired row by row, which separates two related models with far fewer rows
+than two independent intervals would. Subset results are journalled in partial.jsonl (keyed by plan index,
 like evaluations.jsonl), so a resumed search replays them and takes the same decisions.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from statistics import NormalDist
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -24,38 +25,55 @@ from mergetool.search.types import RacingSettings
 PARTIAL_NAME = "partial.jsonl"
 
 
-def front_bar(records: Sequence[dict]) -> Callable[[float], float]:
-    """bar(C): the best subset P among the front's points of cost <= C (-inf when none is that cheap)."""
+def front_points(records: Sequence[dict]) -> list[dict]:
+    """The front of the full records (cheapest first), each carrying its racing-subset scores."""
     front = nondominated(records)
     for r in front:
         if not r.get("subset"):
             raise MergetoolError(f"evaluation i={r['i']} has no racing-subset score",
                                  key="search.racing", fix="resume with the settings the search was started with")
-    costs = [float(r["storage_cost"]) for r in front]  # nondominated() sorts by C
-    best = np.maximum.accumulate([float(r["subset"]["performance"]) for r in front]) if front else []
-
-    def bar(c: float) -> float:
-        k = bisect_right(costs, float(c))
-        return float(best[k - 1]) if k else -math.inf
-
-    return bar
+    return front
 
 
-def upper_bound(subset: dict, racing: RacingSettings) -> float:
-    """Subset P + z(confidence)·se + margin: how good the candidate could plausibly be."""
+def difference_se(a: dict, b: dict) -> float:
+    """Standard error of P_a − P_b on the same subset. Paired, row by row, for the tasks whose rows
+    both carry (accuracy: most rows score alike in two related models, so this is far tighter than
+    two separate errors); sqrt(se_a² + se_b²) per task otherwise; from the overall errors when the
+    subsets give no per-task ones."""
+    if not (a.get("per_task_se") and b.get("per_task_se")):
+        return math.hypot(float(a["se"]), float(b["se"]))
+    var = 0.0
+    for t, se_a in a["per_task_se"].items():
+        x, y = (a.get("items") or {}).get(t), (b.get("items") or {}).get(t)
+        if x is not None and y is not None and len(x) == len(y) and len(x) > 1:
+            d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+            var += float(np.var(d, ddof=1)) / len(d)
+        else:
+            var += float(se_a) ** 2 + float(b["per_task_se"][t]) ** 2
+    return math.sqrt(var) / len(a["per_task_se"])
+
+
+def continues(rec: dict, front: Sequence[dict], racing: RacingSettings) -> bool:
+    """True unless a front point of C <= the candidate's beats it with confidence on the subset: the
+    candidate continues only if, against every such point, the upper bound of its P minus theirs
+    (z(confidence)·se of the difference, plus margin) is above 0."""
     z = NormalDist().inv_cdf(racing.confidence)
-    return float(subset["performance"]) + z * float(subset["se"]) + racing.margin
-
-
-def continues(rec: dict, bar: Callable[[float], float], racing: RacingSettings) -> bool:
-    return upper_bound(rec["subset"], racing) > bar(rec["storage_cost"])
+    mine = rec["subset"]
+    for f in front:
+        if float(f["storage_cost"]) > float(rec["storage_cost"]):
+            break  # cheapest first: the rest cost more
+        theirs = f["subset"]
+        gap = float(mine["performance"]) - float(theirs["performance"])
+        if gap + z * difference_se(mine, theirs) + racing.margin <= 0:
+            return False
+    return True
 
 
 def race(run, Gs: Sequence[np.ndarray], preds: Optional[Sequence[float]], generation: int) -> list[dict]:
     """Race planned candidates i = planned, planned+1, ...: subset first, then complete the survivors
     (in plan order, up to the budget). Returns the new full records, sorted by i."""
     s, racing = run.s, run.s.racing
-    bar = front_bar(run.records)
+    front = front_points(run.records)
     base, run.planned = run.planned, run.planned + len(Gs)
     full, subs, todo = {}, {}, []
     for j, G in enumerate(Gs):
@@ -70,8 +88,8 @@ def race(run, Gs: Sequence[np.ndarray], preds: Optional[Sequence[float]], genera
     pred = (lambda i: None) if preds is None else (lambda i: float(preds[i - base]))
     for i, res in run.executor.map(run.problem, todo, part="subset"):
         rec = run.record(i, Gs[i - base], res, pred(i), generation)
-        subs[i] = run.partials.append(dict(rec, continued=continues(rec, bar, racing)))
-    survivors = [i for i in range(base, base + len(Gs)) if i in full or continues(subs[i], bar, racing)]
+        subs[i] = run.partials.append(dict(rec, continued=continues(rec, front, racing)))
+    survivors = [i for i in range(base, base + len(Gs)) if i in full or continues(subs[i], front, racing)]
     chosen = survivors[: max(0, s.evaluations - run.n)]
     todo = [(i, Gs[i - base]) for i in chosen if i not in full]
     batch = [full[i] for i in chosen if i in full]

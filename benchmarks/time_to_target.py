@@ -1,0 +1,180 @@
+"""Search speed as users wait for it: wall time until the front reaches 95 % of a reference front's HV.
+
+    # once: the reference front, from long runs (committed as benchmarks/reference_front_<recipe>.json)
+    python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --make-reference \
+        --evaluations 300 --seeds 0 1
+    # the comparison, one configuration after another (never concurrently), 2 seeds
+    python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1
+
+Configurations: (i) plain NSGA-II (no surrogate, no caches, no racing, capped at --plain-cap full
+evaluations); (ii) the default before racing (surrogate + caches); (iii) with racing; (iv) racing + bf16.
+HV is computed against the point (P = the best static merge's validation P, C = T), so only the region that
+beats a static merge counts; the target is --share × the reference front's HV under that point. Each run
+records the wall time of every full evaluation (a fresh session per run: nothing is shared between runs),
+and the time to target is the first moment its front's HV reaches the target. A bf16 run's curve uses its
+screening scores; its final HV ratio is after the fp32 re-scoring of its front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import command_line, write_block  # noqa: E402
+
+from mergetool.pipeline.session import MergeProblem, Session, references  # noqa: E402
+from mergetool.recipe import load_recipe  # noqa: E402
+from mergetool.search import SearchSettings, run_search  # noqa: E402
+from mergetool.search.front import hypervolume, nondominated  # noqa: E402
+from mergetool.search.types import RacingSettings  # noqa: E402
+
+CONFIGS = {  # name: (surrogate, caches, racing, precision)
+    "(i) plain NSGA-II": ("none", False, False, "fp32"),
+    "(ii) surrogate + caches (default before racing)": ("random_forest", True, False, "fp32"),
+    "(iii) + racing": ("random_forest", True, True, "fp32"),
+    "(iv) + racing + bf16": ("random_forest", True, True, "bf16"),
+}
+
+
+class Clocked:
+    """The problem, with the wall time (from the run's start) at which each full evaluation finished."""
+
+    def __init__(self, problem: MergeProblem):
+        self.problem, self.T, self.L = problem, problem.T, problem.L
+        self.t0 = time.perf_counter()
+        self.finished: list[float] = []
+
+    def evaluate(self, G):
+        res = self.problem.evaluate(G)
+        self.finished.append(time.perf_counter() - self.t0)
+        return res
+
+    def __getattr__(self, name):  # storage_cost, task_vectors, racing and precision hooks
+        return getattr(self.problem, name)
+
+
+def static_p(recipe, run_dir: Path, session: Session) -> float:
+    """The best static merge's validation P: the baselines' tuned best when the run has them, else the
+    recipe's own merge (all shared, fp32) from the search's reference.json."""
+    path = run_dir / "baselines" / "baselines.json"
+    if path.is_file():
+        static = [m for m in json.loads(path.read_text())["methods"] if m["kind"] == "static"]
+        if static:
+            return max(m["validation"]["performance"] for m in static)
+    return references(session, run_dir / "search")["static_merge"]["validation"]["performance"]
+
+
+def run_one(recipe, name: str, seed: int, evaluations: int, workdir: Path, device: str) -> dict:
+    surrogate, caches, racing, precision = CONFIGS[name]
+    clocked = Clocked(MergeProblem(Session(recipe, device=device), caches=caches))
+    s = SearchSettings(population=recipe.search.population, evaluations=evaluations, surrogate=surrogate,
+                       init=recipe.search.init, seed=seed, write_artifacts=False, precision=precision,
+                       racing=RacingSettings() if racing else None)
+    res = run_search(clocked, s, workdir / f"{seed}-{name[:5].strip('() ')}" / "evaluations.jsonl")
+    wall = time.perf_counter() - clocked.t0
+    ev = clocked.problem.session.evaluator("validation", caches=caches, precision=precision)
+    return {"records": res.records, "times": clocked.finished, "front": res.front, "wall": wall,
+            "full": res.evaluations, "partial": res.partial, "examples": ev.counts["examples"]}
+
+
+def time_to(run: dict, point: tuple[float, float], target: float):
+    """(seconds until the front's HV first reaches target or None, final HV)."""
+    done: list[dict] = []
+    order = sorted(run["records"], key=lambda r: r["i"])  # completion order = plan order locally
+    hit = None
+    for rec, t in zip(order, run["times"]):
+        done.append(rec)
+        if hit is None and hypervolume(done, point) >= target:
+            hit = t
+    final = hypervolume([{"performance": f["performance"], "storage_cost": f["storage_cost"]}
+                         for f in run["front"]], point)
+    return hit, final
+
+
+def make_reference(args, recipe, workdir: Path) -> int:
+    points = []
+    for seed in args.seeds:
+        run = run_one(recipe, "(iii) + racing", seed, args.evaluations, workdir, args.device)
+        points += [{"grouping": f["grouping"], "performance": f["performance"], "storage_cost": f["storage_cost"]}
+                   for f in run["front"]]
+        print(f"seed {seed}: {run['full']} full + {run['partial']} partial evaluations, {run['wall']:.0f} s",
+              flush=True)
+    front = nondominated([dict(p, i=k) for k, p in enumerate(points)])
+    out = {"recipe": recipe.name, "command": command_line(), "seeds": args.seeds, "evaluations": args.evaluations,
+           "front": [{k: f[k] for k in ("grouping", "performance", "storage_cost")} for f in front]}
+    args.reference.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.reference}: {len(front)} points")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("--reference", type=Path, default=None, help="default: benchmarks/reference_front_<name>.json")
+    ap.add_argument("--make-reference", action="store_true")
+    ap.add_argument("--evaluations", type=int, default=None, help="full evaluations (default: the recipe's)")
+    ap.add_argument("--plain-cap", type=int, default=150, help="full evaluations of configuration (i)")
+    ap.add_argument("--share", type=float, default=0.95)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names (a prefix is enough)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    recipe = load_recipe(args.recipe)
+    args.reference = args.reference or Path(__file__).parent / f"reference_front_{recipe.name}.json"
+    workdir = Path(tempfile.mkdtemp(prefix="mergetool-ttt-"))
+    evaluations = args.evaluations or recipe.search.evaluations
+    if args.make_reference:
+        args.evaluations = evaluations
+        return make_reference(args, recipe, workdir)
+    ref = json.loads(args.reference.read_text())
+    session = Session(recipe, device=args.device)
+    point = (static_p(recipe, Path(recipe.output), session), float(session.plan.T))
+    del session
+    target = args.share * hypervolume(ref["front"], point)
+    names = [n for n in CONFIGS if any(n.startswith(c.strip()) for c in args.configs.split(","))]
+    rows = ["| configuration | seed | time to target (s) | final HV / reference | full | partial | inputs run | "
+            "wall (s) |", "|---|---|---|---|---|---|---|---|"]
+    hits: dict[str, list] = {}
+    for name in names:
+        for seed in args.seeds:
+            budget = min(args.plain_cap, evaluations) if name.startswith("(i)") else evaluations
+            run = run_one(recipe, name, seed, budget, workdir, args.device)
+            hit, final = time_to(run, point, target)
+            hits.setdefault(name, []).append((hit, run["wall"]))
+            rows.append(f"| {name} | {seed} | {'not reached' if hit is None else f'{hit:.0f}'} | "
+                        f"{final / (target / args.share):.3f} | {run['full']} | {run['partial']} | "
+                        f"{run['examples']} | {run['wall']:.0f} |")
+            print(rows[-1], flush=True)
+    body = "\n".join(rows + ["", _goal(hits), f"- HV point: P = {point[0]:.4f} (best static merge, validation), "
+                             f"C = T = {point[1]:g}; target = {args.share:g} × the reference front's HV "
+                             f"({args.reference.name}: {ref['command']})"])
+    print(body)
+    if not args.no_write:
+        write_block("time-to-target", "Search speed: wall time to 95 % of the reference front's HV", body,
+                    command_line(), args.seeds)
+    return 0
+
+
+def _goal(hits: dict) -> str:
+    """(iv) / (i): time to target, or (iv)'s time over (i)'s whole run when (i) never reaches it."""
+    plain, best = hits.get("(i) plain NSGA-II"), hits.get("(iv) + racing + bf16")
+    if not plain or not best:
+        return "- goal (iv) / (i) ≤ 0.2: not measured (both configurations are needed)"
+    ratios = []
+    for (p_hit, p_wall), (b_hit, _) in zip(plain, best):
+        if b_hit is None:
+            return "- goal (iv) / (i) ≤ 0.2: **missed**: (iv) did not reach the target in every seed"
+        ratios.append(b_hit / (p_hit if p_hit is not None else p_wall))
+    mean = sum(ratios) / len(ratios)
+    return (f"- goal (iv) / (i) ≤ 0.2: ratio per seed {[round(r, 3) for r in ratios]}, mean {mean:.3f} → "
+            f"**{'met' if mean <= 0.2 else 'missed'}** ((i)'s whole run time where (i) never reached the target)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
