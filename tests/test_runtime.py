@@ -216,3 +216,33 @@ def test_put_moves_tied_aliases_and_counts_them_loaded(tmp_path):
     assert float(module.lm_head.weight[0, 0]) == 0.5
     assert bb.unloaded(module, loaded) == []
     assert bb.unloaded(module, loaded - {"transformer.ln_f.bias"}) == ["transformer.ln_f.bias"]
+
+
+def test_predict_never_destroys_files(routed, tmp_path):
+    """--output is written aside and renamed at the end: the input is never the output, and a bad line
+    anywhere leaves whatever was at --output untouched (and no temp file)."""
+    good = json.dumps({"text": "w1 w2 w50"})
+    src = tmp_path / "in.jsonl"
+    src.write_text(f"{good}\n" * 3)
+    result, text = invoke("predict", routed["lib"], "--input", src, "--output", src, "-q")
+    assert result.exit_code == 2 and "destroy the input" in text and src.read_text() == f"{good}\n" * 3
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(f"{good}\n" * 300 + "{oops\n")
+    result, text = invoke("predict", routed["lib"], "--input", bad, "--output", out, "-q", "--batch-size", "8")
+    assert result.exit_code == 2 and "line 301" in text
+    assert out.read_text() == "precious\n" and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["bad.jsonl", "in.jsonl", "out.jsonl"]
+    result, text = invoke("predict", routed["lib"], "--input", src, "--output", tmp_path, "-q")
+    assert result.exit_code == 2 and "is a directory" in text
+    result, text = invoke("predict", routed["lib"], "--input", src, "--output", tmp_path / "no" / "o.jsonl", "-q")
+    assert result.exit_code == 2 and "does not exist" in text
+
+
+def test_evaluate_never_follows_the_librarys_own_data_paths(routed, tmp_path):
+    """Without --recipe, the manifest's recipe is untrusted: data outside the library are refused."""
+    out = tmp_path / "e.json"
+    result, text = invoke("evaluate", routed["lib"], "--out", out)
+    assert result.exit_code == 2 and "outside the library" in text and "--recipe" in text
+    assert not out.exists() and "Traceback" not in text

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -194,3 +195,25 @@ def test_shipped_tiny_recipe_validates(trained_zoo, tmp_path, monkeypatch):
     result = runner.invoke(app, ["validate", str(recipe)])
     assert result.exit_code == 0, result.output
     assert "T=3 tasks, L=8 components" in result.stdout
+
+
+def test_bf16_screening_rescores_the_front_at_fp32(trained_zoo, tmp_path):
+    """--precision bf16: the journal holds bf16 scores; the front (and G1/G2/G3) are re-scored at fp32."""
+    from mergetool.core.grouping import key
+    from mergetool.pipeline.session import Session
+    from mergetool.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path, trained_zoo)
+    result = runner.invoke(app, ["search", str(recipe), "--quiet", "--precision", "bf16", "--evaluations", "12"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "toy" / "search"
+    rescored = [json.loads(x) for x in (run / "rescored.jsonl").read_text().splitlines()]
+    fr = json.loads((run / "front.json").read_text())
+    assert fr and {f["id"] for f in fr} <= {r["i"] for r in rescored}
+    fp32 = Session(load_recipe(recipe), device="cpu").evaluator("validation")
+    for f in fr:
+        assert f["performance"] == fp32.evaluate(np.asarray(f["grouping"])).performance  # fp32, exactly
+    screened = {key(r["grouping"]): r["performance"] for r in journal(tmp_path / "runs" / "toy")}
+    for r in rescored:
+        assert abs(r["screened_performance"] - screened[key(r["grouping"])]) < 1e-12
+        assert abs(r["performance"] - r["screened_performance"]) < 0.1  # bf16 ranks, fp32 decides

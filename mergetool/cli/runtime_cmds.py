@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -89,6 +90,20 @@ def _item(rec: dict, text_field: str, pair_field: Optional[str]):
     return tuple(out)
 
 
+def _check_output(output: Optional[Path], src: str) -> None:
+    """--output must be a file in an existing folder, and never the input itself."""
+    if output is None:
+        return
+    if output.is_dir():
+        raise MergetoolError(f"--output {output} is a directory", key="--output", fix="give a file path")
+    if not output.parent.is_dir():
+        raise MergetoolError(f"--output's folder {output.parent} does not exist", key="--output",
+                             fix="create the folder or choose another path")
+    if src != "-" and output.exists() and Path(src).exists() and os.path.samefile(output, src):
+        raise MergetoolError("--output is the input file; writing it would destroy the input", key="--output",
+                             fix="write the predictions to another file")
+
+
 def _count_lines(src: str) -> Optional[int]:
     if src == "-":
         return None
@@ -125,8 +140,13 @@ def predict(
     elif lib_.manifest.router is None:
         raise MergetoolError("this library has no router", file=str(lib), key="--task", fix="pass --task T")
     bad: Counter = Counter()
+    _check_output(output, input)
     records = read_inputs(input, text_field, pair_field, skip_bad, bad)
-    out = output.open("w", encoding="utf-8") if output else sys.stdout
+    # written beside the target and renamed into place at the end: a failure never leaves a cut file
+    # behind, nor destroys what was at --output before
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}") if output else None
+    out = tmp.open("w", encoding="utf-8") if tmp else sys.stdout
+    finished = False
     console = Console(stderr=True, quiet=quiet)
     chunk = max(256, 16 * batch_size)
     done, routed = 0, Counter()
@@ -145,9 +165,14 @@ def predict(
                 out.flush()
                 done += len(part)
                 bar.update(job, completed=done + bad["lines"])
+        finished = True
     finally:
-        if output:
+        if tmp:
             out.close()
+            if finished:
+                os.replace(tmp, output)
+            else:
+                tmp.unlink(missing_ok=True)
     msg = f"{done} prediction(s)" + (f" -> {output}" if output else "")
     if bad["lines"]:
         msg += f"; skipped {bad['lines']} bad line(s)"
@@ -163,7 +188,8 @@ def evaluate(
     lib: LibArg,
     split: Annotated[str, typer.Option("--split", help="test | validation")] = "test",
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe with the data (default: the "
-                                                   "library's own, paths relative to .).", show_default=False)] = None,
+                                                   "library's own, only when its data lie inside the library).",
+                                                   show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default: stdout).",
                                                 show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
@@ -179,7 +205,7 @@ def evaluate(
     if split not in ("test", "validation"):
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use test or validation")
     lib_ = ExpertLibrary.load(lib, device=device)
-    r = load_recipe(recipe) if recipe else parse_recipe(lib_.manifest.recipe)
+    r = load_recipe(recipe) if recipe else _own_recipe(lib_)
     report = evaluate_library(lib_, r, split, batch_size)
     table = Table(title=f"{lib} on {split} (routing accuracy {_fmt(report['routing_accuracy'])})")
     for col in ("task", "metric", "n", "routed", "oracle", "routing acc."):
@@ -195,6 +221,23 @@ def evaluate(
         typer.echo(f"wrote {out}", err=True)
     else:
         typer.echo(json.dumps(report, indent=1))
+
+
+def _own_recipe(lib_):
+    """The library's embedded recipe, anchored at the library folder. A library is untrusted data: its
+    recipe may name any path on this machine, so it is used only when every data file lies inside the
+    library (resolved, symlinks followed)."""
+    root = Path(lib_.path).resolve()
+    r = parse_recipe(lib_.manifest.recipe, root / "recipe.yaml")
+    for name, task in r.tasks.items():
+        for split in ("validation", "test", "router"):
+            spec = getattr(task, split)
+            if spec is not None and not Path(spec.path).resolve().is_relative_to(root):
+                raise MergetoolError(
+                    f"the library's own recipe reads task {name!r}'s {split} data from outside the library "
+                    "(a library is untrusted: its paths are not followed)", file=str(lib_.path),
+                    key="--recipe", fix="pass --recipe RECIPE with the data to score the library on")
+    return r
 
 
 def _fmt(v) -> str:
