@@ -27,6 +27,8 @@ from mergetool.recipe import load_recipe  # noqa: E402
 from mergetool.search.front import nondominated  # noqa: E402
 from mergetool.search.surrogate import kendall_tau  # noqa: E402
 
+MIN_FOR_TAU = 100  # the rank agreement is reported on at least this many groupings, spread over C
+
 
 def spread(T: int, L: int, n: int, seed: int) -> list[np.ndarray]:
     """n distinct canonical groupings; per component the number of groups is uniform in 1..T."""
@@ -85,11 +87,14 @@ def main() -> int:
     costs = [r.storage_cost for r in scored["fp32"]]
     import torch
 
+    enough = len(Gs) >= MIN_FOR_TAU
     body = "\n".join([
         f"- {len(Gs)} groupings, C from {min(costs):.3f} to {max(costs):.3f} (T = {p.T}, L = {p.L})",
-        f"- Kendall τ (bf16 P vs fp32 P): **{tau:.3f}**; largest |ΔP| {gap:.4f}",
-        f"- fp32 front over these groupings: {len(front32)} points; bf16 front: {len(front16)}; changed "
-        f"(symmetric difference / fp32 front): **{changed:.0%}**",
+        (f"- Kendall τ (bf16 P vs fp32 P): **{tau:.3f}**; largest |ΔP| {gap:.4f}" if enough else
+         f"- Kendall τ: not reported (needs ≥ {MIN_FOR_TAU} groupings; this run had {len(Gs)}: speed only); "
+         f"largest |ΔP| {gap:.4f}"),
+        (f"- fp32 front over these groupings: {len(front32)} points; bf16 front: {len(front16)}; changed "
+         f"(symmetric difference / fp32 front): **{changed:.0%}**" if enough else "- front change: not reported"),
         f"- wall time: fp32 {seconds['fp32']:.0f} s, bf16 {seconds['bf16']:.0f} s → bf16 speed-up "
         f"**{seconds['fp32'] / seconds['bf16']:.2f}×** on this CPU (flags: {cpu_flags()}; device "
         f"{'cuda' if torch.cuda.is_available() and args.device != 'cpu' else 'cpu'})",

@@ -173,7 +173,7 @@ def _goal(hits: dict) -> str:
         ratios.append(b_hit / (p_hit if p_hit is not None else p_wall))
     mean = sum(ratios) / len(ratios)
     return (f"- goal (iv) / (i) ≤ 0.2: ratio per seed {[round(r, 3) for r in ratios]}, mean {mean:.3f} → "
-            f"**{'met' if mean <= 0.2 else 'missed'}** ((i)'s whole run time where (i) never reached the target)")
+            f"**{'met' if mean <= 0.2 else 'missed'}** (where (i) never reached the target, its whole run time is used)")
 
 
 if __name__ == "__main__":

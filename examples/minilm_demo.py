@@ -1,6 +1,6 @@
 """The README's main command: MERGE end to end on a real model and real data, offline.
 
-    python examples/minilm_demo.py            # ≈ 30 min on 2 CPU cores the first time, then cached
+    python examples/minilm_demo.py            # ≈ 34 min on 2 CPU cores the first time, ≈ 23 min with the zoo cached
     python examples/minilm_demo.py --evaluations 80
 
 0. mergetool doctor  (a few seconds: the environment, the staged forward per architecture, the assets);

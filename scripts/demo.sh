@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (once) and run MERGE end to end on the offline MiniLM demo (≈ 30 min on 2 CPU cores the
+# Set up (once) and run MERGE end to end on the offline MiniLM demo (≈ 34 min on 2 CPU cores the
 # first time: zoo build, search, baselines, export, predict, evaluate). Quick toy version:
 # `python examples/tiny_demo.py` (about a minute).
 set -euo pipefail

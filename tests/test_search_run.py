@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mergetool.cli.app import app
@@ -206,6 +207,9 @@ def test_bf16_screening_rescores_the_front_at_fp32(trained_zoo, tmp_path):
     recipe = write_recipe(tmp_path, trained_zoo)
     result = runner.invoke(app, ["search", str(recipe), "--quiet", "--precision", "bf16", "--evaluations", "12"])
     assert result.exit_code == 0, result.output
+    from mergetool.evaluation.runner import bf16_native
+
+    assert ("emulated and slower than fp32" in result.stderr) == (not bf16_native(torch.device("cpu")))
     run = tmp_path / "runs" / "toy" / "search"
     rescored = [json.loads(x) for x in (run / "rescored.jsonl").read_text().splitlines()]
     fr = json.loads((run / "front.json").read_text())

@@ -43,6 +43,19 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Does this device compute bf16 in hardware? CUDA with bf16 support, or a CPU with avx512_bf16 or
+    AMX. Elsewhere bf16 autocast is emulated (measured on a 2-core AVX2 EPYC: 5-6x slower than fp32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def build_module(source: ModelSource) -> torch.nn.Module:
     """An empty module of the fine-tune's own architecture (config.json), in eval mode."""
     import transformers
