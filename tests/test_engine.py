@@ -211,3 +211,8 @@ def test_exact_cost_without_building_equals_built(session, spec):
         assert counted.storage_cost(G) == storage_cost(bits, d=p.d, base_bits=p.base_bits)  # exactly
     stats = counted.stats()
     assert stats["expert_misses"] == 0 and stats["experts_cached"] == 0 and stats["experts_counted"] > 0
+    ablation = make()
+    ablation.count_cost = False  # the --build-for-cost ablation: same C, every expert built
+    G = all_shared(p.T, p.L)
+    assert ablation.storage_cost(G) == counted.storage_cost(G)
+    assert ablation.stats()["experts_counted"] == 0 and ablation.stats()["expert_misses"] == p.L

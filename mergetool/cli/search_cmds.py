@@ -39,6 +39,9 @@ def search(
                                             "inputs (no subset first).")] = False,
     precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 (screening under bf16 autocast; the "
                                                      "front is re-scored at fp32). Overrides search.precision.")] = None,
+    build_for_cost: Annotated[bool, typer.Option("--build-for-cost", help="Ablation: build (merge, quantise, hold) "
+                                                 "each screened candidate's experts to know C, instead of "
+                                                 "counting C from Q's decision.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -61,6 +64,7 @@ def search(
     console = Console(stderr=True, quiet=quiet)
     console.print(f"run: {run_dir}  (T={plan.T}, L={plan.L}, search space 10^{plan.search_space_log10:.1f})")
     session = Session(r, device=device, plan=plan)
+    session.store.count_cost = not build_for_cost
     _warn_slow_bf16(r.search.precision, device)
     search_dir = run_dir / "search"
     with _progress(console) as bar:

@@ -92,6 +92,7 @@ class ExpertStore:
         self._cache: OrderedDict[tuple, Expert] = OrderedDict()
         self._lock = threading.Lock()
         self._bits: dict[tuple, int] = {}  # stored bits per (component, members): never evicted
+        self.count_cost = True  # False (ablation): C builds and holds every expert, as before exact counting
         self.hits = self.misses = self.counted = 0
 
     # --- experts --------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ class ExpertStore:
         if key not in self._bits:
             with self._lock:
                 held = self._cache.get(key)
-            if held is not None or self.plan.adapter:  # adapters: the re-factorised merge decides the shapes
+            if held is not None or self.plan.adapter or not self.count_cost:  # adapters: the SVD decides the shapes
                 self._bits[key] = (held or self.expert(*key)).bits
             else:
                 self._bits[key] = sum(counted_bits(merged, self.spec, base_bits=self.plan.base_bits,
