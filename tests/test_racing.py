@@ -148,6 +148,7 @@ def test_decisions_survive_a_resume(raced, tmp_path, kill_after):
     assert out.front == res.front
     # every evaluation before the kill was journalled and is replayed, not repeated
     assert p.calls + p.subset_calls == ref.calls + ref.subset_calls - kill_after
+    assert out.replayed + p.calls == 40
 
 
 def test_racing_is_part_of_the_fingerprint(raced, tmp_path):

@@ -93,6 +93,7 @@ def race(run, Gs: Sequence[np.ndarray], preds: Optional[Sequence[float]], genera
     chosen = survivors[: max(0, s.evaluations - run.n)]
     todo = [(i, Gs[i - base]) for i in chosen if i not in full]
     batch = [full[i] for i in chosen if i in full]
+    run.replayed += len(batch)
     for rec in batch:
         run.seen(rec)
     for i, res in run.executor.map(run.problem, todo, part="full"):
