@@ -246,3 +246,18 @@ def test_evaluate_never_follows_the_librarys_own_data_paths(routed, tmp_path):
     result, text = invoke("evaluate", routed["lib"], "--out", out)
     assert result.exit_code == 2 and "outside the library" in text and "--recipe" in text
     assert not out.exists() and "Traceback" not in text
+
+
+def test_predict_bad_inputs_and_device(routed, tmp_path):
+    """A missing or directory input, non-UTF-8 bytes and an unknown device: one line, exit 2, nothing left."""
+    out = tmp_path / "o.jsonl"
+    for src, expected in ((tmp_path / "missing.jsonl", "not found"), (tmp_path, "is a directory")):
+        result, text = invoke("predict", routed["lib"], "--input", src, "--output", out, "-q")
+        assert result.exit_code == 2 and expected in text and "Traceback" not in text
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "w1 w2"}\n' * 50 + '{"text": "caf\xe9"}\n'.encode("latin-1"))
+    result, text = invoke("predict", routed["lib"], "--input", latin, "--output", out, "-q")
+    assert result.exit_code == 2 and "not UTF-8" in text and "Traceback" not in text
+    result, text = invoke("predict", routed["lib"], "--input", latin, "--device", "tpu", "-q")
+    assert result.exit_code == 2 and "unknown device 'tpu'" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin.jsonl"]

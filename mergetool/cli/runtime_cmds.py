@@ -26,35 +26,47 @@ def read_inputs(src: str, text_field: str, pair_field: Optional[str], skip_bad: 
                 bad: Counter) -> Iterator[tuple[int, tuple]]:
     """(line number, (text, pair)) per jsonl line or csv row; bad lines raise DataError or are counted."""
     where = "<stdin>" if src == "-" else src
-    if src == "-":
-        f = sys.stdin
+    check_input(src)
+    f = sys.stdin if src == "-" else Path(src).open(encoding="utf-8", newline="")
+    try:
+        with f:
+            yield from _parse_inputs(f, src, where, text_field, pair_field, skip_bad, bad)
+    except UnicodeDecodeError as e:
+        raise DataError(f"the input is not UTF-8 text ({e.reason} at byte {e.start} of a read)", file=where,
+                        key="--input", fix="convert the input to UTF-8") from None
+
+
+def check_input(src: str) -> None:
+    """--input is - (stdin) or an existing file."""
+    if src != "-" and not Path(src).is_file():
+        what = "is a directory" if Path(src).is_dir() else "not found"
+        raise DataError(f"input file {what}", file=src, key="--input", fix="give a jsonl or csv file, or -")
+
+
+def _parse_inputs(f, src: str, where: str, text_field: str, pair_field: Optional[str], skip_bad: bool,
+                  bad: Counter) -> Iterator[tuple[int, tuple]]:
+    """The records of an opened input (jsonl, or csv by name or by a first line that is not JSON)."""
+    first = f.readline()
+    rest = f
+    is_csv = src.lower().endswith(".csv") or (src == "-" and first.strip() and not first.lstrip().startswith("{"))
+    if is_csv:
+        reader = csv.DictReader(_chain(first, rest))
+        fields = reader.fieldnames or []
+        if fields and text_field not in fields:
+            raise DataError(f"the csv header has no column {text_field!r} (it has {fields[:8]})", file=where,
+                            line=1, key="--text-field", fix="pass --text-field COLUMN")
+        records = ((reader.line_num, row) for row in reader)
     else:
-        path = Path(src)
-        if not path.is_file():
-            raise DataError("input file not found", file=src, key="--input", fix="give a jsonl or csv file, or -")
-        f = path.open(encoding="utf-8", newline="")
-    with f:
-        first = f.readline()
-        rest = f
-        is_csv = src.lower().endswith(".csv") or (src == "-" and first.strip() and not first.lstrip().startswith("{"))
-        if is_csv:
-            reader = csv.DictReader(_chain(first, rest))
-            fields = reader.fieldnames or []
-            if fields and text_field not in fields:
-                raise DataError(f"the csv header has no column {text_field!r} (it has {fields[:8]})", file=where,
-                                line=1, key="--text-field", fix="pass --text-field COLUMN")
-            records = ((reader.line_num, row) for row in reader)
-        else:
-            records = _jsonl(_chain(first, rest), where, skip_bad, bad)
-        for line, rec in records:
-            item = _item(rec, text_field, pair_field)
-            if isinstance(item, str):
-                if not skip_bad:
-                    raise DataError(f"line {line} {item}", file=where, line=line, key="--text-field",
-                                    fix="fix the line, pass --text-field NAME, or --skip-bad")
-                bad["lines"] += 1
-                continue
-            yield line, item
+        records = _jsonl(_chain(first, rest), where, skip_bad, bad)
+    for line, rec in records:
+        item = _item(rec, text_field, pair_field)
+        if isinstance(item, str):
+            if not skip_bad:
+                raise DataError(f"line {line} {item}", file=where, line=line, key="--text-field",
+                                fix="fix the line, pass --text-field NAME, or --skip-bad")
+            bad["lines"] += 1
+            continue
+        yield line, item
 
 
 def _chain(first: str, rest) -> Iterator[str]:
@@ -140,6 +152,7 @@ def predict(
     elif lib_.manifest.router is None:
         raise MergetoolError("this library has no router", file=str(lib), key="--task", fix="pass --task T")
     bad: Counter = Counter()
+    check_input(input)
     _check_output(output, input)
     records = read_inputs(input, text_field, pair_field, skip_bad, bad)
     # written beside the target and renamed into place at the end: a failure never leaves a cut file

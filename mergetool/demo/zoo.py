@@ -83,18 +83,10 @@ def base_model_path() -> Path:
 
 
 def resolve_device(device: str = "auto"):
-    """'auto' -> CUDA when available, else CPU."""
-    import torch
+    """'auto' -> CUDA when available, else CPU (the one rule: evaluation.runner.pick_device)."""
+    from mergetool.evaluation.runner import pick_device  # lazy: loads torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise MergetoolError(f"unknown device {device!r}", key="device", fix="use auto, cpu or cuda") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergetoolError("CUDA requested but not available", key="device", fix="use device='cpu' or 'auto'")
-    return dev
+    return pick_device(device)
 
 
 def _per_task(value: PerTask, defaults: Mapping[str, Union[int, float]], task: str, name: str):

@@ -35,12 +35,19 @@ from mergetool.models.source import PEFT_PREFIX, ModelSource
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """auto (CUDA when available, else CPU), cpu, cuda or cuda:N; anything else is refused."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MergetoolError("--device cuda was asked for but no CUDA device is available", key="--device",
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise MergetoolError(f"unknown device {device!r}", key="--device", fix="use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergetoolError(f"--device {device} was asked for but no CUDA device is available", key="--device",
                              fix="use --device auto or cpu")
-    return torch.device(device)
+    return dev
 
 
 def bf16_native(device: torch.device) -> bool:

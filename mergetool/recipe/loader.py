@@ -149,10 +149,11 @@ def _resolve_paths(data: dict, base_dir: Path) -> None:
         return ref
 
     data["base_model"] = model_ref(data.get("base_model"))
-    for entry in data.get("models") or []:
+    models, tasks = data.get("models"), data.get("tasks")  # wrong types are the schema's to report
+    for entry in models if isinstance(models, list) else []:
         if isinstance(entry, dict):
             entry["model"] = model_ref(entry.get("model"))
-    for task in (data.get("tasks") or {}).values():
+    for task in tasks.values() if isinstance(tasks, dict) else []:
         for split in _SPLITS:
             if isinstance(task, dict) and isinstance(task.get(split), dict):
                 task[split]["path"] = local(task[split].get("path"))
@@ -183,7 +184,20 @@ def _from_pydantic(e: dict, data: dict, err) -> RecipeError:
         loc = ("tasks",) if "under `models`" in msg else ("models",)
     got = e.get("input")
     shown = f" (got {got!r})" if kind.endswith(("_type", "_parsing")) and not isinstance(got, (dict, list)) else ""
-    return err(msg + shown, loc)
+    fix = _TYPE_FIXES.get(kind)
+    return err(msg + shown, loc, fix.format(**(e.get("ctx") or {})) if fix else None)
+
+
+_TYPE_FIXES = {  # pydantic error type -> fix (formatted with the error's ctx)
+    "greater_than_equal": "use a value >= {ge}", "greater_than": "use a value > {gt}",
+    "less_than_equal": "use a value <= {le}", "less_than": "use a value < {lt}",
+    "tuple_type": "write a list here", "list_type": "write a list here",
+    "dict_type": "write a mapping (key: value) here", "int_type": "write a whole number here",
+    "int_parsing": "write a whole number here", "int_from_float": "write a whole number here",
+    "float_type": "write a number here", "float_parsing": "write a number here",
+    "string_type": "write a string here", "bool_type": "write true or false here",
+    "bool_parsing": "write true or false here",
+}
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

@@ -168,7 +168,7 @@ class SearchConfig(Strict):
     crossover: Literal["one_point", "uniform"] = Field(
         "one_point", description="one_point: cut along the components in forward order (keeps chain prefixes); "
                                  "uniform: each component column from either parent")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     executor: Literal["local", "ray"] = "local"
     ray: RayConfig = RayConfig()
     racing: Optional[RacingConfig] = Field(RacingConfig(), description="null (or --no-racing) evaluates every "
