@@ -99,6 +99,8 @@ def cases(base, tasks, data, root: Path, zoo_factory):
         "racing_negative_margin": (good(base, tasks, data, extra="search: {racing: {margin: -0.1}}\n"),
                                    "search.racing.margin"),
         "unknown_precision": (good(base, tasks, data, extra="search: {precision: fp8}\n"), "search.precision"),
+        "all_task_specific": (good(base, tasks, data, extra="components: {task_specific: ['.*']}\n"),
+                              "no parameter is left to merge"),
         "negative_seed": (good(base, tasks, data, extra="search: {seed: -1}\n"), "fix: use a value >= 0"),
         "huge_seed": (good(base, tasks, data, extra="search: {seed: 1180591620717411303424}\n"), "search.seed"),
         "unset_env_var": (good("${MERGETOOL_TEST_UNSET_VAR}", tasks, data), "MERGETOOL_TEST_UNSET_VAR"),
@@ -124,7 +126,7 @@ CASE_IDS = [
     "architecture_mismatch", "adapter_and_full_mix", "unknown_method", "fixed_arity_method",
     "unknown_merge_parameter", "bits_out_of_range", "budget_below_population", "unknown_literal", "unknown_crossover",
     "router_hidden", "racing_fraction", "racing_fraction_above_one", "racing_negative_margin", "unknown_precision",
-    "negative_seed", "huge_seed", "models_not_a_list", "tasks_not_a_mapping",
+    "all_task_specific", "negative_seed", "huge_seed", "models_not_a_list", "tasks_not_a_mapping",
     "unset_env_var", "bad_task_name", "custom_without_evaluator",
 ]
 

@@ -221,6 +221,10 @@ def _assemble_plan(recipe: Recipe, preset: str, base: ModelSource, tasks: list[M
         (Component(name, g["kind"], g["layer"], g["stack"], tuple(g["tensors"]),
                    sum(meta_src.meta(n).numel for n in g["tensors"])) for name, g in groups.items()),
         key=lambda c: sort_key(c.kind, c.layer, c.stack, c.name)))
+    if not components or not any(c.params for c in components):
+        raise MergetoolError("no parameter is left to merge: `task_specific` (or the rules) claim every tensor",
+                             file=str(recipe.path) if recipe.path else None, key="components.task_specific",
+                             fix="list only the task heads, e.g. ['^classifier\\.']")
     base_float = [n for n in base.keys() if base.meta(n).is_float and not is_ts(n) and n not in fields["base_only"]]
     adapter_info = None
     if tasks[0].is_adapter:
