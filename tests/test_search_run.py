@@ -221,3 +221,21 @@ def test_bf16_screening_rescores_the_front_at_fp32(trained_zoo, tmp_path):
     for r in rescored:
         assert abs(r["screened_performance"] - screened[key(r["grouping"])]) < 1e-12
         assert abs(r["performance"] - r["screened_performance"]) < 0.1  # bf16 ranks, fp32 decides
+
+
+def test_output_that_is_not_a_folder_or_a_corrupt_run_record(trained_zoo, tmp_path):
+    """`output` naming a file or a path under one, and an unreadable run.json: one line, exit 2."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    for out, expected in ((afile, "is a file, not a folder"), (afile / "run", "which is a file")):
+        recipe = write_recipe(tmp_path, trained_zoo, extra=f"output: {out}\n")
+        result = runner.invoke(app, ["search", str(recipe), "--quiet"])
+        assert result.exit_code == 2 and expected in result.stderr and "Traceback" not in result.output
+    assert afile.read_text() == "x"
+    run = tmp_path / "runs" / "toy"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{not json")
+    recipe = write_recipe(tmp_path, trained_zoo)
+    result = runner.invoke(app, ["search", str(recipe), "--quiet", "--resume"])
+    assert result.exit_code == 2 and "not a readable run record" in result.stderr and "--force" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]

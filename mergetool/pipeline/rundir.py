@@ -63,10 +63,11 @@ def prepare_run(recipe: Recipe, *, resume: bool, force: bool) -> Path:
     info_path = run / "run.json"
     journal = run / "search" / "evaluations.jsonl"
     digest = recipe_hash(recipe)
+    _check_output_dir(run, recipe)
     if info_path.is_file():
-        old = json.loads(info_path.read_text()).get("recipe_sha256")
+        old = _run_info(info_path, recipe, force).get("recipe_sha256")
         if old != digest and not force:
-            raise MergetoolError(f"run directory {run} belongs to a different recipe (hash {old[:12]})",
+            raise MergetoolError(f"run directory {run} belongs to a different recipe (hash {str(old)[:12]})",
                                  file=recipe.path, key="output",
                                  fix="use --force to start over, or set another `output`")
         if old == digest and journal.is_file() and not (resume or force):
@@ -74,12 +75,41 @@ def prepare_run(recipe: Recipe, *, resume: bool, force: bool) -> Path:
                                  fix="--resume continues it, --force starts over")
     if force and (run / "search").exists():
         shutil.rmtree(run / "search")
-    write_json_atomic(info_path, {
-        "recipe_path": str(recipe.path) if recipe.path else None, "recipe_sha256": digest,
-        "recipe_text": recipe.text, "seed": recipe.search.seed, "versions": versions(),
-    })
-    (run / "search").mkdir(parents=True, exist_ok=True)
+    try:
+        (run / "search").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(info_path, {
+            "recipe_path": str(recipe.path) if recipe.path else None, "recipe_sha256": digest,
+            "recipe_text": recipe.text, "seed": recipe.search.seed, "versions": versions(),
+        })
+    except OSError as e:
+        raise MergetoolError(f"cannot write the run directory {run}: {e.strerror or e}", file=recipe.path,
+                             key="output", fix="set `output` to a folder you can write") from None
     return run
+
+
+def _check_output_dir(run: Path, recipe: Recipe) -> None:
+    """`output` must be (or be creatable as) a folder: not a file, nor under one."""
+    p = run
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        where = "is" if p == run else f"is under {p}, which is"
+        raise MergetoolError(f"output {run} {where} a file, not a folder", file=recipe.path, key="output",
+                             fix="set `output` to a folder")
+
+
+def _run_info(path: Path, recipe: Recipe, force: bool) -> dict:
+    """run.json, or {} with --force when it is unreadable (then it is rewritten)."""
+    try:
+        info = json.loads(path.read_text())
+        if isinstance(info, dict):
+            return info
+    except (OSError, ValueError):
+        pass
+    if force:
+        return {}
+    raise MergetoolError(f"{path} is not a readable run record", file=recipe.path, key="output",
+                         fix="--force starts the run over, or restore run.json")
 
 
 def resolve_run(arg: Optional[Path]) -> tuple[Path, Recipe]:

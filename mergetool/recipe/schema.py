@@ -17,7 +17,7 @@ TASK_KINDS = ("sequence_classification", "image_classification", "causal_lm_choi
 METRICS = ("accuracy", "f1", "f1_macro", "matthews", "pearson_spearman", "pearson", "spearman", "acc_norm")
 CHOICE_METRICS = ("accuracy", "acc_norm", "f1", "f1_macro", "matthews")  # for the *_choice kinds
 DEFAULT_TASK_SPECIFIC = (r"^classifier\.", r"^pre_classifier\.", r"^score\.", r"^qa_outputs\.")
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")  # ≤ 64: names become file names (heads-<task>)
 
 
 class Strict(BaseModel):
@@ -42,7 +42,7 @@ class ModelEntry(Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not TASK_NAME.match(v):
-            raise ValueError("task names use letters, digits, '_', '.', '-' and start with a letter or digit")
+            raise ValueError("task names are 1-64 letters, digits, '_', '.', '-' and start with a letter or digit")
         return v
 
 
