@@ -239,3 +239,17 @@ def test_output_that_is_not_a_folder_or_a_corrupt_run_record(trained_zoo, tmp_pa
     result = runner.invoke(app, ["search", str(recipe), "--quiet", "--resume"])
     assert result.exit_code == 2 and "not a readable run record" in result.stderr and "--force" in result.stderr
     assert sorted(p.name for p in run.iterdir()) == ["run.json"]
+
+
+def test_front_command_on_corrupt_records(finished, tmp_path):
+    """A corrupt front.json or reference.json: one line naming the file, exit 2, no traceback."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished, run)
+    (run / "search" / "reference.json").write_text("[1, 2")
+    result = runner.invoke(app, ["front", str(run)])
+    assert result.exit_code == 2 and "reference.json is not a readable JSON record" in result.stderr
+    (run / "search" / "front.json").write_text("{bad")
+    result = runner.invoke(app, ["front", str(run)])
+    assert result.exit_code == 2 and "front.json is not a list" in result.stderr and "Traceback" not in result.output

@@ -14,7 +14,7 @@ from mergetool.core.budget import best_within
 from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.core.grouping import validate
 from mergetool.library.card import group_letters
-from mergetool.pipeline.rundir import resolve_run
+from mergetool.pipeline.rundir import read_front, resolve_run
 from mergetool.search.front import pick
 
 RunArg = Annotated[Optional[Path], typer.Argument(
@@ -72,23 +72,6 @@ def read_grouping(path: Path, plan):
     return G
 
 
-def _front(run_dir: Path) -> list[dict]:
-    path = run_dir / "search" / "front.json"
-    if not path.is_file():
-        raise LibraryError(f"no Pareto front at {path}", key="--budget",
-                           fix="run `mergetool search` first, or pass --grouping G.json")
-    bad = LibraryError("front.json is not a list of {id, grouping, performance, storage_cost, per_task}",
-                       file=str(path), fix="re-run `mergetool search`, or pass --grouping G.json")
-    try:
-        front = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise bad from None
-    if not isinstance(front, list) or not all(isinstance(r, dict) and {"id", "grouping", "storage_cost"} <= set(r)
-                                              for r in front):
-        raise bad
-    return front
-
-
 @handles_errors
 def export(
     run: RunArg = None,
@@ -133,7 +116,7 @@ def export(
     if grouping is not None:
         sols = [SolutionIn(read_grouping(grouping, plan))]
     else:
-        front = _front(run_dir)
+        front = read_front(run_dir, key="--budget", otherwise=", or pass --grouping G.json")
         if all_:
             chosen = [r for r in front if B is None or r["storage_cost"] <= B] or [pick(front, B)]
         elif solution is not None:

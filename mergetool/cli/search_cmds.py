@@ -13,7 +13,7 @@ from rich.table import Table
 
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import MergetoolError
-from mergetool.pipeline.rundir import prepare_run, resolve_run
+from mergetool.pipeline.rundir import prepare_run, read_front, read_json_record, resolve_run
 from mergetool.recipe import load_recipe
 from mergetool.recipe.loader import parse_recipe
 from mergetool.search import run_search
@@ -83,7 +83,7 @@ def search(
             result = run_search(MergeProblem(session), settings, search_dir / "evaluations.jsonl",
                                 progress=on_progress, executor=executor)
         bar.update(task, description="test split")
-        baselines = _read(run_dir / "baselines" / "baselines.json")
+        baselines = read_json_record(run_dir / "baselines" / "baselines.json")
         tests = test_scores(session, search_dir, picked(result.front, refs, baselines))  # G1, G2, G3
     stats = {"evaluations": result.evaluations, "evaluated in this process": result.evaluated_now,
              "replayed from the journal": result.replayed, "generations": result.generations,
@@ -104,11 +104,8 @@ def front(
 ) -> None:
     """Print a run's Pareto front (C, P, per task, the pick per budget) and redraw pareto.png."""
     run_dir, _ = resolve_run(run)
-    path = run_dir / "search" / "front.json"
-    if not path.is_file():
-        raise MergetoolError(f"no front in {run_dir}", key="RUN", fix="run `mergetool search RECIPE` first")
-    fr = json.loads(path.read_text())
-    _print_front(Console(), fr, _read(run_dir / "search" / "reference.json"))
+    fr = read_front(run_dir)
+    _print_front(Console(), fr, read_json_record(run_dir / "search" / "reference.json"))
     records = read_journal(run_dir / "search" / "evaluations.jsonl")
     plot_pareto(records, fr, run_dir / "search" / "pareto.png")
 
@@ -174,10 +171,6 @@ def _print_front(console: Console, fr: list[dict], refs: Optional[dict]) -> None
     if refs:
         for name, ref in refs.items():
             console.print(f"{name}: C={ref['storage_cost']:.3f}  P={ref['validation']['performance']:.4f}")
-
-
-def _read(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _fmt(v) -> str:

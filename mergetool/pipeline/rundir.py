@@ -128,3 +128,35 @@ def resolve_run(arg: Optional[Path]) -> tuple[Path, Recipe]:
     if recipe is None or recipe_hash(recipe) != data.get("recipe_sha256"):
         recipe = parse_recipe(data["recipe_text"], path or arg / "recipe.yaml")  # the recipe the run used
     return arg, recipe
+
+
+def read_front(run_dir: Path, *, key: str = "RUN", otherwise: str = "") -> list[dict]:
+    """RUN/search/front.json, checked: a list of {id, grouping, storage_cost, ...}; one line when it is not.
+    `otherwise` ends each fix with the caller's alternative (", or pass --grouping G.json")."""
+    path = run_dir / "search" / "front.json"
+    if not path.is_file():
+        raise MergetoolError(f"no Pareto front at {path}", key=key, fix=f"run `mergetool search` first{otherwise}")
+    bad = MergetoolError("front.json is not a list of {id, grouping, performance, storage_cost, per_task}",
+                         file=str(path), fix=f"re-run `mergetool search`{otherwise}")
+    try:
+        front = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise bad from None
+    if not isinstance(front, list) or not all(isinstance(r, dict) and {"id", "grouping", "storage_cost"} <= set(r)
+                                              for r in front):
+        raise bad
+    return front
+
+
+def read_json_record(path: Path) -> Optional[dict]:
+    """A run's JSON record (reference.json, baselines.json), None when absent; one line when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        raise MergetoolError(f"{path.name} is not a readable JSON record", file=str(path),
+                             fix="delete it and re-run the command that writes it")
+    return data
