@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
 
+from mergetool.pipeline.rundir import read_json_record  # noqa: E402
 from mergetool.pipeline.session import MergeProblem, Session, references  # noqa: E402
 from mergetool.recipe import load_recipe  # noqa: E402
 from mergetool.search import SearchSettings, run_search  # noqa: E402
@@ -61,9 +62,9 @@ class Clocked:
 def static_p(recipe, run_dir: Path, session: Session) -> float:
     """The best static merge's validation P: the baselines' tuned best when the run has them, else the
     recipe's own merge (all shared, fp32) from the search's reference.json."""
-    path = run_dir / "baselines" / "baselines.json"
-    if path.is_file():
-        static = [m for m in json.loads(path.read_text())["methods"] if m["kind"] == "static"]
+    baselines = read_json_record(run_dir / "baselines" / "baselines.json")
+    if baselines:
+        static = [m for m in baselines["methods"] if m["kind"] == "static"]
         if static:
             return max(m["validation"]["performance"] for m in static)
     return references(session, run_dir / "search")["static_merge"]["validation"]["performance"]
@@ -76,10 +77,9 @@ def run_one(recipe, name: str, seed: int, evaluations: int, workdir: Path, devic
                        init=recipe.search.init, seed=seed, write_artifacts=False, precision=precision,
                        racing=RacingSettings() if racing else None)
     res = run_search(clocked, s, workdir / f"{seed}-{name[:5].strip('() ')}" / "evaluations.jsonl")
-    wall = time.perf_counter() - clocked.t0
-    ev = clocked.problem.session.evaluator("validation", caches=caches, precision=precision)
-    return {"records": res.records, "times": clocked.finished, "front": res.front, "wall": wall,
-            "full": res.evaluations, "partial": res.partial, "examples": ev.counts["examples"]}
+    return {"records": res.records, "times": clocked.finished, "front": res.front,
+            "wall": time.perf_counter() - clocked.t0, "full": res.evaluations, "partial": res.partial,
+            "examples": res.examples}
 
 
 def time_to(run: dict, point: tuple[float, float], target: float):

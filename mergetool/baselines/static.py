@@ -21,7 +21,7 @@ from mergetool.merge.cost import tensor_data_bits
 from mergetool.merge.experts import Expert, ExpertStore
 from mergetool.merge.quantize import QuantSpec, quantize
 from mergetool.recipe import MergeConfig, QuantizationConfig
-from mergetool.search.racing import continues
+from mergetool.search.racing import could_beat
 from mergetool.search.types import RacingSettings
 
 FULL = QuantSpec(bits=32)
@@ -87,12 +87,11 @@ def tune(session, key: str, device: str, progress: Optional[Callable[[str], None
     """Every grid point of a static method on validation; the best (first on ties) and the grid.
 
     With `racing`, a point is scored on the racing subset first and completed only if it could beat the
-    best point so far on the same rows (the search's rule, `search.racing.continues`, with a front of that
-    one point); a point raced out keeps its subset P in the grid rows ("raced_out")."""
+    best point so far on the same rows (`search.racing.could_beat`, the search's comparison); a point raced out keeps its subset P in the grid rows ("raced_out")."""
     _, method, fixed, grid = STATIC[key]
     G = all_shared(session.plan.T, session.plan.L)
     subset = None if racing is None else (racing.fraction, session.recipe.search.seed)
-    best, best_subset, rows = None, {}, []
+    best, best_subset, rows = None, None, []
     for point in grid_points(grid):
         params = {**fixed, **point}
         if progress:
@@ -101,8 +100,7 @@ def tune(session, key: str, device: str, progress: Optional[Callable[[str], None
                             quantization=FULL)
         if racing is not None and best is not None:
             sub = session.score_store(store, G, "validation", subset=subset, part="subset").subset
-            if not continues({"storage_cost": 1.0, "subset": sub}, [{"storage_cost": 1.0, "subset": best_subset}],
-                             racing):
+            if not could_beat(sub, best_subset, racing):
                 rows.append({**point, "performance": None, "subset_performance": sub["performance"],
                              "raced_out": True})
                 store.clear()

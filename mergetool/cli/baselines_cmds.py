@@ -12,7 +12,7 @@ from rich.table import Table
 
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import MergetoolError
-from mergetool.pipeline.rundir import recipe_hash, resolve_run, write_json_atomic
+from mergetool.pipeline.rundir import read_json_record, recipe_hash, resolve_run, write_json_atomic
 
 
 @handles_errors
@@ -34,7 +34,6 @@ def baselines(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Score the baselines of the paper's Table I and write RUN/baselines/baselines.json (C by Eq. 8)."""
-    import json
 
     from mergetool.baselines import (  # lazy: loads torch
         ROUTINGS,
@@ -61,7 +60,8 @@ def baselines(
                              fix="give ranks ≥ 1, e.g. 4,16,64")
     run_dir, recipe = resolve_run(run)
     info = run_dir / "run.json"
-    if info.is_file() and json.loads(info.read_text()).get("recipe_sha256") != recipe_hash(recipe):
+    record = read_json_record(info)
+    if record is not None and record.get("recipe_sha256") != recipe_hash(recipe):
         raise MergetoolError(f"run directory {run_dir} belongs to a different recipe", key="RUN",
                              fix="pass the run directory itself, or the recipe that produced it")
     plan = check_recipe(recipe)
@@ -78,10 +78,9 @@ def baselines(
             bar.update(task, description=what, advance=1 if started[0] else 0)
             started[0] = True
 
-        reference = run_dir / "search" / "reference.json"
         result = run_baselines(session, split=split, methods=chosen, twin_ranks=ranks, routing=routing,
                                device=device, progress=progress, racing=None if no_racing else settings_for(recipe).racing,
-                               reference=json.loads(reference.read_text()) if reference.is_file() else None)
+                               reference=read_json_record(run_dir / "search" / "reference.json"))
         bar.update(task, completed=total, description="done")
     path = write_json_atomic(run_dir / "baselines" / "baselines.json", result)
     print_table(Console(), result)

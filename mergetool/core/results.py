@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+PRECISIONS = ("fp32", "bf16")  # what the search may ask the engine to evaluate at
+
 
 @dataclass
 class EvalResult:

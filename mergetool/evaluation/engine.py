@@ -22,15 +22,21 @@ import numpy as np
 import torch
 
 from mergetool.core.grouping import chain_key, members
-from mergetool.core.results import EvalResult
+from mergetool.core.results import PRECISIONS, EvalResult
 from mergetool.evaluation.choice import choice_score
 from mergetool.evaluation.metrics import score
-from mergetool.evaluation.racing import draw_subset, predictions, standard_error, subset_view
+from mergetool.evaluation.racing import (
+    PER_ROW_METRICS,
+    batch_len,
+    draw_subset,
+    predictions,
+    standard_error,
+    subset_view,
+)
 from mergetool.evaluation.runner import TaskModel, adapter_config, pick_device
 from mergetool.evaluation.tasks import TaskData, task_data
 from mergetool.merge.experts import ExpertStore
 
-PRECISIONS = ("fp32", "bf16")
 SUBSET_MEMO = 4096  # raced (task, chain)s whose subset outputs are kept for completion (logits: small)
 
 
@@ -77,7 +83,7 @@ class Evaluator:
         self.counts = {"memo_hits": 0, "memo_misses": 0, "prefix_hits": 0, "prefix_misses": 0,
                        "stage_calls": 0, "forward_calls": 0, "examples": 0}
         self.subsets: Optional[list[tuple[int, ...]]] = None  # racing: per task, its subset's batch ids
-        self._subset_memo: OrderedDict[tuple, dict] = OrderedDict()
+        self._subset_memo: OrderedDict[tuple, tuple[dict, list]] = OrderedDict()  # (stats, outputs) per chain
 
     # --- public ---------------------------------------------------------------------------------
     def evaluate(self, G) -> EvalResult:
@@ -162,11 +168,10 @@ class Evaluator:
         n = len(self.data[t].batches)
         if self.subsets:  # the subset's batches (kept from a raced run when there was one), then the rest
             ids = self.subsets[t]
-            sub = self._subset_memo.pop(key, None) or self._subset_stats(t, ids, self._run(G, t, ids))
+            sub, sub_outputs = self._subset_memo.pop(key, None) or self._subset_run(G, t)
             rest = [b for b in range(n) if b not in ids]
-            by_batch = dict(zip(ids, sub["outputs"])) | dict(zip(rest, self._run(G, t, rest)))
+            by_batch = dict(zip(ids, sub_outputs)) | dict(zip(rest, self._run(G, t, rest)))
             outputs = [by_batch[b] for b in range(n)]
-            sub = {k: v for k, v in sub.items() if k != "outputs"}
         else:
             outputs, sub = self._run(G, t, range(n)), None
         value = (self.score_outputs(t, np.concatenate(outputs)), sub)
@@ -183,14 +188,19 @@ class Evaluator:
             self.counts["memo_hits"] += 1
         else:
             self.counts["memo_misses"] += 1
-            ids = self.subsets[t]
-            self._subset_memo[key] = self._subset_stats(t, ids, self._run(G, t, ids))
+            self._subset_memo[key] = self._subset_run(G, t)
             while len(self._subset_memo) > SUBSET_MEMO:
                 self._subset_memo.popitem(last=False)
-        return {k: v for k, v in self._subset_memo[key].items() if k != "outputs"}
+        return self._subset_memo[key][0]
+
+    def _subset_run(self, G, t: int) -> tuple[dict, list[np.ndarray]]:
+        """(task t's stats on its racing subset, the subset's outputs per batch)."""
+        outputs = self._run(G, t, self.subsets[t])
+        return self._subset_stats(t, self.subsets[t], outputs), outputs
 
     def _subset_stats(self, t: int, ids, outputs: list) -> dict:
-        """Task t's score on the racing subset, its standard error (inf for a custom evaluator), rows."""
+        """Task t's score on the racing subset, its standard error (inf for a custom evaluator), rows, and
+        (per-row metrics) each row's 0/1 score."""
         data = self.data[t]
         view = subset_view(data, ids)
         flat = np.concatenate(outputs)[view.outputs_index]
@@ -201,10 +211,9 @@ class Evaluator:
         else:
             pred = predictions(data.metric, flat, view)
             se = standard_error(data.metric, pred, view.labels, seed=t)
-            if data.metric in ("accuracy", "acc_norm"):  # a mean of per-row scores: compared row by row
+            if data.metric in PER_ROW_METRICS:  # a mean of per-row scores: compared row by row
                 items = (pred == np.asarray(view.labels)).astype(int).tolist()
-        return {"score": float(value), "se": float(se), "rows": len(view.labels), "items": items,
-                "outputs": outputs}
+        return {"score": float(value), "se": float(se), "rows": len(view.labels), "items": items}
 
     def _run(self, G, t: int, ids) -> list[np.ndarray]:
         """Outputs of task t's assembled chain on batches `ids` (in that order), one array per batch."""
@@ -213,7 +222,7 @@ class Evaluator:
             return []
         model = self._model(t)
         data = self.data[t]
-        self.counts["examples"] += sum(int(next(iter(data.batches[b].values())).shape[0]) for b in ids)
+        self.counts["examples"] += sum(batch_len(data.batches[b]) for b in ids)
         with torch.inference_mode(), self._precision():
             if not (self.use_prefix and model.layerable):
                 self._load(model, G, t, range(self.plan.L))

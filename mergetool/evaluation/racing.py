@@ -26,6 +26,12 @@ from mergetool.evaluation.tasks import TaskData
 
 DRAWS = 64  # candidate subsets per task; the best stratified one is kept
 BOOTSTRAP = 200
+PER_ROW_METRICS = ("accuracy", "acc_norm")  # a mean of per-row 0/1 scores: binomial error, paired comparison
+
+
+def batch_len(batch: dict) -> int:
+    """Model outputs one batch gives: its inputs' first dimension."""
+    return int(next(iter(batch.values())).shape[0])
 
 
 def batch_rows(data: TaskData) -> list[np.ndarray]:
@@ -33,7 +39,7 @@ def batch_rows(data: TaskData) -> list[np.ndarray]:
     kinds a row's choices may span two batches; the row is listed by each."""
     out, start = [], 0
     for batch in data.batches:
-        n = int(next(iter(batch.values())).shape[0])
+        n = batch_len(batch)
         rows = np.arange(start, start + n) if data.pairs is None else np.unique(data.pairs[start:start + n, 0])
         out.append(rows)
         start += n
@@ -84,7 +90,7 @@ class SubsetView:
 
 def subset_view(data: TaskData, ids: Sequence[int]) -> SubsetView:
     """Rows covered by batches `ids`. For choice kinds, only rows whose every choice is in the subset."""
-    sizes = [int(next(iter(b.values())).shape[0]) for b in data.batches]
+    sizes = [batch_len(b) for b in data.batches]
     starts = np.concatenate([[0], np.cumsum(sizes)])
     out_idx = np.concatenate([np.arange(starts[b], starts[b + 1]) for b in ids]) if ids else np.zeros(0, int)
     if data.pairs is None:
@@ -118,7 +124,7 @@ def standard_error(metric: str, pred: np.ndarray, labels: np.ndarray, seed: int 
     n = len(labels)
     if n == 0:
         return math.inf
-    if metric in ("accuracy", "acc_norm"):
+    if metric in PER_ROW_METRICS:
         p = (float(np.sum(pred == labels)) + 2.0) / (n + 4.0)  # Agresti-Coull: no zero width at 0 or 1
         return math.sqrt(p * (1.0 - p) / n)
     fn = METRICS[metric]

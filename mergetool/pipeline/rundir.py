@@ -100,12 +100,9 @@ def _check_output_dir(run: Path, recipe: Recipe) -> None:
 
 def _run_info(path: Path, recipe: Recipe, force: bool) -> dict:
     """run.json, or {} with --force when it is unreadable (then it is rewritten)."""
-    try:
-        info = json.loads(path.read_text())
-        if isinstance(info, dict):
-            return info
-    except (OSError, ValueError):
-        pass
+    info = _parsed(path)
+    if isinstance(info, dict):
+        return info
     if force:
         return {}
     raise MergetoolError(f"{path} is not a readable run record", file=recipe.path, key="output",
@@ -138,10 +135,7 @@ def read_front(run_dir: Path, *, key: str = "RUN", otherwise: str = "") -> list[
         raise MergetoolError(f"no Pareto front at {path}", key=key, fix=f"run `mergetool search` first{otherwise}")
     bad = MergetoolError("front.json is not a list of {id, grouping, performance, storage_cost, per_task}",
                          file=str(path), fix=f"re-run `mergetool search`{otherwise}")
-    try:
-        front = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        raise bad from None
+    front = _parsed(path)
     if not isinstance(front, list) or not all(isinstance(r, dict) and {"id", "grouping", "storage_cost"} <= set(r)
                                               for r in front):
         raise bad
@@ -152,11 +146,16 @@ def read_json_record(path: Path) -> Optional[dict]:
     """A run's JSON record (reference.json, baselines.json), None when absent; one line when unreadable."""
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        data = None
+    data = _parsed(path)
     if not isinstance(data, dict):
         raise MergetoolError(f"{path.name} is not a readable JSON record", file=str(path),
                              fix="delete it and re-run the command that writes it")
     return data
+
+
+def _parsed(path: Path):
+    """The JSON in `path`, or None when it cannot be read or parsed (the callers say what they expected)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None

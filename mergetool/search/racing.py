@@ -53,20 +53,18 @@ def difference_se(a: dict, b: dict) -> float:
     return math.sqrt(var) / len(a["per_task_se"])
 
 
+def could_beat(mine: dict, theirs: dict, racing: RacingSettings) -> bool:
+    """On the same subset: is the upper bound of P_mine − P_theirs (z(confidence)·se of the difference,
+    plus margin) above 0?"""
+    gap = float(mine["performance"]) - float(theirs["performance"])
+    return gap + NormalDist().inv_cdf(racing.confidence) * difference_se(mine, theirs) + racing.margin > 0
+
+
 def continues(rec: dict, front: Sequence[dict], racing: RacingSettings) -> bool:
     """True unless a front point of C <= the candidate's beats it with confidence on the subset: the
-    candidate continues only if, against every such point, the upper bound of its P minus theirs
-    (z(confidence)·se of the difference, plus margin) is above 0."""
-    z = NormalDist().inv_cdf(racing.confidence)
-    mine = rec["subset"]
-    for f in front:
-        if float(f["storage_cost"]) > float(rec["storage_cost"]):
-            break  # cheapest first: the rest cost more
-        theirs = f["subset"]
-        gap = float(mine["performance"]) - float(theirs["performance"])
-        if gap + z * difference_se(mine, theirs) + racing.margin <= 0:
-            return False
-    return True
+    candidate continues only if it could beat every such point."""
+    cheaper = [f for f in front if float(f["storage_cost"]) <= float(rec["storage_cost"])]
+    return all(could_beat(rec["subset"], f["subset"], racing) for f in cheaper)
 
 
 def race(run, Gs: Sequence[np.ndarray], preds: Optional[Sequence[float]], generation: int) -> list[dict]:
@@ -78,13 +76,13 @@ def race(run, Gs: Sequence[np.ndarray], preds: Optional[Sequence[float]], genera
     full, subs, todo = {}, {}, []
     for j, G in enumerate(Gs):
         i = base + j
-        rec = run.replay(run.journal, i, G) or run.replay(run.partials, i, G)
-        if rec is None:
-            todo.append((i, G))
-        elif run.journal.get(i) is not None:
-            full[i] = rec
+        done = run.replay(run.journal, i, G)
+        if done is not None:
+            full[i] = done
+        elif (raced := run.replay(run.partials, i, G)) is not None:
+            subs[i] = raced
         else:
-            subs[i] = rec
+            todo.append((i, G))
     pred = (lambda i: None) if preds is None else (lambda i: float(preds[i - base]))
     for i, res in run.executor.map(run.problem, todo, part="subset"):
         rec = run.record(i, Gs[i - base], res, pred(i), generation)

@@ -8,7 +8,7 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 from mergetool.core.errors import MergetoolError
-from mergetool.core.results import EvalResult
+from mergetool.core.results import PRECISIONS, EvalResult
 
 
 class SearchProblem(Protocol):
@@ -28,7 +28,6 @@ class SearchProblem(Protocol):
 
 
 SURROGATES = ("random_forest", "none")
-PRECISIONS = ("fp32", "bf16")
 INITS = ("kmeans", "random")
 CROSSOVERS = ("one_point", "uniform")
 
