@@ -7,6 +7,9 @@ uniformly from 1..T, so every storage level is covered, not only the region near
 fp32 and under bf16 autocast with the same experts and caches, and reports Kendall τ of P, the largest |ΔP|,
 the share of the fp32 front (over these groupings) that bf16 would change, and the wall time of each pass
 with the CPU named (bf16 is fast only where the hardware has it: CUDA, or CPUs with avx512_bf16 / AMX).
+
+With --subset, both passes score the racing subset only (the recipe's search.racing fraction and the seed), which
+is what screening under racing ranks on: a quarter of the inputs, so 100 groupings fit on a CPU without bf16.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def main() -> int:
     ap.add_argument("--configs", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--subset", action="store_true", help="score the racing subset only (see the docstring)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     session = Session(load_recipe(args.recipe), device=args.device)
@@ -70,8 +74,11 @@ def main() -> int:
     scored, seconds = {}, {}
     for precision in ("fp32", "bf16"):
         ev = session.evaluator("validation", precision=precision)
+        if args.subset:
+            ev.use_subset(session.recipe.search.racing.fraction, args.seed)
+        score = ev.evaluate_subset if args.subset else ev.evaluate
         start = time.perf_counter()
-        scored[precision] = [ev.evaluate(G) for G in Gs]
+        scored[precision] = [score(G) for G in Gs]
         seconds[precision] = time.perf_counter() - start
         ev.clear_caches()
         print(f"{precision}: {seconds[precision]:.0f} s for {len(Gs)} groupings", flush=True)
@@ -88,7 +95,10 @@ def main() -> int:
     import torch
 
     enough = len(Gs) >= MIN_FOR_TAU
+    rows = (f"the racing subset ({session.recipe.search.racing.fraction:.0%} of each task's validation inputs, "
+            f"seed {args.seed})" if args.subset else "all validation inputs")
     body = "\n".join([
+        f"- scored on {rows}",
         f"- {len(Gs)} groupings, C from {min(costs):.3f} to {max(costs):.3f} (T = {p.T}, L = {p.L})",
         (f"- Kendall τ (bf16 P vs fp32 P): **{tau:.3f}**; largest |ΔP| {gap:.4f}" if enough else
          f"- Kendall τ: not reported (needs ≥ {MIN_FOR_TAU} groupings; this run had {len(Gs)}: speed only); "

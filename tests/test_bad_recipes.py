@@ -48,7 +48,50 @@ def cases(base, tasks, data, root: Path, zoo_factory):
     empty.write_text("")
     txt = root / "data.txt"
     txt.write_text("hello")
+    text5 = write_jsonl(root / "text5.jsonl", [{"text": 5, "label": 0}, {"text": "b", "label": 1}])
+    broken_index = root / "broken-index"
+    shutil.copytree(t1, broken_index)
+    (broken_index / "model.safetensors.index.json").write_text('{"weight_map": {oops')
+    laughs = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else 'lol'}]\n" for i in range(9))
     return {
+        "alias_bomb": (laughs + good(base, tasks, data), "anchors and aliases"),
+        "alias_in_merge_parameters": (good(base, tasks, data, extra="merge: {method: ta, parameters: "
+                                           "{lambda: &x 0.5, weight: [*x, *x]}}\n"), "anchors and aliases"),
+        "deep_nesting": (good(base, tasks, data, extra="merge: {parameters: {x: " + "[" * 30000 + "]" * 30000 + "}}\n"),
+                         "nested deeper than 64"),
+        "huge_recipe": (good(base, tasks, data) + "".join(f"k{i}: 1\n" for i in range(150_000)), "larger than"),
+        "many_unknown_keys": (good(base, tasks, data) + "".join(f"k{i}: 1\n" for i in range(500)),
+                              "and 480 more problems"),
+        "nan_lambda": (good(base, tasks, data, extra="merge: {method: ta, parameters: {lambda: .nan}}\n"),
+                       "give a finite number"),
+        "inf_weight": (good(base, tasks, data).replace(f"model: {t1}}}", f"model: {t1}, parameters: {{weight: .inf}}}}"),
+                       "give a finite number"),
+        "density_above_one": (good(base, tasks, data, extra="merge: {method: ties, parameters: {density: 2}}\n"),
+                              "outside (0, 1]"),
+        "density_negative": (good(base, tasks, data, extra="merge: {method: ties, parameters: {density: -1}}\n"),
+                             "outside (0, 1]"),
+        "bits_16": (good(base, tasks, data, extra="quantization: {bits: 16}\n"), "2..8, or 32"),
+        "router_lr_inf": (good(base, tasks, data, extra="router: {lr: .inf}\n"), "router.lr"),
+        "racing_confidence_nan": (good(base, tasks, data, extra="search: {racing: {confidence: .nan}}\n"),
+                                  "search.racing.confidence"),
+        "text_not_a_string": (good(base, tasks, [d0, text5]), "column 'text' is a int, not text"),
+        "evaluator_module_missing": (good(base, tasks, data).replace(
+            f"  t1: {{validation: {{path: {d1}}}}}",
+            f"  t1: {{kind: custom, evaluator: 'no_such_module_xyz:score', validation: {{path: {d1}}}}}"),
+            "not installed"),
+        "evaluator_function_missing": (good(base, tasks, data).replace(
+            f"  t1: {{validation: {{path: {d1}}}}}",
+            f"  t1: {{kind: custom, evaluator: 'json:no_such_fn', validation: {{path: {d1}}}}}"), "no function"),
+        "evaluator_wrong_signature": (good(base, tasks, data).replace(
+            f"  t1: {{validation: {{path: {d1}}}}}",
+            f"  t1: {{kind: custom, evaluator: 'json:dumps', validation: {{path: {d1}}}}}"),
+            "cannot be called with 3 arguments"),
+        "package_parent_missing": (good("pkg:no_such_pkg_xyz.sub", tasks, data), "not installed"),
+        "broken_shard_index": (good(base, [t0, broken_index], data), "not readable JSON"),
+        "task_specific_matches_nothing": (good(base, tasks, data, extra=(
+            "components: {task_specific: ['^classifier\\.', '^no_such_head\\.']}\n")), "matches no tensor"),
+        "rule_matches_nothing": (good(base, tasks, data, extra=(
+            "components: {rules: [{name: x, pattern: '^no_such_module\\.'}]}\n")), "matches no mergeable tensor"),
         "broken_yaml": ("name: [unclosed\nbase_model: x\n", "broken YAML"),
         "models_not_a_list": ("name: x\nbase_model: x\nmodels: 5\ntasks: {}\n", "fix: write a list here"),
         "tasks_not_a_mapping": ("name: x\nbase_model: x\nmodels: [{name: a, model: x}, {name: b, model: y}]\n"
@@ -128,6 +171,11 @@ CASE_IDS = [
     "router_hidden", "racing_fraction", "racing_fraction_above_one", "racing_negative_margin", "unknown_precision",
     "all_task_specific", "negative_seed", "huge_seed", "models_not_a_list", "tasks_not_a_mapping",
     "unset_env_var", "bad_task_name", "custom_without_evaluator",
+    # hardening (issue 17): resource bombs, non-finite numbers, ranges, custom evaluators, broken files, patterns
+    "alias_bomb", "alias_in_merge_parameters", "deep_nesting", "huge_recipe", "many_unknown_keys", "nan_lambda",
+    "inf_weight", "density_above_one", "density_negative", "bits_16", "router_lr_inf", "racing_confidence_nan",
+    "text_not_a_string", "evaluator_module_missing", "evaluator_function_missing", "evaluator_wrong_signature",
+    "package_parent_missing", "broken_shard_index", "task_specific_matches_nothing", "rule_matches_nothing",
 ]
 
 

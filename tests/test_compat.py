@@ -91,6 +91,14 @@ def test_mergekit_parameter_binding():
     assert {k: float(v) for k, v in bound["weight"].items()} == {0: 0.3, 1: 0.7}
 
 
+def test_typer_usage_error_types():
+    """Typer vendors Click privately; the CLI's one-line usage errors catch its classes via BadParameter."""
+    import typer
+
+    usage_error, click_exception = call_adapter("typer", compat.usage_error_types)
+    assert issubclass(typer.BadParameter, usage_error) and issubclass(usage_error, click_exception)
+
+
 def test_drift_line_names_package_version_and_fix():
     line = compat.drift("transformers", "create_causal_mask takes neither cache nor past_key_values").one_line()
     assert re.match(r"^environment: transformers \S+: create_causal_mask", line)
@@ -100,7 +108,8 @@ def test_drift_line_names_package_version_and_fix():
 def test_no_private_foreign_api_outside_the_adapter():
     """The private names mergetool once called; only compat.py may hold one (with its reason)."""
     banned = re.compile(r"_create_attention_masks|\._from_config\b|\._parameters\b|\._buffers\b|"
-                        r"_bind_parameters|huggingface_hub\.utils\._|transformers\.modeling_utils")
+                        r"_bind_parameters|huggingface_hub\.utils\._|transformers\.modeling_utils|typer\._click|"
+                        r"from click import|import click$")
     offenders = []
     for path in sorted((ROOT / "mergetool").rglob("*.py")) + sorted((ROOT / "tests").glob("*.py")):
         if path.name in ("compat.py", "test_compat.py"):

@@ -184,8 +184,11 @@ def test_predict_bad_lines(routed, tmp_path):
 
 
 def test_predict_empty_unknown_task_long_csv_stdin(routed, tmp_path):
-    result, text, lines = _predict(routed, tmp_path, "")
-    assert result.exit_code == 0 and lines == [] and "0 prediction(s)" in text
+    for empty in ("", "\n\n", "id,text\n"):  # nothing to predict is an error, and leaves no output file
+        result, text, lines = _predict(routed, tmp_path, empty, name="in.csv" if "," in empty else "in.jsonl")
+        assert result.exit_code == 2 and "no inputs to predict" in text and not (tmp_path / "out.jsonl").exists()
+    result, text, lines = _predict(routed, tmp_path, "{oops\n", "--skip-bad")
+    assert result.exit_code == 2 and "1 bad line(s) skipped" in text
     result, text, lines = _predict(routed, tmp_path, '{"text": "w1"}\n', "--task", "nope")
     assert result.exit_code == 2 and "not in this library" in text and "task0" in text
     long = " ".join(["w5"] * 100)
@@ -241,11 +244,11 @@ def test_predict_never_destroys_files(routed, tmp_path):
 
 
 def test_evaluate_never_follows_the_librarys_own_data_paths(routed, tmp_path):
-    """Without --recipe, the manifest's recipe is untrusted: data outside the library are refused."""
+    """The manifest's recipe is untrusted: evaluate takes data only from a --recipe the user gives."""
     out = tmp_path / "e.json"
     result, text = invoke("evaluate", routed["lib"], "--out", out)
-    assert result.exit_code == 2 and "outside the library" in text and "--recipe" in text
-    assert not out.exists() and "Traceback" not in text
+    assert result.exit_code == 2 and "Missing option '--recipe'" in text and "Traceback" not in text
+    assert len(text.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_predict_bad_inputs_and_device(routed, tmp_path):

@@ -8,7 +8,9 @@ import traceback
 from typing import Callable
 
 import typer
+from typer.core import TyperGroup
 
+from mergetool.core.compat import usage_error_types
 from mergetool.core.errors import MergetoolError, MultiError
 
 EXIT_USAGE = 2
@@ -42,3 +44,28 @@ def handles_errors(fn: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The app's command group: Click's own usage errors (a missing option, a bad value, an unknown
+    command) are one `error:` line naming the command and pointing at its --help, exit 2, not a usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        usage_error, click_exception = usage_error_types()
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except usage_error as e:
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else (prog_name or "mergetool")
+            typer.echo(f"error: {where}: {' '.join(e.format_message().split())} "
+                       f"(fix: see `{where} --help`)", err=True)
+            code = EXIT_USAGE
+        except click_exception as e:  # e.g. a file option Click could not open
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            code = getattr(e, "exit_code", 1)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mergetool.cli import baselines_cmds, doctor_cmds, hub_cmds, library_cmds, recipe_cmds, runtime_cmds, search_cmds
-from mergetool.cli._errors import set_debug
+from mergetool.cli._errors import OneLineUsageErrors, set_debug
 from mergetool.core.version import __version__
 
 app = typer.Typer(
@@ -16,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineUsageErrors,
 )
 
 

@@ -14,6 +14,7 @@ from mergetool.core.budget import best_within
 from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.core.grouping import validate
 from mergetool.library.card import group_letters
+from mergetool.library.location import refuse_inside_library
 from mergetool.pipeline.rundir import read_front, resolve_run
 from mergetool.search.front import pick
 
@@ -91,7 +92,8 @@ def export(
     The library always ships a router: trained on the recipe's `router` splits, or reused from
     RUN/router/ when nothing it depends on changed."""
     from mergetool.library.writer import SolutionIn, check_target, export_library, parse_size  # lazy: loads torch
-    from mergetool.models.plan import build_plan, open_models  # lazy: loads torch
+    from mergetool.models.plan import open_models  # lazy: loads torch
+    from mergetool.pipeline.checks import check_recipe  # lazy: loads torch
     from mergetool.pipeline.router_training import RouterBuilder  # lazy: loads torch
 
     B = parse_budget(budget)
@@ -106,12 +108,14 @@ def export(
         name = ("all" if all_ else f"grouping-{grouping.stem}" if grouping else
                 f"solution-{solution}" if solution is not None else f"budget-{B:g}")
         out = run_dir / "libraries" / name
+    refuse_inside_library(Path(out), "--out", may_be_a_library=True)
     check_target(Path(out), force)
     say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     sources = open_models(recipe)
+    # the recipe's checks (data, labels, method) before anything is written; weights' values as the search did
+    plan = check_recipe(recipe, check_values=False, sources=sources)
     router = RouterBuilder(recipe, sources[0], cache_dir=run_dir / "router", device=device, progress=say)
     router.check()  # a router split per task, before any expert is built
-    plan = build_plan(recipe, sources=sources, check_values=False)  # as the search does; `validate` checks values
     default = 0
     if grouping is not None:
         sols = [SolutionIn(read_grouping(grouping, plan))]
@@ -262,6 +266,7 @@ def export_model(
     from mergetool.library.hub import open_library  # lazy: loads torch
 
     B = parse_budget(budget)
+    refuse_inside_library(out, "--out")
     path = run(open_library(lib, budget=B, solution=solution), task, out, force=force)
     typer.echo(f"wrote {path} (task {task})")
 

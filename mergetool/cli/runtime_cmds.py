@@ -15,8 +15,9 @@ import typer
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import DataError, MergetoolError
 from mergetool.evaluation.data import jsonl_records
+from mergetool.library.location import refuse_inside_library
 from mergetool.pipeline.rundir import write_json_atomic
-from mergetool.recipe import load_recipe, parse_recipe
+from mergetool.recipe import load_recipe
 
 LibArg = Annotated[Path, typer.Argument(help="Expert library folder.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
@@ -114,6 +115,7 @@ def _check_output(output: Optional[Path], src: str) -> None:
     if src != "-" and output.exists() and Path(src).exists() and os.path.samefile(output, src):
         raise MergetoolError("--output is the input file; writing it would destroy the input", key="--output",
                              fix="write the predictions to another file")
+    refuse_inside_library(output, "--output")
 
 
 def _count_lines(src: str) -> Optional[int]:
@@ -178,7 +180,7 @@ def predict(
                 out.flush()
                 done += len(part)
                 bar.update(job, completed=done + bad["lines"])
-        finished = True
+        finished = done > 0
     finally:
         if tmp:
             out.close()
@@ -186,6 +188,10 @@ def predict(
                 os.replace(tmp, output)
             else:
                 tmp.unlink(missing_ok=True)
+    if not done:
+        raise MergetoolError(f"no inputs to predict in {input}" + (f" ({bad['lines']} bad line(s) skipped)"
+                                                                    if bad["lines"] else ""),
+                             key="--input", fix="give a file with one input per line (jsonl) or row (csv)")
     msg = f"{done} prediction(s)" + (f" -> {output}" if output else "")
     if bad["lines"]:
         msg += f"; skipped {bad['lines']} bad line(s)"
@@ -199,10 +205,9 @@ def predict(
 @handles_errors
 def evaluate(
     lib: LibArg,
+    recipe: Annotated[Path, typer.Option("--recipe", help="Your recipe, with the data to score on (a library's "
+                                         "own recipe is never used: a library is untrusted).", show_default=False)],
     split: Annotated[str, typer.Option("--split", help="test | validation")] = "test",
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe with the data (default: the "
-                                                   "library's own, only when its data lie inside the library).",
-                                                   show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default: stdout).",
                                                 show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
@@ -217,8 +222,8 @@ def evaluate(
 
     if split not in ("test", "validation"):
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use test or validation")
+    r = load_recipe(recipe)
     lib_ = ExpertLibrary.load(lib, device=device)
-    r = load_recipe(recipe) if recipe else _own_recipe(lib_)
     report = evaluate_library(lib_, r, split, batch_size)
     table = Table(title=f"{lib} on {split} (routing accuracy {_fmt(report['routing_accuracy'])})")
     for col in ("task", "metric", "n", "routed", "oracle", "routing acc."):
@@ -234,23 +239,6 @@ def evaluate(
         typer.echo(f"wrote {out}", err=True)
     else:
         typer.echo(json.dumps(report, indent=1))
-
-
-def _own_recipe(lib_):
-    """The library's embedded recipe, anchored at the library folder. A library is untrusted data: its
-    recipe may name any path on this machine, so it is used only when every data file lies inside the
-    library (resolved, symlinks followed)."""
-    root = Path(lib_.path).resolve()
-    r = parse_recipe(lib_.manifest.recipe, root / "recipe.yaml")
-    for name, task in r.tasks.items():
-        for split in ("validation", "test", "router"):
-            spec = getattr(task, split)
-            if spec is not None and not Path(spec.path).resolve().is_relative_to(root):
-                raise MergetoolError(
-                    f"the library's own recipe reads task {name!r}'s {split} data from outside the library "
-                    "(a library is untrusted: its paths are not followed)", file=str(lib_.path),
-                    key="--recipe", fix="pass --recipe RECIPE with the data to score the library on")
-    return r
 
 
 def _fmt(v) -> str:

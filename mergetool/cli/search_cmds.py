@@ -60,6 +60,8 @@ def search(
     r = _override(load_recipe(recipe), evaluations, seed, no_surrogate, init, granularity, crossover,
                   no_racing=no_racing, precision=precision)
     plan = check_recipe(r)
+    executor = make_executor(r.search.executor, r.search.ray.address, r.search.ray.num_workers)
+    executor.connect()  # an unreachable cluster is refused before the run folder is written
     run_dir = prepare_run(r, resume=resume, force=force)
     console = Console(stderr=True, quiet=quiet)
     console.print(f"run: {run_dir}  (T={plan.T}, L={plan.L}, search space 10^{plan.search_space_log10:.1f})")
@@ -77,8 +79,6 @@ def search(
         def on_progress(done, budget, hv, best_p, hit_rate):
             bar.update(task, completed=done, total=budget, hv=hv, best=best_p or 0.0, hits=hit_rate or 0.0)
 
-        ex = r.search
-        executor = make_executor(ex.executor, ex.ray.address, ex.ray.num_workers)
         with executor:
             result = run_search(MergeProblem(session), settings, search_dir / "evaluations.jsonl",
                                 progress=on_progress, executor=executor)

@@ -119,3 +119,15 @@ def bind_merge_parameters(method, group, parameters: Mapping[str, Any]) -> dict:
     if not isinstance(bound, (list, tuple)) or len(bound) != 1 or not isinstance(bound[0], Mapping):
         raise drift("mergekit", "_bind_parameters no longer returns one mapping per group")
     return dict(bound[0])
+
+
+@functools.lru_cache(maxsize=1)
+def usage_error_types() -> tuple[type, type]:
+    """(UsageError, ClickException) of the Click that Typer runs on. Typer ≥ 0.26 vendors Click as a private
+    module and exports only BadParameter, Exit and Abort, so both are found on BadParameter's MRO (public)."""
+    import typer
+
+    by_name = {c.__name__: c for c in typer.BadParameter.__mro__}
+    if "UsageError" not in by_name or "ClickException" not in by_name:
+        raise drift("typer", "typer.BadParameter no longer derives from Click's UsageError / ClickException")
+    return by_name["UsageError"], by_name["ClickException"]

@@ -72,12 +72,18 @@ class LibraryError(MergetoolError):
     """An expert library is malformed, tampered with or unsafe."""
 
 
+MAX_REPORTED = 20  # a file with thousands of problems prints the first ones and a count, not thousands of lines
+
+
 class MultiError(MergetoolError):
-    """Several independent problems, reported one line each."""
+    """Several independent problems, reported one line each (at most MAX_REPORTED, then a count)."""
 
     def __init__(self, errors: list[MergetoolError]):
         self.errors = list(errors)
-        super().__init__("; ".join(e.one_line() for e in self.errors))
+        super().__init__("; ".join(self.lines()))
 
     def lines(self) -> list[str]:
-        return [e.one_line() for e in self.errors]
+        shown = [e.one_line() for e in self.errors[:MAX_REPORTED]]
+        if len(self.errors) > MAX_REPORTED:
+            shown.append(f"... and {len(self.errors) - MAX_REPORTED} more problems (fix the ones above first)")
+        return shown

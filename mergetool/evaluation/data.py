@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 import random
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from mergetool.core.errors import DataError
+from mergetool.core.safejson import UnsafeJSON, parse_json
 from mergetool.recipe.schema import DataSplit
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
@@ -54,9 +54,9 @@ def jsonl_records(lines, *, file, key: Optional[str] = None,
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            rec, why = None, f"is not JSON: {exc.msg}"
+            rec = parse_json(line, max_bytes=None)
+        except UnsafeJSON as exc:
+            rec, why = None, f"is not JSON: {exc}"
         else:
             why = "is not a JSON object"
         if isinstance(rec, dict):
@@ -81,6 +81,10 @@ def read_split(split: DataSplit, *, key: Optional[str] = None, limit: Optional[i
             raise DataError(f"record {i} has no column {missing[0]!r} (it has {sorted(rec)[:8]})",
                             file=split.path, key=key, line=i,
                             fix=f"set the split's column name, e.g. {_field(missing[0], split)}: <column>")
+        wrong = [c for c in (text, split.text_pair) if c and not isinstance(rec[c], str)]
+        if wrong:
+            raise DataError(f"record {i}: column {wrong[0]!r} is a {type(rec[wrong[0]]).__name__}, not text",
+                            file=split.path, key=key, line=i, fix="write the input text as a string")
         records.append(rec)
     if not records:
         raise DataError("data file is empty", file=split.path, key=key, fix="add examples")

@@ -11,7 +11,6 @@ With `caches=False` every expert is rebuilt and every task runs a full forward: 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
 import time
@@ -24,7 +23,7 @@ import torch
 from mergetool.core.grouping import chain_key, members
 from mergetool.core.results import PRECISIONS, EvalResult
 from mergetool.evaluation.choice import choice_score
-from mergetool.evaluation.metrics import score
+from mergetool.evaluation.metrics import custom_score, score
 from mergetool.evaluation.racing import (
     PER_ROW_METRICS,
     batch_len,
@@ -287,9 +286,7 @@ class Evaluator:
         data = view if view is not None else self.data[t]
         cfg = self.recipe.tasks[data.name]
         if cfg.kind == "custom":
-            module_name, _, fn_name = cfg.evaluator.partition(":")
-            fn = getattr(importlib.import_module(module_name), fn_name)
-            return float(fn(outputs, data.labels, data.records))
+            return custom_score(cfg.evaluator, f"tasks.{data.name}.evaluator", outputs, data.labels, data.records)
         if data.pairs is not None:  # choice kinds: outputs are per (row, choice) log-likelihoods
             return choice_score(data.metric, outputs, data.pairs, data.labels, data.norms)
         return score(data.metric, outputs, data.labels)

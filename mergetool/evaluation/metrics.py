@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
+
+from mergetool.core.errors import DataError
+from mergetool.core.userimport import function_named
+
+
+def custom_evaluator(ref: str, key: str) -> Callable:
+    """A task's `evaluator: "module:function"`, checked: it takes (outputs, labels, records)."""
+    return function_named(ref, 3, key=key, error=DataError)
+
+
+def custom_score(ref: str, key: str, outputs, labels, records) -> float:
+    """The custom evaluator's score, which must be a finite number (higher is better)."""
+    returned = custom_evaluator(ref, key)(outputs, labels, records)
+    try:
+        value = float(returned)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise DataError(f"{ref} returned a {type(returned).__name__}, not a finite number", key=key,
+                        fix="return one float, higher is better")
+    return value
 
 
 def accuracy(pred: np.ndarray, ref: np.ndarray) -> float:

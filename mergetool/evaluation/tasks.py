@@ -14,6 +14,7 @@ from mergetool.evaluation.choice import CHOICE_KINDS, causal_batches, read_rows,
 from mergetool.evaluation.data import read_split
 from mergetool.evaluation.images import image_batches, load_processor, processor_dir
 from mergetool.evaluation.metrics import REGRESSION
+from mergetool.models.source import max_length_of
 from mergetool.recipe.schema import Recipe, TaskConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
@@ -127,7 +128,7 @@ def load_task_data(recipe: Recipe, task: str, model_config: dict, tokenizer, *, 
         return TaskData(task, cfg.metric, batches, labels, names, records, kind=cfg.kind)
     texts = [str(r[spec.text]) for r in records]
     pairs = [str(r[spec.text_pair]) for r in records] if spec.text_pair else None
-    enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length_of([cfg.max_length], model_config))
     lengths = np.asarray([len(ids) for ids in enc["input_ids"]])
     order = np.argsort(-lengths, kind="stable")
     batches = []
@@ -144,7 +145,7 @@ def _choice_data(cfg: TaskConfig, task: str, spec, key: str, model_config: dict,
         raise MergetoolError("a choice task's split needs a `choices` column", key=key, fix="add `choices: <column>`")
     records = read_split(spec, key=key, limit=limit)
     texts, choices, labels = read_rows(records, spec, key=key)
-    where = dict(max_length=cfg.max_length, batch_size=bs, file=spec.path, key=key)
+    where = dict(max_length=max_length_of([cfg.max_length], model_config), batch_size=bs, file=spec.path, key=key)
     if cfg.kind == "causal_lm_choice":
         batches, pairs, norms = causal_batches(texts, choices, tokenizer, **where)
     else:

@@ -27,9 +27,10 @@ from mergetool.evaluation import stages
 from mergetool.evaluation.runner import instantiate, pick_device
 from mergetool.library.hub import open_library
 from mergetool.library.reader import LibraryFiles
+from mergetool.models.source import max_length_of
 from mergetool.recipe.loader import parse_recipe
 from mergetool.routing import backbone as bb
-from mergetool.routing.features import config_from_dict, load_extractor, max_length_of, shared_prefix
+from mergetool.routing.features import config_from_dict, load_extractor, shared_prefix
 from mergetool.routing.router import Router
 
 Inputs = Union[str, Sequence[Union[str, tuple, dict]]]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -101,6 +102,25 @@ def _layout(spec, n_tasks: int) -> tuple[list[Hashable], Optional[int], bool]:
     return list(range(n_tasks)), None, False
 
 
+# shares of a tensor: (low, high, low included, high included); mergekit takes density 2 or -1 silently
+SHARES = {"density": (0, 1, False, True), "select_topk": (0, 1, False, True), "gamma": (0, 1, True, False),
+          "epsilon": (0, 1, True, False)}
+
+
+def _check_range(key: str, value: Any) -> None:
+    """Numbers are finite; shares of a tensor lie in their interval (SHARES)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise MergetoolError(f"parameter {key!r} is {value}", key=key, fix="give a finite number")
+    if key in SHARES:
+        lo, hi, lo_in, hi_in = SHARES[key]
+        if not ((lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)):
+            span = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+            raise MergetoolError(f"parameter {key!r} is {value:g}, outside {span}", key=key,
+                                 fix=f"{key} is a share of each tensor: give a value in {span}")
+
+
 def _check_arity(method: str, spec, n_tasks: int) -> None:
     ids, base_index, _ = _layout(spec, n_tasks)
     base_id = ids[base_index] if base_index is not None else None
@@ -164,6 +184,7 @@ def check_method(name: str, parameters: Mapping, n_tasks: int) -> None:
                     key=str(key),
                     fix=f"give a value of type {_type_name(p)}",
                 ) from None
+            _check_range(str(key), v)
     for p in spec.parameters:
         if p.required and p.name != "weight" and p.name not in (parameters or {}):
             raise MergetoolError(

@@ -32,7 +32,7 @@ from mergetool.core.errors import LibraryError, MergetoolError
 
 Granularity = Literal["per_tensor", "per_channel"]
 Mode = Literal["conditional", "always", "never"]
-OFF_BITS = (16, 32)  # QuantSpec.bits meaning "quantisation off" (full precision)
+OFF_BITS = (32,)  # QuantSpec.bits meaning "quantisation off" (full precision); 16 is refused, not "off"
 
 
 @dataclass(frozen=True)

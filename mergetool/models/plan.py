@@ -8,6 +8,7 @@ Anything else refuses the plan, with the list of offenders.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -134,7 +135,8 @@ def build_plan(recipe: Recipe, *, check_values: bool = True,
     preset = _check_architecture(recipe, base, tasks, fail)
     stop_if_failed()
     ts_rx = [re.compile(p) for p in recipe.components.task_specific]
-    is_ts = lambda n: any(rx.search(n) for rx in ts_rx)  # noqa: E731
+    ts_names = _task_specific_names(recipe, tasks, ts_rx, fail)  # normalised or checkpoint names match
+    is_ts = lambda n: n in ts_names or any(rx.search(n) for rx in ts_rx)  # noqa: E731
     task_specific = {t: tuple(sorted(n for n in src.keys() if is_ts(n))) for t, src in zip(names, tasks)}
     shared = [set(n for n in src.keys() if not is_ts(n)) for src in tasks]
     union = set().union(*shared)
@@ -153,6 +155,33 @@ def build_plan(recipe: Recipe, *, check_values: bool = True,
     shapes = {f"{t}/{n}": src.meta(n).shape for t, src in zip(names, tasks) for n in task_specific[t]}
     return _assemble_plan(recipe, preset, base, tasks, groups, is_ts, task_specific=task_specific,
                           buffers=buffers, base_only=base_only, shapes=shapes)
+
+
+def _task_specific_names(recipe: Recipe, tasks: list[ModelSource], ts_rx: list, fail) -> set[str]:
+    """Normalised names whose normalised or checkpoint name a task_specific pattern matches. A pattern the
+    user wrote that matches no tensor is an error (the recipe's defaults may match nothing)."""
+    found: set[str] = set()
+    hit = [False] * len(ts_rx)
+    for src in tasks:
+        for n in src.keys():
+            for i, rx in enumerate(ts_rx):
+                if rx.search(n) or rx.search(src.checkpoint_name(n)):
+                    found.add(n)
+                    hit[i] = True
+    if "task_specific" in recipe.components.model_fields_set:
+        for i, ok in enumerate(hit):
+            if not ok:
+                fail(f"pattern {ts_rx[i].pattern!r} matches no tensor of the task models",
+                     ("components", "task_specific", i), _names_hint(ts_rx[i].pattern, tasks[0].keys()))
+    return found
+
+
+def _names_hint(pattern: str, names) -> str:
+    """Fix for a pattern that matched nothing: the (normalised) names closest to it."""
+    plain = re.sub(r"\(\?P<\w+>|[\\^$()?*+\[\]]", "", pattern)
+    close = difflib.get_close_matches(plain, list(names), n=3, cutoff=0.3)
+    shown = ", ".join(close) if close else ", ".join(list(names)[:3])
+    return f"patterns match tensor names without the backbone prefix, e.g. {shown}"
 
 
 def _check_presence(names, shared: list[set], union: set, fail) -> None:
@@ -205,6 +234,10 @@ def _classify(recipe: Recipe, preset: str, base: ModelSource, tasks: list[ModelS
         cname, kind, layer, stack = coarsen(slot, recipe.components.granularity)
         g = groups.setdefault(cname, {"kind": kind, "layer": layer, "stack": stack, "tensors": []})
         g["tensors"].append(n)
+    for i, (rx, _) in enumerate(classify.user):
+        if i not in classify.used:
+            fail(f"rule pattern {rx.pattern!r} matches no mergeable tensor", ("components", "rules", i, "pattern"),
+                 _names_hint(rx.pattern, floats))
     if uncovered:
         more = f" and {len(uncovered) - SHOW} more" if len(uncovered) > SHOW else ""
         fail(f"{len(uncovered)} tensor(s) are not covered by preset {preset!r}: "

@@ -118,11 +118,13 @@ class Classifier:
         self.preset = preset
         self.user = [(re.compile(r.pattern), r) for r in rules]
         self.rules = PRESETS[preset]["rules"] if preset in PRESETS else []
+        self.used: set[int] = set()  # indices of the user rules that matched a tensor
 
     def slot(self, name: str) -> Optional[Slot]:
-        for rx, rule in self.user:
+        for i, (rx, rule) in enumerate(self.user):
             m = rx.search(name)
             if m:
+                self.used.add(i)
                 groups = {k: v for k, v in m.groupdict().items() if v is not None}
                 layer = int(groups["layer"]) if "layer" in groups else None
                 label = rule.name.format(**groups) if "{" in rule.name else rule.name

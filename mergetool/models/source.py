@@ -9,17 +9,16 @@ a base `BertModel` and its `BertForSequenceClassification` fine-tunes line up te
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
 from mergetool.core.errors import ModelLoadError
+from mergetool.core.safejson import UnsafeJSON, parse_json
+from mergetool.core.userimport import import_named
 
 # backbone prefixes that task heads wrap around the base model, per config model_type
 BACKBONE_PREFIXES = {
@@ -75,12 +74,9 @@ def resolve_model_ref(ref: str, *, key: str = "model") -> Path:
 
 
 def _package_model(module: str, key: str) -> Path:
-    if not module or importlib.util.find_spec(module) is None:
-        raise ModelLoadError(f"package {module!r} is not installed", key=key,
-                             fix=f"pip install {module.replace('_', '-')}")
-    mod = importlib.import_module(module)
+    mod = import_named(module, key=key, error=ModelLoadError)
     getter = getattr(mod, "get_model_path", None)
-    path = Path(getter()) if callable(getter) else Path(mod.__file__).parent
+    path = Path(getter()) if callable(getter) else Path(mod.__file__ or ".").parent
     if not path.is_dir():
         raise ModelLoadError(f"package {module!r} has no model folder at {path}", key=key)
     return path
@@ -129,13 +125,22 @@ class ModelSource:
     @cached_property
     def config(self) -> dict:
         name = "adapter_config.json" if self.is_adapter else "config.json"
-        try:
-            return json.loads((self.path / name).read_text())
-        except FileNotFoundError:
+        if not (self.path / name).is_file():
             raise ModelLoadError(f"{self.path} has no {name}", key=self.label,
-                                 fix="point to a Hugging Face model or PEFT adapter folder") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{self.path / name} is not valid JSON: {exc}", key=self.label) from None
+                                 fix="point to a Hugging Face model or PEFT adapter folder")
+        return self._json(name)
+
+    def _json(self, name: str) -> dict:
+        """A JSON object from the model folder (config, adapter config, shard index); one line when broken."""
+        try:
+            data = parse_json((self.path / name).read_bytes())
+        except (OSError, UnsafeJSON) as exc:
+            raise ModelLoadError(f"{self.path / name} is not readable JSON: {exc}", key=self.label,
+                                 fix="restore the file from the model's original release") from None
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{self.path / name} is not a JSON object", key=self.label,
+                                 fix="restore the file from the model's original release")
+        return data
 
     @property
     def model_type(self) -> Optional[str]:
@@ -156,7 +161,10 @@ class ModelSource:
             return found[:1] or self._missing()
         for index in INDEX_FILES:
             if (self.path / index).is_file():
-                weight_map = json.loads((self.path / index).read_text())["weight_map"]
+                weight_map = self._json(index).get("weight_map")
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise ModelLoadError(f"{self.path / index} has no weight_map of tensor name -> file name",
+                                         key=self.label, fix="restore the index from the model's original release")
                 files = sorted({self.path / f for f in weight_map.values()})
                 for f in files:
                     if f.resolve().parent != self.path.resolve() or not f.is_file():
@@ -227,6 +235,10 @@ class ModelSource:
     def __contains__(self, name: str) -> bool:
         return name in self._index
 
+    def checkpoint_name(self, name: str) -> str:
+        """The tensor's name as stored in the checkpoint (before prefix normalisation)."""
+        return self._index[name][1]
+
     def meta(self, name: str) -> TensorMeta:
         return self._meta[name]
 
@@ -250,3 +262,14 @@ class ModelSource:
 def open_model(ref: str, *, key: str = "model", base_type: Optional[str] = None) -> ModelSource:
     """Resolve a reference and open it lazily; adapters need the base's model_type."""
     return ModelSource(resolve_model_ref(ref, key=key), label=key, base_type=base_type)
+
+
+def max_length_of(task_lengths: Iterable[int], config: dict) -> int:
+    """Longest tokenised input: the largest task max_length (recipe tasks.*.max_length; 128 when none),
+    within the model's position table (a longer text would index past it)."""
+    ml = max(list(task_lengths) or [128])
+    positions = config.get("max_position_embeddings", config.get("n_positions"))
+    if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+        offset = 2 if config.get("model_type") in ("roberta", "xlm-roberta") else 0
+        ml = min(ml, max(1, positions - offset))
+    return ml

@@ -9,7 +9,7 @@ from mergetool.core.errors import MergetoolError, MultiError
 from mergetool.evaluation.choice import check_split
 from mergetool.evaluation.data import read_split
 from mergetool.evaluation.images import check_images
-from mergetool.evaluation.metrics import REGRESSION
+from mergetool.evaluation.metrics import REGRESSION, custom_evaluator
 from mergetool.evaluation.tasks import label_names, map_labels
 from mergetool.merge.methods import check_method as check
 from mergetool.models.plan import Plan, build_plan
@@ -33,9 +33,15 @@ def check_method(recipe: Recipe) -> list[MergetoolError]:
 
 
 def check_data(recipe: Recipe) -> list[MergetoolError]:
-    """Every split named in the recipe exists, is readable, non-empty and has its columns."""
+    """Every split named in the recipe exists, is readable, non-empty and has its columns; every custom
+    evaluator imports and takes (outputs, labels, records)."""
     errors: list[MergetoolError] = []
     for task, cfg in recipe.tasks.items():
+        if cfg.kind == "custom":
+            try:
+                custom_evaluator(cfg.evaluator, f"tasks.{task}.evaluator")
+            except MergetoolError as e:
+                errors.append(recipe.error(e.message, ("tasks", task, "evaluator"), e.fix, cls=type(e)))
         for split_name in SPLITS:
             split = getattr(cfg, split_name)
             if split is None:
@@ -84,12 +90,13 @@ def check_labels(recipe: Recipe, plan: Plan) -> list[MergetoolError]:
     return errors
 
 
-def check_recipe(recipe: Recipe, *, check_values: bool = True) -> Plan:
-    """All checks; returns the plan, or raises MultiError listing every problem."""
+def check_recipe(recipe: Recipe, *, check_values: bool = True, sources=None) -> Plan:
+    """All checks; returns the plan, or raises MultiError listing every problem. Every command that reads
+    a recipe (validate, plan, search, baselines, export) runs this before it writes anything."""
     data_errors = check_data(recipe)
     errors = check_method(recipe) + data_errors
     try:
-        plan = build_plan(recipe, check_values=check_values)
+        plan = build_plan(recipe, check_values=check_values, sources=sources)
     except MultiError as e:
         errors.extend(e.errors)
         plan = None

@@ -23,11 +23,11 @@ from mergetool.inference.runtime import ExpertLibrary
 from mergetool.library.manifest import Manifest, RouterInfo
 from mergetool.library.reader import LibraryFiles
 from mergetool.library.verify import sha256_file
-from mergetool.models.source import ModelSource
+from mergetool.models.source import ModelSource, max_length_of
 from mergetool.pipeline.rundir import recipe_hash
 from mergetool.recipe.schema import DataSplit, Recipe
 from mergetool.routing.backbone import stage_of
-from mergetool.routing.features import max_length_of, resolve, write_features
+from mergetool.routing.features import resolve, write_features
 from mergetool.routing.router import CONFIG, WEIGHTS, Router
 
 BATCH = 32  # router minibatch
@@ -43,6 +43,8 @@ def read_texts(spec: DataSplit, key: str, cap: Optional[int] = None, seed: int =
                 raise DataError(f"record {line} has no column {col!r}", file=spec.path, key=key, line=line,
                                 fix="set the split's `text` column")
         rows.append((str(rec[spec.text]), str(rec[spec.text_pair]) if spec.text_pair else None))
+    if not rows:
+        raise DataError("data file is empty", file=spec.path, key=key, fix="add examples")
     for n, s in ((spec.limit, spec.seed), (cap, seed)):
         if n is not None and n < len(rows):
             rows = [rows[i] for i in sorted(random.Random(s).sample(range(len(rows)), n))]
@@ -136,6 +138,9 @@ class RouterBuilder:
         self.say(f"router: {kind} features" + (f" ({k} shared stages)" if kind == "prefix" else "")
                  + f", training on {sum(counts.values())} inputs")
         router = fit(torch.cat(X), torch.tensor(y), names, cfg.hidden, cfg.epochs, cfg.lr, seed)
+        if not all(torch.isfinite(p).all() for p in router.parameters()):  # never cache or ship a NaN router
+            raise MergetoolError(f"router training diverged (NaN or inf weights) with lr {cfg.lr:g}", key="router.lr",
+                                 fix="lower router.lr (default 5e-4)")
         router.save(folder, {"features": kind, "prefix_stages": k, "max_length": max_length, "seed": seed})
         rt.use_router(router)
         per_task, tests, hits = {}, {}, 0

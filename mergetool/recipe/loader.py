@@ -17,6 +17,8 @@ from mergetool.recipe.schema import Recipe
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SPLITS = ("validation", "test", "router")
+MAX_RECIPE_BYTES = 2**20  # resource limits (README: "Limits"): a recipe is a few KB; this stops bombs
+MAX_RECIPE_DEPTH = 64
 
 
 def looks_like_path(ref: str, base_dir: Optional[Path] = None) -> bool:
@@ -32,6 +34,9 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise RecipeError("recipe file not found", file=path, fix="check the path")
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"the recipe is larger than {MAX_RECIPE_BYTES // 1024} KB", file=path,
+                              fix="a recipe names files; keep data and weights in their own files")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe: {exc}", file=path) from None
@@ -64,17 +69,19 @@ def parse_recipe(text: str, path: Optional[Path] = None) -> Recipe:
 # --- YAML with positions -------------------------------------------------------------------------
 
 def _parse_yaml(text: str, path: Optional[Path]) -> tuple[Any, dict]:
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"the recipe is larger than {MAX_RECIPE_BYTES // 1024} KB", file=path,
+                          fix="a recipe names files; keep data and weights in their own files")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
+        _check_events(text, path)  # aliases and depth, before anything recursive builds the document
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(
-            f"broken YAML: {problem}", file=path,
-            line=mark.line + 1 if mark else None, col=mark.column + 1 if mark else None,
-            fix="fix the YAML syntax at that position",
-        ) from None
+        raise _broken(exc, path) from None
     if not isinstance(data, dict) or node is None:
         raise RecipeError("a recipe is a YAML mapping (name:, base_model:, models:, tasks:, ...)", file=path)
     positions: dict = {(): (node.start_mark.line + 1, node.start_mark.column + 1)}
@@ -85,11 +92,41 @@ def _parse_yaml(text: str, path: Optional[Path]) -> tuple[Any, dict]:
     return data, positions
 
 
+def _broken(exc: yaml.YAMLError, path: Optional[Path]) -> RecipeError:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return RecipeError(f"broken YAML: {problem}", file=path, line=mark.line + 1 if mark else None,
+                       col=mark.column + 1 if mark else None, fix="fix the YAML syntax at that position")
+
+
+def _check_events(text: str, path: Optional[Path]) -> None:
+    """Refuse anchors and aliases (a "billion laughs" expands a few lines into gigabytes) and nesting deeper
+    than MAX_RECIPE_DEPTH, reading the event stream (flat: no recursion, nothing expanded)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        where = dict(file=path, line=event.start_mark.line + 1, col=event.start_mark.column + 1)
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise RecipeError("YAML anchors and aliases (&name, *name) are not allowed in recipes", **where,
+                              fix="write the value out in full")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_RECIPE_DEPTH:
+                raise RecipeError(f"the recipe is nested deeper than {MAX_RECIPE_DEPTH} levels", **where,
+                                  fix="a recipe is a few levels deep; check the indentation or brackets")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def _walk(node: yaml.Node, loc: tuple, positions: dict, dupes: list, path: Optional[Path]) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set = set()
         for key_node, value_node in node.value:
             key = key_node.value
+            if not isinstance(key, str):
+                dupes.append(RecipeError("a key must be a plain name, not a list or mapping", file=path,
+                                         line=key_node.start_mark.line + 1, col=key_node.start_mark.column + 1,
+                                         fix="write `name: value`"))
+                continue
             if key in seen:
                 dupes.append(RecipeError(
                     f"duplicate key {key!r}", file=path, key=_label(loc + (key,)),

@@ -21,8 +21,8 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")  # ≤ 64: names b
 
 
 class Strict(BaseModel):
-    """Base of all recipe models: immutable, unknown keys refused."""
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Base of all recipe models: immutable, unknown keys refused, floats finite (no NaN or inf)."""
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def _check_regex(pattern: str) -> str:
@@ -89,7 +89,7 @@ class QuantizationConfig(Strict):
             return 32
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError("bits must be an integer 2..8, or 32 / none")
-        if not (2 <= v <= 8 or v in (16, 32)):
+        if not (2 <= v <= 8 or v == 32):
             raise ValueError(f"bits must be 2..8, or 32 / none, not {v}")
         return v
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -140,14 +140,3 @@ def load_extractor(kind: str, lib_path: Path, file: Optional[str], base_config: 
         raise LibraryError(f"the {kind} router features need their weights file", key="router.feature_storage",
                            fix="re-export the library")
     return FeatureModel(kind, Path(lib_path) / file, base_config, device)
-
-
-def max_length_of(task_lengths: Iterable[int], base_config: dict) -> int:
-    """Longest tokenised input: the largest task max_length (recipe tasks.*.max_length; 128 when none),
-    within the model's position table."""
-    ml = max(list(task_lengths) or [128])
-    positions = base_config.get("max_position_embeddings")
-    if isinstance(positions, int) and positions > 0:
-        offset = 2 if base_config.get("model_type") in ("roberta", "xlm-roberta") else 0
-        ml = min(ml, positions - offset)
-    return ml

@@ -32,6 +32,9 @@ class LocalExecutor:
         for i, G in items:
             yield i, evaluate_part(problem, G, part)
 
+    def connect(self) -> None:
+        """Nothing to reach (the Ray executor connects here, before a run writes anything)."""
+
     def close(self) -> None:
         pass
 
@@ -76,18 +79,24 @@ class RayExecutor:
         self._problem_id: Optional[int] = None
         self._started_ray = False
 
-    def _ensure(self, problem) -> None:
+    def connect(self) -> None:
+        """Start or reach Ray; one line when it cannot (called before a run writes anything)."""
         ray = self.ray
         if not ray.is_initialized():
             try:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
             except Exception as e:  # noqa: BLE001 - Ray's connection errors come in many types
                 raise MergetoolError(
-                    f"cannot start or reach Ray at {self.address or 'a local instance'}: {e}",
-                    key="search.executor.address",
-                    fix="check the address (ray status) or use the local executor",
+                    f"cannot start or reach Ray at {self.address or 'a local instance'}: "
+                    f"{' '.join(str(e).split())[:200]}",
+                    key="search.ray.address",
+                    fix="check the address (ray status) or use executor: local",
                 ) from None
             self._started_ray = True
+
+    def _ensure(self, problem) -> None:
+        ray = self.ray
+        self.connect()
         if self._actors and self._problem_id == id(problem):
             return
         self._kill_actors()
