@@ -144,7 +144,8 @@ def main() -> int:
                               "--device", args.device)
                 report = lib.parent / f"{lib.name}-test.json"
                 if not report.is_file():
-                    mergetool("evaluate", str(lib), "--split", "test", "--out", str(report), "--device", args.device)
+                    mergetool("evaluate", str(lib), "--recipe", str(args.recipe), "--split", "test", "--out", str(report),
+                              "--device", args.device)
                 ev = json.loads(report.read_text())
                 p["routed"].append(ev["mean"].get("routed"))
                 p["routing"].append(ev.get("routing_accuracy"))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from mergetool.core.errors import MergetoolError
+from mergetool.core.safejson import UnsafeJSON, parse_json
 from mergetool.recipe import Recipe, load_recipe, parse_recipe
 
 
@@ -119,8 +120,11 @@ def resolve_run(arg: Optional[Path]) -> tuple[Path, Recipe]:
     if not info.is_file():
         raise MergetoolError(f"{arg} is neither a recipe nor a run directory (no run.json)", key="RUN",
                              fix="pass the recipe or the recipe's `output` folder after `mergetool search`")
-    data = json.loads(info.read_text())
-    path = Path(data["recipe_path"]) if data.get("recipe_path") else None
+    data = _parsed(info)
+    if not isinstance(data, dict) or not isinstance(data.get("recipe_text"), str):
+        raise MergetoolError(f"{info} is not a readable run record", key="RUN",
+                             fix="pass the recipe instead, or re-run `mergetool search --force`")
+    path = Path(data["recipe_path"]) if isinstance(data.get("recipe_path"), str) else None
     recipe = load_recipe(path) if path is not None and path.is_file() else None
     if recipe is None or recipe_hash(recipe) != data.get("recipe_sha256"):
         recipe = parse_recipe(data["recipe_text"], path or arg / "recipe.yaml")  # the recipe the run used
@@ -156,6 +160,6 @@ def read_json_record(path: Path) -> Optional[dict]:
 def _parsed(path: Path):
     """The JSON in `path`, or None when it cannot be read or parsed (the callers say what they expected)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return parse_json(path.read_bytes(), max_bytes=None)
+    except (OSError, UnsafeJSON):
         return None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mergetool.core.errors import MergetoolError
+from mergetool.core.safejson import parse_json
 
 FIELDS = (
     "i",
@@ -45,7 +46,7 @@ def _parse(lines: list[bytes], path: Path) -> tuple[list[dict], int, bool]:
             good += len(raw)
             continue
         try:
-            rec = json.loads(text)
+            rec = parse_json(text, max_bytes=None)  # UnsafeJSON is a ValueError; never a RecursionError
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
             missing = [f for f in FIELDS if f not in rec]
@@ -139,7 +140,7 @@ def read_state(journal_path) -> Optional[dict[str, Any]]:
     if not p.exists():
         return None
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        return parse_json(p.read_bytes(), max_bytes=None)
     except ValueError:
         return None  # a torn write cannot happen (atomic replace); treat garbage as absent
 
