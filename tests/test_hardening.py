@@ -192,3 +192,29 @@ def test_a_refused_export_leaves_the_inputs_alone(routed, tmp_path):
     result, text = invoke("export", recipe, "--grouping", routed["grouping"], "--out", routed["lib"] / "x")
     assert result.exit_code == 2 and recipe.read_bytes() == text_before
     assert json.loads(Path(routed["grouping"]).read_text())["grouping"] == routed["G"].tolist()
+
+
+# --- outputs that cannot be written are refused before any work --------------------------------------------
+
+@pytest.mark.parametrize("where, needle", [("dir", "is a directory"), ("missing", "does not exist"),
+                                           ("unwritable", "cannot write in")])
+def test_unwritable_outputs_are_one_line_before_any_work(routed, tmp_path, where, needle):
+    import os
+
+    if where == "unwritable" and os.geteuid() == 0:
+        target = Path("/proc/mergetool-test-out")  # root may write anywhere but /proc
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "o"
+    target = {"dir": tmp_path, "missing": tmp_path / "no" / "o"}.get(where, target)
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "w1"}\n')
+    runs = [("evaluate", routed["lib"], "--recipe", routed["recipe"], "--out", target),
+            ("predict", routed["lib"], "--input", src, "--output", target, "-q")]
+    if where != "dir":
+        runs += [("export-model", routed["lib"], "--task", "task0", "--out", target),
+                 ("export", routed["recipe"], "--grouping", routed["grouping"], "--out", target)]
+    for args in runs:
+        result, text = invoke(*args)
+        one_line(result, text, needle)

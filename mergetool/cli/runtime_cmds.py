@@ -14,6 +14,7 @@ import typer
 
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import DataError, MergetoolError
+from mergetool.core.outputs import check_writable
 from mergetool.evaluation.data import jsonl_records
 from mergetool.library.location import refuse_inside_library
 from mergetool.pipeline.rundir import write_json_atomic
@@ -107,11 +108,7 @@ def _check_output(output: Optional[Path], src: str) -> None:
     """--output must be a file in an existing folder, and never the input itself."""
     if output is None:
         return
-    if output.is_dir():
-        raise MergetoolError(f"--output {output} is a directory", key="--output", fix="give a file path")
-    if not output.parent.is_dir():
-        raise MergetoolError(f"--output's folder {output.parent} does not exist", key="--output",
-                             fix="create the folder or choose another path")
+    check_writable(output, "--output")
     if src != "-" and output.exists() and Path(src).exists() and os.path.samefile(output, src):
         raise MergetoolError("--output is the input file; writing it would destroy the input", key="--output",
                              fix="write the predictions to another file")
@@ -223,6 +220,9 @@ def evaluate(
     if split not in ("test", "validation"):
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use test or validation")
     r = load_recipe(recipe)
+    if out:
+        check_writable(out, "--out")
+        refuse_inside_library(out, "--out")
     lib_ = ExpertLibrary.load(lib, device=device)
     report = evaluate_library(lib_, r, split, batch_size)
     table = Table(title=f"{lib} on {split} (routing accuracy {_fmt(report['routing_accuracy'])})")
