@@ -110,7 +110,7 @@ def export(
                 f"solution-{solution}" if solution is not None else f"budget-{B:g}")
         out = run_dir / "libraries" / name
     refuse_inside_library(Path(out), "--out", may_be_a_library=True)
-    check_writable(Path(out), "--out", folder=True)
+    check_writable(Path(out), "--out", folder=True, parents=True)
     check_target(Path(out), force)
     say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     sources = open_models(recipe)
@@ -269,7 +269,7 @@ def export_model(
 
     B = parse_budget(budget)
     refuse_inside_library(out, "--out")
-    check_writable(out, "--out", folder=True)
+    check_writable(out, "--out", folder=True, parents=True)
     path = run(open_library(lib, budget=B, solution=solution), task, out, force=force)
     typer.echo(f"wrote {path} (task {task})")
 

@@ -11,14 +11,17 @@ from pathlib import Path
 from mergetool.core.errors import MergetoolError
 
 
-def check_writable(path: Path, key: str, *, folder: bool = False) -> None:
-    """One line (MergetoolError naming `key`) unless `path` can be written as a file (or as a folder)."""
+def check_writable(path: Path, key: str, *, folder: bool = False, parents: bool = False) -> None:
+    """One line (MergetoolError naming `key`) unless `path` can be written as a file (or as a folder).
+    `parents`: the writer creates missing parent folders, so the nearest existing one must be writable."""
     path = Path(path).expanduser().absolute()
     if not folder and path.is_dir():
         raise MergetoolError(f"{path} is a directory", key=key, fix="give a file path")
     if folder and path.exists() and not path.is_dir():
         raise MergetoolError(f"{path} is a file", key=key, fix="give a folder path")
     parent = path.parent
+    while parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.is_dir():
         what = "is a file" if parent.exists() else "does not exist"
         raise MergetoolError(f"the folder {parent} {what}", key=key, fix="create the folder or choose another path")

@@ -10,10 +10,13 @@ from mergetool.core.errors import LibraryError
 from mergetool.library.manifest import TOKENIZER_FILES
 from mergetool.library.reader import LibraryFiles
 from mergetool.library.safetensors_io import StreamWriter
-from mergetool.library.writer import EXTRA_FILES, make_tmp, swap_in
+from mergetool.library.sanity import check_task
+from mergetool.library.staging import make_tmp, recover, swap_in
+from mergetool.library.writer import EXTRA_FILES
 
 
 def _check_out(out: Path, force: bool) -> None:
+    recover(out)  # what a killed export-model left beside the target
     if not out.exists() and not out.is_symlink():
         return
     if not force:
@@ -34,6 +37,7 @@ def export_model(lib, task: str, out, *, force: bool = False, budget: Optional[f
     if not isinstance(lib, LibraryFiles):
         lib = LibraryFiles.load(lib, budget=budget, solution=solution, verify=True)
     t = lib.manifest.task(task)
+    check_task(lib.path, lib.manifest, task, lib.chain(task), lib.config(task))  # every weight, its head too
     tmp = make_tmp(out)
     try:
         w = StreamWriter(tmp / "model.safetensors")

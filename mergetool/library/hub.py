@@ -24,8 +24,9 @@ from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.library.card import render_card
 from mergetool.library.manifest import MANIFEST, README, FileEntry, Manifest, parse_manifest
 from mergetool.library.reader import LibraryFiles, select_solution
+from mergetool.library.staging import make_tmp, swap_in
 from mergetool.library.verify import sha256_file, verify_folder
-from mergetool.library.writer import check_target, disk_bytes, make_tmp, swap_in
+from mergetool.library.writer import check_target, disk_bytes
 
 HUB_PREFIX = "hub:"
 IGNORED_FILES = (".gitattributes",)  # added by the Hub to every repo

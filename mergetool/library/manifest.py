@@ -14,6 +14,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from mergetool.core.errors import LibraryError
 
+REEXPORT = "re-export the library; it may be corrupt or tampered with"  # the fix of every tampered-library error
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 README = "README.md"
@@ -23,6 +25,9 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model", "chat_template.jinja",
 )
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")]  # task names, expert ids
+Count = Annotated[int, Field(ge=1)]
+Dim = Annotated[int, Field(ge=0)]
 
 
 def allowed_name(name: str) -> bool:
@@ -35,13 +40,14 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError("empty file name")
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        raise ValueError(f"absolute path {name!r} is not allowed in a library")
+        raise ValueError("an absolute path is not allowed in a library")
     if ".." in re.split(r"[/\\]", name):
-        raise ValueError(f"path {name!r} points outside the library")
-    if "/" in name or "\\" in name or not _PLAIN.match(name):
-        raise ValueError(f"file name {name!r} is not a plain file name inside the library")
+        raise ValueError("a path points outside the library")
+    if "/" in name or "\\" in name or not _PLAIN.match(name) or len(name) > 255:
+        raise ValueError("a file name is not a plain file name inside the library")
     if not allowed_name(name):
-        raise ValueError(f"file {name!r} is not an allowed library file")
+        raise ValueError("a file is not an allowed library file (manifest.json, *.safetensors, *.json, "
+                         "tokenizer files, README.md)")
     return name
 
 
@@ -62,7 +68,7 @@ class StoredTensor(Frozen):
 
     shard: FileName
     prefix: str
-    shape: list[int]
+    shape: list[Dim]
     dtype: str
     bits: int
     granularity: str
@@ -86,8 +92,8 @@ class AdapterSlot(Frozen):
 
 
 class StoredExpert(Frozen):
-    id: str
-    component: int  # index into Manifest.components
+    id: Identifier
+    component: Dim  # index into Manifest.components
     group_members: list[str]  # task names
     tensors: dict[str, StoredTensor]  # normalised tensor name -> storage
     data_bits: int  # exact data bits (Eq. 8 numerator), row masks excluded
@@ -104,7 +110,7 @@ class StoredComponent(Frozen):
 
 
 class Task(Frozen):
-    name: str
+    name: Identifier  # also in file names (config-NAME.json)
     config: FileName  # the task model's config.json, copied (num_labels, id2label, architectures)
     architecture: Optional[str]
     labels: Optional[list[str]]  # id2label in id order; None when the model has none
@@ -165,12 +171,12 @@ class RouterInfo(Frozen):
     features: Literal["prefix", "base", "embeddings"]
     requested: Literal["auto", "prefix", "base", "embeddings"]
     prefix_stages: int = Field(ge=0)  # stages (embeddings, layer 0, ...) every chain shares
-    hidden: list[int]
-    epochs: int
+    hidden: Annotated[list[Count], Field(min_length=2, max_length=2)]
+    epochs: Dim
     lr: float
-    max_per_task: int
+    max_per_task: Dim
     seed: int
-    max_length: int
+    max_length: Count
     train_examples: dict[str, int]
     test_examples: dict[str, int]
     routing_accuracy: Optional[float]  # on the test split, pooled over tasks
@@ -223,20 +229,34 @@ def parse_manifest(data: object, where: str) -> Manifest:
         raise LibraryError("manifest is not a JSON object", file=where, fix="re-export the library")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise LibraryError(f"unknown format_version {version!r} (this mergetool reads {FORMAT_VERSION})",
+        shown = f" {version}" if type(version) is int and abs(version) < 10**6 else ""  # never echo the file
+        raise LibraryError(f"unknown format_version{shown} (this mergetool reads {FORMAT_VERSION})",
                            file=where, key="format_version",
                            fix="upgrade mergetool or re-export the library")
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
-        e = exc.errors()[0]
-        loc = ".".join(str(p) for p in e["loc"])
+        e = exc.errors(include_input=False, include_url=False)[0]
+        loc = ".".join(_location(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise LibraryError(f"invalid manifest: {msg}{more}", file=where, key=loc,
                            fix="re-export the library; it may be corrupt or tampered with") from None
     _check_references(manifest, where)
     return manifest
+
+
+def _fields() -> set[str]:
+    models = [Manifest, Base, Task, StoredTensor, StoredExpert, AdapterSlot, StoredComponent, Solution, Storage,
+              RouterInfo, FeatureStorage, FrozenBase, FileEntry]
+    return {f for model in models for f in model.model_fields} | {"[key]"}
+
+
+def _location(part) -> str:
+    """One part of an error location: an index or a schema field, never a key taken from the file."""
+    if isinstance(part, int):
+        return str(part)
+    return part if part in _fields() else "*"
 
 
 def _check_references(m: Manifest, where: str) -> None:
@@ -256,7 +276,7 @@ def _check_references(m: Manifest, where: str) -> None:
         for task, chain in s.chains.items():
             bad = [e for e in chain if e not in ids]
             if task not in names or len(chain) != len(m.components) or bad:
-                raise LibraryError(f"chain of task {task!r} (solution {s.id}) is malformed", file=where,
+                raise LibraryError(f"a chain of solution {s.id} is malformed", file=where,
                                    key="solutions", fix="re-export the library")
     if not 0 <= m.default_solution < len(m.solutions):
         raise LibraryError("default_solution is out of range", file=where, key="default_solution")

@@ -8,7 +8,6 @@ every sha256. Tensors are only ever read through safetensors: nothing is unpickl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +15,7 @@ import torch
 
 from mergetool.core.budget import best_within
 from mergetool.core.errors import LibraryError
+from mergetool.core.safejson import UnsafeJSON, parse_json
 from mergetool.library.manifest import MANIFEST, Manifest, Solution, StoredTensor
 from mergetool.library.safetensors_io import data_bytes, read_header
 from mergetool.library.verify import REEXPORT, verify_folder
@@ -70,7 +70,13 @@ class LibraryFiles:
     def config(self, task: Optional[str] = None) -> dict:
         """The task model's config.json (num_labels, id2label), or the base's without a task."""
         name = self.manifest.task(task).config if task else self.manifest.base.config
-        return json.loads((self.path / name).read_text(encoding="utf-8"))
+        try:
+            data = parse_json((self.path / name).read_bytes())
+        except (UnsafeJSON, OSError) as exc:
+            raise _fail(f"{name} is not valid, safe JSON: {exc}", self.path / name) from None
+        if not isinstance(data, dict):
+            raise _fail(f"{name} is not a JSON object", self.path / name)
+        return data
 
     def _open(self, shard: str):
         if shard not in self._handles:

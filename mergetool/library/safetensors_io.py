@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from mergetool.core.errors import LibraryError
+from mergetool.core.safejson import UnsafeJSON, parse_json
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -112,8 +113,32 @@ def _bad(path: Path, what: str) -> LibraryError:
                         fix="re-export the library; never load it with pickle")
 
 
+def _dim(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_span(info) -> Optional[tuple[int, int]]:
+    """(start, end) of a well-formed header entry: a known dtype, non-negative integer dims, integer
+    offsets spanning exactly dtype size x elements; None otherwise."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        return None
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES or not isinstance(shape, list):
+        return None
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_dim(s) for s in shape + offsets):
+        return None
+    start, end = offsets
+    if end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
+        return None
+    return start, end
+
+
 def read_header(path: Path) -> dict:
-    """The parsed header of a safetensors file, after checking its structure against the file size."""
+    """The parsed header of a safetensors file, after checking its structure against the file size.
+
+    The header is untrusted JSON (bounded size and depth, finite numbers); `__metadata__` maps strings to
+    strings; every entry has a known dtype, non-negative integer dims and offsets that match them, and
+    the entries tile the data exactly. Errors never quote the header."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -126,24 +151,22 @@ def read_header(path: Path) -> dict:
     if not raw.startswith(b"{"):
         raise _bad(path, "header is not a JSON object")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _bad(path, "header is not valid JSON") from None
+        header = parse_json(raw, max_bytes=MAX_HEADER)
+    except UnsafeJSON as exc:
+        raise _bad(path, f"header is not valid, safe JSON: {exc}") from None
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _bad(path, "__metadata__ must map strings to strings")
     spans = []
-    for key, info in header.items():
+    for i, (key, info) in enumerate(header.items()):
         if key == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            numel = math.prod(int(s) for s in shape)
-            ok = dtype in DTYPE_SIZES and all(int(s) >= 0 for s in shape) and end - start == numel * DTYPE_SIZES[dtype]
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise _bad(path, f"entry {key!r} is malformed")
-        spans.append((int(start), int(end)))
+        span = _entry_span(info)
+        if span is None:
+            raise _bad(path, f"header entry {i + 1} is malformed (dtype, integer shape or data offsets)")
+        spans.append(span)
     pos = 0
     for start, end in sorted(spans):
         if start != pos:

@@ -5,24 +5,26 @@ Before any tensor is read: the manifest (a plain JSON file of bounded size, a su
 names and references), then that the folder holds exactly the listed files (an allow-list, no
 sub-folders, no link leaving the folder; a Hub snapshot's links may only point into its cache's blob
 store), their sizes, that every shard has a valid safetensors header and, with `hashes`, every sha256.
+Then the sanity layer (mergetool.library.sanity): configs, tokenizer, headers, stored tensors and the
+router must make sense together, since checksums rewritten to match prove nothing about that.
 Nothing is ever unpickled. Errors name `where` (for a snapshot: repo@revision, not a cache path).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from mergetool.core.errors import LibraryError
-from mergetool.library.manifest import MANIFEST, Manifest, allowed_name, parse_manifest
+from mergetool.core.safejson import UnsafeJSON, parse_json
+from mergetool.library.manifest import MANIFEST, REEXPORT, Manifest, allowed_name, parse_manifest
 from mergetool.library.safetensors_io import read_header
+from mergetool.library.sanity import check_library
 
 MAX_MANIFEST = 256 * 2**20
 IGNORED_DIRS = (".cache",)  # huggingface_hub's local_dir bookkeeping
-REEXPORT = "re-export the library; it may be corrupt or tampered with"
 
 
 def sha256_file(path: Path) -> str:
@@ -46,9 +48,9 @@ def read_manifest(lib: Path, where: Optional[str] = None, fix: str = REEXPORT) -
     if path.stat().st_size > MAX_MANIFEST:
         raise LibraryError("manifest.json is implausibly large", file=f"{label}/{MANIFEST}", fix=fix)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LibraryError(f"manifest.json is not valid JSON: {exc}", file=f"{label}/{MANIFEST}", fix=fix) from None
+        data = parse_json(path.read_bytes(), max_bytes=MAX_MANIFEST)
+    except UnsafeJSON as exc:
+        raise LibraryError(f"manifest.json is not valid, safe JSON: {exc}", file=f"{label}/{MANIFEST}", fix=fix) from None
     return parse_manifest(data, f"{label}/{MANIFEST}")
 
 
@@ -72,16 +74,18 @@ def verify_folder(folder: Path, *, hashes: bool, where: Optional[str] = None, li
         raise fail(f"file {extra[0]!r} is not listed in the manifest", extra[0], "remove it or re-export the library")
     if missing:
         raise fail(f"listed file {missing[0]!r} is missing", None, "re-download or re-export the library")
+    headers = {}
     for name, entry in m.files.items():
         size = (folder / name).stat().st_size
         if size != entry.bytes:
             raise fail(f"{name} has {size} bytes, the manifest says {entry.bytes}", name)
         if name.endswith(".safetensors"):
-            read_header(folder / name)
+            headers[name] = read_header(folder / name)
     if hashes:
         for name, entry in m.files.items():
             if sha256_file(folder / name) != entry.sha256:
                 raise fail(f"checksum mismatch for {name}", name)
+    check_library(folder, m, headers, fail)  # checksums prove integrity, not sanity
     return m
 
 
@@ -101,6 +105,12 @@ def _listing(folder: Path, links_into: Optional[Path], ignored_files: Sequence[s
             inside = str(target.parent) == blobs if blobs is not None else target.parent == root
             if not inside:
                 raise fail(f"{p.name} is a symlink pointing outside the library", p.name)
+            try:
+                os.stat(p)
+            except OSError:  # ELOOP, ENOENT: a link loop or a dangling link
+                raise fail(f"{p.name} is a broken symlink or a symlink loop", p.name) from None
+            if not target.is_file():
+                raise fail(f"{p.name} is a symlink to something that is not a plain file", p.name)
         if p.is_dir():
             raise fail(f"unexpected folder {p.name!r}: libraries are flat", p.name, "remove it")
         if not allowed_name(p.name):

@@ -2,7 +2,7 @@
 
 Experts come from `ExpertStore` (the same code the search scores), built with a cache of one
 expert, so peak memory is about (T + 1) tensors of the largest component plus one expert.
-Everything is written into a temporary folder next to the target, then renamed into place.
+Everything is written into a temporary folder next to the target, then renamed into place (staging).
 PEFT adapter zoos (LoRA, IA3) also store the frozen base once (`frozen-*.safetensors`), and each
 expert's slots say how its factors or vectors turn into base weights (manifest.AdapterSlot).
 """
@@ -10,10 +10,8 @@ expert's slots say how its factors or vectors turn into base weights (manifest.A
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -47,6 +45,7 @@ from mergetool.library.manifest import (
     parse_manifest,
 )
 from mergetool.library.safetensors_io import ShardSet, StreamWriter
+from mergetool.library.staging import make_tmp, recover, swap_in
 from mergetool.library.verify import sha256_file
 from mergetool.merge.experts import ExpertStore
 from mergetool.merge.quantize import to_tensors
@@ -81,7 +80,9 @@ def parse_size(text: str) -> int:
 
 
 def check_target(out: Path, force: bool, key: str = "--out") -> None:
-    """Refuse an existing target unless --force; never replace a folder that is not a library."""
+    """Refuse an existing target unless --force; never replace a folder that is not a library. What a
+    killed export left beside the target is cleaned first (an interrupted replacement is restored)."""
+    recover(out)
     if not out.exists() and not out.is_symlink():
         return
     if not force:
@@ -113,27 +114,6 @@ def export_library(recipe: Recipe, plan: Plan, sources: tuple[ModelSource, Seque
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def make_tmp(out: Path) -> Path:
-    """A fresh temporary folder next to `out` (same file system, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a library is an ordinary folder
-    return tmp
-
-
-def swap_in(tmp: Path, out: Path) -> None:
-    """Rename tmp onto out; a replaced library is moved aside first and removed afterwards."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "lib")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mergetool.core.errors import LibraryError
+from mergetool.core.safejson import parse_json
 
 WEIGHTS, CONFIG = "router.safetensors", "router.json"
 FORMAT = 1
@@ -45,11 +46,12 @@ class Router(nn.Module):
 
         path = Path(folder) / config
         try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
+            cfg = parse_json(path.read_bytes())
             router = cls(int(cfg["in_dim"]), [int(h) for h in cfg["hidden"]], [str(t) for t in cfg["tasks"]])
             router.load_state_dict(load_file(str(Path(folder) / weights)), strict=True)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise LibraryError(f"cannot load the router: {type(exc).__name__}: {str(exc)[:200]}", file=str(path),
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            # the type only: the message of a failed parse or load may quote the untrusted file
+            raise LibraryError(f"cannot load the router ({type(exc).__name__})", file=str(path),
                                fix="re-export the library") from None
         if cfg.get("format") != FORMAT:
             raise LibraryError(f"unknown router format {cfg.get('format')!r}", file=str(path),
