@@ -1,8 +1,9 @@
 """Search speed as users wait for it: wall time until the front reaches 95 % of a reference front's HV.
 
-    # once: the reference front, from long runs (committed as benchmarks/reference_front_<recipe>.json)
+    # once: the reference front, from long runs (committed as benchmarks/reference_front_<recipe>.json);
+    # seeds may be run in separate sittings (each is added to the file; a killed one resumes from --workdir)
     python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --make-reference \
-        --evaluations 300 --seeds 0 1
+        --evaluations 300 --seeds 0 1 --workdir runs/ttt-reference
     # the comparison, one configuration after another (never concurrently), 2 seeds
     python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1
 
@@ -97,18 +98,28 @@ def time_to(run: dict, point: tuple[float, float], target: float):
 
 
 def make_reference(args, recipe, workdir: Path) -> int:
-    points = []
-    for seed in args.seeds:
+    """The reference front: the union of the fronts of long runs (racing, the recipe's settings), one seed
+    after another. The file is rewritten after every seed, and seeds already in it are kept, so the seeds can
+    be run in separate sittings (a killed seed resumes from its journal under --workdir)."""
+    old = json.loads(args.reference.read_text()) if args.reference.is_file() else {}
+    if old and (old.get("recipe") != recipe.name or old.get("evaluations") != args.evaluations):
+        sys.exit(f"error: {args.reference} is for another recipe or budget (fix: --reference NEW.json)")
+    points, seeds, commands = list(old.get("points", [])), list(old.get("seeds", [])), list(old.get("commands", []))
+    for seed in [s for s in args.seeds if s not in seeds]:
         run = run_one(recipe, "(iii) + racing", seed, args.evaluations, workdir, args.device)
-        points += [{"grouping": f["grouping"], "performance": f["performance"], "storage_cost": f["storage_cost"]}
-                   for f in run["front"]]
-        print(f"seed {seed}: {run['full']} full + {run['partial']} partial evaluations, {run['wall']:.0f} s",
-              flush=True)
-    front = nondominated([dict(p, i=k) for k, p in enumerate(points)])
-    out = {"recipe": recipe.name, "command": command_line(), "seeds": args.seeds, "evaluations": args.evaluations,
-           "front": [{k: f[k] for k in ("grouping", "performance", "storage_cost")} for f in front]}
-    args.reference.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.reference}: {len(front)} points")
+        points += [{"seed": seed, "grouping": f["grouping"], "performance": f["performance"],
+                    "storage_cost": f["storage_cost"]} for f in run["front"]]
+        seeds.append(seed)
+        commands.append(command_line())
+        front = nondominated([dict(p, i=k) for k, p in enumerate(points)])
+        out = {"recipe": recipe.name, "commands": commands, "seeds": seeds, "evaluations": args.evaluations,
+               "points": points, "front": [{k: f[k] for k in ("grouping", "performance", "storage_cost")}
+                                           for f in front]}
+        tmp = args.reference.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.replace(args.reference)
+        print(f"seed {seed}: {run['full']} full + {run['partial']} partial evaluations, {run['wall']:.0f} s; "
+              f"wrote {args.reference}: {len(front)} points from seeds {seeds}", flush=True)
     return 0
 
 
@@ -123,11 +134,13 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names (a prefix is enough)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--workdir", type=Path, default=None, help="journals (default: a fresh temp folder); "
+                    "with --make-reference a killed seed resumes from it")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe)
     args.reference = args.reference or Path(__file__).parent / f"reference_front_{recipe.name}.json"
-    workdir = Path(tempfile.mkdtemp(prefix="mergetool-ttt-"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mergetool-ttt-"))
     evaluations = args.evaluations or recipe.search.evaluations
     if args.make_reference:
         args.evaluations = evaluations
@@ -153,7 +166,7 @@ def main() -> int:
             print(rows[-1], flush=True)
     body = "\n".join(rows + ["", _goal(hits), f"- HV point: P = {point[0]:.4f} (best static merge, validation), "
                              f"C = T = {point[1]:g}; target = {args.share:g} × the reference front's HV "
-                             f"({args.reference.name}: {ref['command']})"])
+                             f"({args.reference.name}: {'; '.join(ref['commands'])})"])
     print(body)
     if not args.no_write:
         write_block("time-to-target", "Search speed: wall time to 95 % of the reference front's HV", body,
