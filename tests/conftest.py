@@ -63,3 +63,9 @@ def trained_zoo(tmp_path_factory):
     from mergetool.testing.toy import make_trained_zoo
 
     return make_trained_zoo(tmp_path_factory.mktemp("trained"))
+
+
+def pytest_addoption(parser):
+    """--fuzz-long: the fuzz suite (tests/test_fuzz.py) runs 10x its default examples per command."""
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="run the property-based fuzz suite at 10x its default budget")

@@ -218,3 +218,71 @@ def test_unwritable_outputs_are_one_line_before_any_work(routed, tmp_path, where
     for args in runs:
         result, text = invoke(*args)
         one_line(result, text, needle)
+
+
+# --- found by the fuzz suite (test_fuzz.py): each a named regression test ----------------------------------
+
+def test_file_names_longer_than_the_os_allows_are_one_line(routed, tmp_path):
+    long = tmp_path / ("y" * 300)
+    for args in (("validate", long), ("plan", long), ("inspect", long), ("front", long),
+                 ("predict", routed["lib"], "--input", long, "-q")):
+        result, text = invoke(*args)
+        one_line(result, text, "File name too long")
+
+
+def test_search_output_inside_a_library_is_refused(routed, tmp_path):
+    lib = Path(routed["lib"])
+    before = files_under(lib)
+    recipe = write_recipe(tmp_path / "r.yaml", routed["zoo"])
+    recipe.write_text(recipe.read_text().replace(f"output: {tmp_path / 'run'}", f"output: {lib / 'run'}"))
+    result, text = invoke("search", recipe, "-q")
+    one_line(result, text, "inside the library")
+    assert files_under(lib) == before
+
+
+def test_unknown_device_is_refused_before_anything_is_written_or_built(routed, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", routed["zoo"])
+    before = files_under(tmp_path)
+    result, text = invoke("search", recipe, "-q", "--device", "tpu")
+    one_line(result, text, "tpu")
+    result, text = invoke("export", recipe, "--grouping", routed["grouping"], "--out", tmp_path / "lib",
+                          "--device", "tpu")
+    one_line(result, text, "tpu")
+    assert len(text.strip().splitlines()) == 1, text  # refused before the experts are built (no progress lines)
+    assert files_under(tmp_path) == before
+
+
+def test_a_deeply_nested_grouping_file_is_one_line(routed, tmp_path):
+    g = tmp_path / "g.json"
+    g.write_text('{"grouping": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    result, text = invoke("export", routed["recipe"], "--grouping", g, "--out", tmp_path / "lib")
+    one_line(result, text, "nested deeper than")
+
+
+def test_non_utf8_on_a_real_stdin_pipe_is_one_line(routed):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mergetool", "predict", str(routed["lib"]), "--input", "-", "-q"],
+                          input=b'{"text": "w1"}\n{"text": "caf\xe9"}\n', capture_output=True, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "not UTF-8" in err and "Traceback" not in err, err
+
+
+def test_front_refuses_edited_run_records(routed, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", routed["zoo"])
+    recipe.write_text(recipe.read_text().replace("search: {population: 6, evaluations: 24,",
+                                                 "search: {population: 4, evaluations: 4, racing: null,"))
+    result, out = invoke("search", recipe, "-q")
+    assert result.exit_code == 0, out
+    run = tmp_path / "run"
+    journal = run / "search" / "evaluations.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join([json.dumps(dict(json.loads(lines[0]), i=None))] + lines[1:]) + "\n")
+    result, text = invoke("front", run)
+    one_line(result, text, "journal line 1")
+    journal.write_text("\n".join(lines) + "\n")
+    ref = run / "search" / "reference.json"
+    ref.write_text(json.dumps(dict(json.loads(ref.read_text()), static_merge=None)))
+    result, text = invoke("front", run)
+    one_line(result, text, "reference.json")

@@ -165,6 +165,8 @@ CASES = {
         id2label={str(i): f"c{i}" for i in range(5)}, label2id={f"c{i}": i for i in range(5)})), "config-t1.json"),
     # the tokenizer loads
     "tokenizer_empty": (lambda lib: _write(lib, "tokenizer.json", "{}"), "tokenizer"),
+    "tokenizer_unk_token_null": (  # loads, then fails on the first unknown word (found by the fuzz suite)
+        lambda lib: _edit_json(lib, "tokenizer_config.json", lambda c: c.update(unk_token=None)), "tokenizer"),
     "tokenizer_list": (lambda lib: _write(lib, "tokenizer.json", json.dumps([SECRET])), "tokenizer"),
     # safetensors headers: metadata types, dims, offsets, shapes the manifest knows
     "router_metadata_not_string": (lambda lib: _metadata(lib, "router.safetensors", '{"format":1}'),

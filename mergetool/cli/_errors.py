@@ -39,6 +39,12 @@ def handles_errors(fn: Callable) -> Callable:
                 traceback.print_exc(file=sys.stderr)
             report(e)
             raise typer.Exit(EXIT_USAGE) from None
+        except OSError as e:  # a path the user gave that the OS refuses (name too long, permission, no space)
+            if _state["debug"]:
+                traceback.print_exc(file=sys.stderr)
+            where = f"{e.filename}: " if e.filename else ""
+            typer.echo(f"error: {where}{e.strerror or e} (fix: check the path and its permissions)", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import MergetoolError
-from mergetool.pipeline.rundir import read_json_record, recipe_hash, resolve_run, write_json_atomic
+from mergetool.pipeline.rundir import read_json_record, read_references, recipe_hash, resolve_run, write_json_atomic
 
 
 @handles_errors
@@ -80,7 +80,7 @@ def baselines(
 
         result = run_baselines(session, split=split, methods=chosen, twin_ranks=ranks, routing=routing,
                                device=device, progress=progress, racing=None if no_racing else settings_for(recipe).racing,
-                               reference=read_json_record(run_dir / "search" / "reference.json"))
+                               reference=read_references(run_dir / "search" / "reference.json"))
         bar.update(task, completed=total, description="done")
     path = write_json_atomic(run_dir / "baselines" / "baselines.json", result)
     print_table(Console(), result)

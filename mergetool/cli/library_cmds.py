@@ -14,6 +14,7 @@ from mergetool.core.budget import best_within
 from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.core.grouping import validate
 from mergetool.core.outputs import check_writable
+from mergetool.core.safejson import UnsafeJSON, parse_json
 from mergetool.library.card import group_letters
 from mergetool.library.location import refuse_inside_library
 from mergetool.pipeline.rundir import read_front, resolve_run
@@ -45,11 +46,12 @@ def parse_budget(text: Optional[str]) -> Optional[float]:
 def read_grouping(path: Path, plan):
     """G from {"tasks", "components", "grouping"} (or a bare T x L list), rows/columns in plan order."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = parse_json(Path(path).read_bytes())
     except FileNotFoundError:
         raise LibraryError("grouping file not found", file=str(path), key="--grouping") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LibraryError(f"grouping file is not valid JSON: {exc}", file=str(path), key="--grouping") from None
+    except (OSError, UnsafeJSON) as exc:
+        raise LibraryError(f"grouping file is not JSON: {exc}", file=str(path), key="--grouping",
+                           fix='write {"grouping": [[...], ...]} (T rows of L group ids)') from None
     tasks = comps = None
     if isinstance(data, dict):
         tasks, comps, data = data.get("tasks"), data.get("components"), data.get("grouping")
@@ -92,6 +94,7 @@ def export(
 
     The library always ships a router: trained on the recipe's `router` splits, or reused from
     RUN/router/ when nothing it depends on changed."""
+    from mergetool.evaluation.runner import pick_device  # lazy: loads torch
     from mergetool.library.writer import SolutionIn, check_target, export_library, parse_size  # lazy: loads torch
     from mergetool.models.plan import open_models  # lazy: loads torch
     from mergetool.pipeline.checks import check_recipe  # lazy: loads torch
@@ -116,6 +119,7 @@ def export(
     sources = open_models(recipe)
     # the recipe's checks (data, labels, method) before anything is written; weights' values as the search did
     plan = check_recipe(recipe, check_values=False, sources=sources)
+    pick_device(device)  # an unknown device is refused before any expert is built
     router = RouterBuilder(recipe, sources[0], cache_dir=run_dir / "router", device=device, progress=say)
     router.check()  # a router split per task, before any expert is built
     default = 0

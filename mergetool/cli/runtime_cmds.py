@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -29,7 +30,10 @@ def read_inputs(src: str, text_field: str, pair_field: Optional[str], skip_bad: 
     """(line number, (text, pair)) per jsonl line or csv row; bad lines raise DataError or are counted."""
     where = "<stdin>" if src == "-" else src
     check_input(src)
-    f = sys.stdin if src == "-" else Path(src).open(encoding="utf-8", newline="")
+    # stdin as strict UTF-8: Python's own stdin may decode with surrogateescape and pass bad bytes on
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="") if hasattr(sys.stdin, "buffer") \
+        else sys.stdin
+    f = stdin if src == "-" else Path(src).open(encoding="utf-8", newline="")
     try:
         with f:
             yield from _parse_inputs(f, src, where, text_field, pair_field, skip_bad, bad)

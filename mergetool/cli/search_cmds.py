@@ -13,7 +13,7 @@ from rich.table import Table
 
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import MergetoolError
-from mergetool.pipeline.rundir import prepare_run, read_front, read_json_record, resolve_run
+from mergetool.pipeline.rundir import prepare_run, read_front, read_json_record, read_references, resolve_run
 from mergetool.recipe import load_recipe
 from mergetool.recipe.loader import parse_recipe
 from mergetool.search import run_search
@@ -46,6 +46,7 @@ def search(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Search Pareto-optimal groupings G (surrogate-assisted NSGA-II) and write RUN/search/."""
+    from mergetool.evaluation.runner import pick_device  # lazy: loads torch
     from mergetool.pipeline.checks import check_recipe  # lazy: loads torch
     from mergetool.pipeline.session import (  # lazy: loads torch
         MergeProblem,
@@ -60,6 +61,7 @@ def search(
     r = _override(load_recipe(recipe), evaluations, seed, no_surrogate, init, granularity, crossover,
                   no_racing=no_racing, precision=precision)
     plan = check_recipe(r)
+    pick_device(device)  # an unknown device is refused before the run folder is written
     executor = make_executor(r.search.executor, r.search.ray.address, r.search.ray.num_workers)
     executor.connect()  # an unreachable cluster is refused before the run folder is written
     run_dir = prepare_run(r, resume=resume, force=force)
@@ -105,7 +107,7 @@ def front(
     """Print a run's Pareto front (C, P, per task, the pick per budget) and redraw pareto.png."""
     run_dir, _ = resolve_run(run)
     fr = read_front(run_dir)
-    _print_front(Console(), fr, read_json_record(run_dir / "search" / "reference.json"))
+    _print_front(Console(), fr, read_references(run_dir / "search" / "reference.json"))
     records = read_journal(run_dir / "search" / "evaluations.jsonl")
     plot_pareto(records, fr, run_dir / "search" / "pareto.png")
 

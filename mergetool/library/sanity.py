@@ -79,7 +79,8 @@ def read_config(docs: dict, name: str, fail: Fail, *, model_type: Optional[str] 
 
 
 def check_tokenizer(folder: Path, m: Manifest, fail: Fail) -> None:
-    """The library's tokenizer (when it ships one) loads, as the runtime will load it."""
+    """The library's tokenizer (when it ships one) loads, as the runtime will load it, and encodes a probe
+    (a tampered tokenizer_config, e.g. unk_token: null, loads but fails on the first unknown word)."""
     present = [n for n in TOKENIZER_FILES if n in m.files]
     if not present:
         return
@@ -91,7 +92,8 @@ def check_tokenizer(folder: Path, m: Manifest, fail: Fail) -> None:
             from tokenizers import Tokenizer
 
             Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-        AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        tok(["a probe: unknown wörds, 12345 ✓"], ["and a pair"], truncation=True, max_length=16)  # it must encode
     except Exception as exc:  # noqa: BLE001 - tokenizers and transformers raise many kinds: all mean unusable
         raise fail(f"the tokenizer does not load ({type(exc).__name__})", name,
                    "export from models saved with a working tokenizer; the library may be tampered with") from None

@@ -6,7 +6,6 @@ black box; it pickles as its recipe text, so Ray workers rebuild it on their sid
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,7 +18,7 @@ from mergetool.evaluation.engine import Evaluator, default_prefix_budget
 from mergetool.merge.experts import ExpertStore
 from mergetool.merge.quantize import QuantSpec
 from mergetool.models.plan import Plan, build_plan, open_models
-from mergetool.pipeline.rundir import write_json_atomic
+from mergetool.pipeline.rundir import read_json_record, read_references, write_json_atomic
 from mergetool.recipe import Recipe, parse_recipe
 from mergetool.search import SearchSettings
 from mergetool.search.types import RacingSettings
@@ -156,8 +155,9 @@ def references(session: Session, search_dir: Path, progress: Optional[Callable[[
     """Full-precision references on every split: the static merge (all-shared, C = 1) and the
     individual models (all-singletons, C = T). Cached in reference.json."""
     path = search_dir / "reference.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    cached = read_references(path)
+    if cached is not None:
+        return cached
     p = session.plan
     out: dict = {}
     for name, G in (("static_merge", all_shared(p.T, p.L)), ("individual", all_singletons(p.T, p.L))):
@@ -176,7 +176,7 @@ def references(session: Session, search_dir: Path, progress: Optional[Callable[[
 def test_scores(session: Session, search_dir: Path, groupings: list) -> dict:
     """Test-split scores of chosen solutions (by canonical key), cached in test_scores.json."""
     path = search_dir / "test_scores.json"
-    cache = json.loads(path.read_text()) if path.is_file() else {}
+    cache = read_json_record(path) or {}
     if not session.has_split("test"):
         return cache
     for G in groupings:

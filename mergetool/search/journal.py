@@ -52,6 +52,7 @@ def _parse(lines: list[bytes], path: Path) -> tuple[list[dict], int, bool]:
             missing = [f for f in FIELDS if f not in rec]
             if missing:
                 raise ValueError(f"missing {', '.join(missing)}")
+            _check_types(rec)
         except ValueError as e:
             if n == len(lines):  # cut by a kill mid-write: drop it
                 break
@@ -74,6 +75,22 @@ def read_journal(path) -> list[dict]:
         return []
     records, _, _ = _parse(path.read_bytes().splitlines(keepends=True), path)
     return _check(records, path)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_types(rec: dict) -> None:
+    """The fields every reader relies on have their types (an edited journal fails here, in one line)."""
+    if not isinstance(rec["i"], int) or isinstance(rec["i"], bool) or rec["i"] < 0:
+        raise ValueError("i is not a non-negative integer")
+    if not isinstance(rec["grouping"], list) or not _number(rec["storage_cost"]):
+        raise ValueError("grouping is not a list or storage_cost not a number")
+    if rec.get("performance") is not None and not _number(rec["performance"]):
+        raise ValueError("performance is not a number")
+    if not isinstance(rec["per_task"], dict) or not all(v is None or _number(v) for v in rec["per_task"].values()):
+        raise ValueError("per_task is not a mapping of task -> number")
 
 
 def _check(records: list[dict], path: Path) -> list[dict]:
