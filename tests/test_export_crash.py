@@ -17,20 +17,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from routed import invoke
 
-from mergetool.cli.app import app
 from mergetool.library.reader import LibraryFiles
 from mergetool.library.staging import host_id, make_tmp, swap_in
 from mergetool.testing.toy import make_text_zoo, recipe_text
 
-runner = CliRunner()
 OTHER_HOST = "0badc0de" if host_id() != "0badc0de" else "0badcafe"
-
-
-def _invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result, result.stdout + (result.stderr or "")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +35,7 @@ def zoo(tmp_path_factory):
     recipe.write_text(recipe_text(base, tasks, data, out=f"output: {root / 'run'}"))
     g = root / "g.json"
     g.write_text(json.dumps({"tasks": ["t0", "t1"], "grouping": [[0] * 8, [0, 1, 0, 1, 0, 1, 1, 1]]}))
-    result, text = _invoke("export", recipe, "--grouping", g, "--out", root / "lib")
+    result, text = invoke("export", recipe, "--grouping", g, "--out", root / "lib")
     assert result.exit_code == 0, text
     return {"lib": root / "lib", "recipe": recipe, "grouping": g}
 
@@ -106,7 +99,7 @@ def test_killed_export_model_temp_folder_is_removed_by_the_next(zoo, tmp_path):
     other_host = _leftover(out, "tmp", _dead_pid(), host=OTHER_HOST)
     ownerless = tmp_path / ".model.tmp-abcd1234"  # an older version's: nobody can tell if it is live
     ownerless.mkdir()
-    result, text = _invoke("export-model", zoo["lib"], "--task", "t0", "--out", out)
+    result, text = invoke("export-model", zoo["lib"], "--task", "t0", "--out", out)
     assert result.exit_code == 0, text
     assert not killed[0].exists() and not stale.exists()
     assert live.exists() and other_host.exists() and ownerless.exists()
@@ -117,7 +110,7 @@ def test_killed_library_export_temp_folder_is_removed_by_the_next(zoo, tmp_path)
     out = tmp_path / "lib"
     stale = _leftover(out, "tmp", _dead_pid())
     live = _leftover(out, "tmp", os.getpid())
-    result, text = _invoke("export", zoo["recipe"], "--grouping", zoo["grouping"], "--out", out)
+    result, text = invoke("export", zoo["recipe"], "--grouping", zoo["grouping"], "--out", out)
     assert result.exit_code == 0, text
     assert not stale.exists() and live.exists()
     LibraryFiles.load(out)
@@ -129,7 +122,7 @@ def test_interrupted_swap_without_target_is_restored(zoo, tmp_path):
     shutil.copytree(zoo["lib"], out)
     _crash_during_swap(out, after=1)  # killed between moving the old library aside and the new one in
     assert not out.exists() and list(tmp_path.glob(".lib.old-*")) and list(tmp_path.glob(".lib.tmp-*"))
-    result, text = _invoke("export", zoo["recipe"], "--grouping", zoo["grouping"], "--out", out)
+    result, text = invoke("export", zoo["recipe"], "--grouping", zoo["grouping"], "--out", out)
     assert result.exit_code == 2 and "already exists" in text, text  # restored, so not replaced without --force
     assert _same_library(out, zoo["lib"]) and not list(tmp_path.glob(".lib.*"))
     LibraryFiles.load(out, verify=True)
@@ -141,7 +134,7 @@ def test_interrupted_swap_with_target_removes_the_old(zoo, tmp_path):
     _crash_during_swap(out, after=2)  # killed after the new one is in place, before the old one is removed
     assert (out / "manifest.json").read_text() == "new" and list(tmp_path.glob(".lib.old-*"))
     live_old = _leftover(out, "old", os.getpid(), lib=zoo["lib"])
-    result, text = _invoke("export", zoo["recipe"], "--grouping", zoo["grouping"], "--out", out)
+    result, text = invoke("export", zoo["recipe"], "--grouping", zoo["grouping"], "--out", out)
     assert result.exit_code == 2 and "exists" in text, text
     assert (out / "manifest.json").read_text() == "new"  # the completed swap's result is kept
     assert [p.name for p in tmp_path.glob(".lib.*")] == [live_old.name] and (live_old / "lib").is_dir()
@@ -149,15 +142,15 @@ def test_interrupted_swap_with_target_removes_the_old(zoo, tmp_path):
 
 def test_dead_old_folder_is_restored_by_export_model_too(zoo, tmp_path):
     out = tmp_path / "model"
-    result, text = _invoke("export-model", zoo["lib"], "--task", "t1", "--out", out)
+    result, text = invoke("export-model", zoo["lib"], "--task", "t1", "--out", out)
     assert result.exit_code == 0, text
     aside = _leftover(out, "old", _dead_pid())
     os.replace(out, aside / "lib")  # as a kill between swap_in's two renames leaves it
     other_host = _leftover(out, "old", _dead_pid(), host=OTHER_HOST, lib=zoo["lib"])
-    result, text = _invoke("export-model", zoo["lib"], "--task", "t1", "--out", out)
+    result, text = invoke("export-model", zoo["lib"], "--task", "t1", "--out", out)
     assert result.exit_code == 2 and "already exists" in text, text
     assert (out / "model.safetensors").is_file() and not aside.exists() and other_host.exists()
-    result, text = _invoke("export-model", zoo["lib"], "--task", "t1", "--out", out, "--force")
+    result, text = invoke("export-model", zoo["lib"], "--task", "t1", "--out", out, "--force")
     assert result.exit_code == 0, text
     assert other_host.exists() and [p.name for p in tmp_path.glob(".model.*")] == [other_host.name]
 
@@ -174,7 +167,7 @@ def test_every_output_file_has_the_ordinary_mode(zoo, tmp_path):
     assert set(files.values()) == {0o666 & ~mask}, files
     assert zoo["lib"].stat().st_mode & 0o777 == 0o777 & ~mask
     out = tmp_path / "model"
-    result, text = _invoke("export-model", zoo["lib"], "--task", "t0", "--out", out)
+    result, text = invoke("export-model", zoo["lib"], "--task", "t0", "--out", out)
     assert result.exit_code == 0, text
     assert set(_modes(out).values()) == {0o666 & ~mask}
 

@@ -12,14 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from routed import invoke
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
 from hub_server import HubServer, hub_env, hub_offline  # noqa: E402
 from huggingface_hub import ModelCard  # noqa: E402
 
-from mergetool.cli.app import app  # noqa: E402
 from mergetool.core.errors import LibraryError, MergetoolError  # noqa: E402
 from mergetool.library import ExpertLibrary, hub  # noqa: E402
 from mergetool.library.card import render_card  # noqa: E402
@@ -27,15 +26,9 @@ from mergetool.library.verify import read_manifest  # noqa: E402
 from mergetool.testing.toy import make_text_zoo, recipe_text  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
-runner = CliRunner()
 REPO = "test-user/expert-lib"
 MIXED = [[0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 0, 1, 0, 1, 1, 1]]
 SHARED = [[0] * 8, [0] * 8]
-
-
-def _invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result, result.stdout + (result.stderr or "")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +42,7 @@ def libs(tmp_path_factory):
     for name, G in (("a", MIXED), ("b", SHARED)):
         g = root / f"{name}.json"
         g.write_text(json.dumps({"tasks": ["t0", "t1"], "grouping": G}))
-        result, text = _invoke("export", recipe, "--grouping", g, "--out", root / name, "--shard-size", "8KB")
+        result, text = invoke("export", recipe, "--grouping", g, "--out", root / name, "--shard-size", "8KB")
         assert result.exit_code == 0, text
         out[name] = root / name
     return out
@@ -90,10 +83,10 @@ def _left_behind(parent: Path) -> list[str]:
 def test_round_trip_gives_the_same_library(hub_server, libs, tmp_path):
     lib = libs["a"]
     before = _files(lib)
-    result, text = _invoke("push", lib, REPO, "--commit-message", "first library")
+    result, text = invoke("push", lib, REPO, "--commit-message", "first library")
     assert result.exit_code == 0, text
     assert _files(lib) == before  # push never changes the local library
-    result, text = _invoke("pull", REPO, tmp_path / "got")
+    result, text = invoke("pull", REPO, tmp_path / "got")
     assert result.exit_code == 0, text
     got = tmp_path / "got"
     assert _same_states(_states(lib), _states(got))
@@ -107,7 +100,7 @@ def test_round_trip_gives_the_same_library(hub_server, libs, tmp_path):
     ExpertLibrary.load(got, verify=True)
     assert hub_server.get_file(REPO, "manifest.json") == g["manifest.json"]
     assert not [n for n in _left_behind(tmp_path) if n != "got"]  # no temporary folder left
-    result, text = _invoke("inspect", f"hub:{REPO}", "--json")  # a hub: reference works wherever a folder does
+    result, text = invoke("inspect", f"hub:{REPO}", "--json")  # a hub: reference works wherever a folder does
     assert result.exit_code == 0 and json.loads(result.stdout)["chains"] == read_manifest(lib).chains, text
     assert _plain(_predictions(lib)) == _plain(_predictions(got))
 
@@ -172,19 +165,19 @@ def test_second_push_makes_a_new_revision(hub_server, libs, tmp_path):
     assert _same_states(_states(tmp_path / "old"), _states(libs["a"]))
     assert _same_states(_states(f"hub:{REPO}@{first.oid}"), _states(libs["a"]))
     # --force replaces a library; without it DIR is refused
-    result, text = _invoke("pull", REPO, tmp_path / "old")
+    result, text = invoke("pull", REPO, tmp_path / "old")
     assert result.exit_code == 2 and "already exists" in _one_line(text)
-    result, text = _invoke("pull", REPO, tmp_path / "old", "--force")
+    result, text = invoke("pull", REPO, tmp_path / "old", "--force")
     assert result.exit_code == 0, text
     assert _same_states(_states(tmp_path / "old"), _states(libs["b"]))
 
 
 def test_push_to_a_branch(hub_server, libs, tmp_path):
     _push(libs["a"])
-    result, text = _invoke("push", libs["b"], REPO, "--revision", "dev", "--private")
+    result, text = invoke("push", libs["b"], REPO, "--revision", "dev", "--private")
     assert result.exit_code == 0, text
     assert hub_server.resolve(REPO, "dev") != hub_server.resolve(REPO, "main")
-    result, text = _invoke("pull", REPO, tmp_path / "dev", "--revision", "dev")
+    result, text = invoke("pull", REPO, tmp_path / "dev", "--revision", "dev")
     assert result.exit_code == 0, text
     assert _same_states(_states(tmp_path / "dev"), _states(libs["b"]))
     assert _same_states(_states(f"hub:{REPO}"), _states(libs["a"]))
@@ -231,7 +224,7 @@ def test_tampered_repo_is_refused_and_dir_stays_empty(hub_server, libs, tmp_path
     tamper(hub_server)
     parent = tmp_path / "out"
     parent.mkdir()
-    result, text = _invoke("pull", REPO, parent / "lib")
+    result, text = invoke("pull", REPO, parent / "lib")
     assert result.exit_code == 2
     line = _one_line(text)
     assert needle in line and REPO in line, line
@@ -258,7 +251,7 @@ def test_cache_links_must_stay_in_the_blob_store(hub_server, libs, tmp_path):
     shutil.copyfile(shard, outside)  # same bytes, but outside the library and the cache
     shard.unlink()
     os.symlink(outside, shard)
-    result, text = _invoke("pull", REPO, tmp_path / "second")
+    result, text = invoke("pull", REPO, tmp_path / "second")
     assert result.exit_code == 2 and "link pointing outside the library" in _one_line(text)
     assert not (tmp_path / "second").exists()
 
@@ -271,7 +264,7 @@ def test_offline_pull_serves_the_cache_without_requests(hub_server, libs, tmp_pa
     hub.pull(REPO, tmp_path / "online")
     hub_server.reset_requests()
     with hub_offline(True):
-        result, text = _invoke("pull", REPO, tmp_path / "offline")
+        result, text = invoke("pull", REPO, tmp_path / "offline")
         assert result.exit_code == 0, text
         lib = hub.open_library(f"hub:{REPO}")
         assert lib.tasks == ["t0", "t1"]
@@ -284,11 +277,11 @@ def test_offline_pull_of_uncached_repo_fails_fast(hub_server, libs, tmp_path):
     hub_server.reset_requests()
     with hub_offline(True):
         t0 = time.monotonic()
-        result, text = _invoke("pull", REPO, tmp_path / "lib")
+        result, text = invoke("pull", REPO, tmp_path / "lib")
         assert time.monotonic() - t0 < 5
         with pytest.raises(MergetoolError, match="HF_HUB_OFFLINE"):
             hub.open_library(f"hub:{REPO}")
-        r2, t2 = _invoke("push", libs["a"], REPO)
+        r2, t2 = invoke("push", libs["a"], REPO)
     assert result.exit_code == 2 and "HF_HUB_OFFLINE=1" in _one_line(text)
     assert r2.exit_code == 2 and "HF_HUB_OFFLINE=1" in _one_line(t2)
     assert not (tmp_path / "lib").exists() and hub_server.request_count == 0
@@ -304,7 +297,7 @@ def test_hub_errors_are_one_line(hub_server, libs, tmp_path):
         (("pull", REPO, tmp_path / "x", "--revision", "no-such-branch"), "revision 'no-such-branch' not found"),
         (("pull", "not a repo id!", tmp_path / "x"), "invalid repo id"),
     ]:
-        result, text = _invoke(*args)
+        result, text = invoke(*args)
         assert result.exit_code == 2 and needle in _one_line(text), text
         assert not (tmp_path / "x").exists()
 
@@ -316,7 +309,7 @@ def test_push_refuses_a_corrupt_library_before_any_request(hub_server, libs, tmp
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    result, text = _invoke("push", lib, REPO)
+    result, text = invoke("push", lib, REPO)
     assert result.exit_code == 2 and "checksum mismatch" in _one_line(text)
     assert hub_server.request_count == 0
 
@@ -324,20 +317,20 @@ def test_push_refuses_a_corrupt_library_before_any_request(hub_server, libs, tmp
 def test_unauthorised_and_unreachable(libs, tmp_path):
     with HubServer(token="hf_the_right_token") as server, hub_env(server.endpoint, tmp_path / "home",
                                                                   token="hf_a_wrong_token"):
-        result, text = _invoke("push", libs["a"], REPO)
+        result, text = invoke("push", libs["a"], REPO)
         assert result.exit_code == 2 and "refused the request (HTTP 401)" in _one_line(text)
-        result, text = _invoke("push", libs["a"], REPO, "--token", "hf_the_right_token", "--private")
+        result, text = invoke("push", libs["a"], REPO, "--token", "hf_the_right_token", "--private")
         assert result.exit_code == 0, text
-        result, text = _invoke("pull", REPO, tmp_path / "x")  # private: the wrong token reads nothing
+        result, text = invoke("pull", REPO, tmp_path / "x")  # private: the wrong token reads nothing
         assert result.exit_code == 2 and "not found" in _one_line(text)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with hub_env(f"http://127.0.0.1:{port}", tmp_path / "home2"):
         t0 = time.monotonic()
-        result, text = _invoke("pull", REPO, tmp_path / "y")
+        result, text = invoke("pull", REPO, tmp_path / "y")
         assert result.exit_code == 2 and "cannot reach the Hub" in _one_line(text)
-        result, text = _invoke("push", libs["a"], REPO)
+        result, text = invoke("push", libs["a"], REPO)
         assert result.exit_code == 2 and "cannot reach the Hub" in _one_line(text)
         assert time.monotonic() - t0 < 10
     assert not (tmp_path / "y").exists()
@@ -366,7 +359,7 @@ def test_model_card_usage_runs_as_written(hub_server, libs, tmp_path, monkeypatc
     commands = [line.split()[1:] for line in _code_block(text, "bash").splitlines() if line.startswith("mergetool ")]
     assert [c[0] for c in commands] == ["pull", "predict", "export-model"]
     for args in commands:
-        result, out = _invoke(*args)
+        result, out = invoke(*args)
         assert result.exit_code == 0, f"mergetool {' '.join(args)}: {out}"
     assert (tmp_path / "preds.jsonl").read_text().count("\n") == 1
     namespace: dict = {}

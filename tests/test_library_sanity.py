@@ -14,20 +14,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from routed import invoke
 
-from mergetool.cli.app import app
 from mergetool.core.errors import LibraryError
 from mergetool.library.verify import sha256_file
 from mergetool.testing.toy import make_text_zoo, recipe_text
 
 SECRET = "SECRET-api_key"  # planted in tampered content: no error may echo it
-runner = CliRunner()
-
-
-def _invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result, result.stdout + (result.stderr or "")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +33,7 @@ def lib(tmp_path_factory):
                                   "mode: conditional}", out=f"output: {root / 'run'}"))
     g = root / "g.json"
     g.write_text(json.dumps({"tasks": ["t0", "t1"], "grouping": [[0] * 8, [0, 1, 0, 1, 0, 1, 1, 1]]}))
-    result, text = _invoke("export", recipe, "--grouping", g, "--out", root / "lib", "--shard-size", "8KB")
+    result, text = invoke("export", recipe, "--grouping", g, "--out", root / "lib", "--shard-size", "8KB")
     assert result.exit_code == 0, text
     return root / "lib"
 
@@ -241,7 +234,7 @@ def test_tampered_library_refused_everywhere(lib, tmp_path, case):
     tamper, needle = CASES[case]
     tamper(bad)
     for flags in (["--verify"], []):
-        result, text = _invoke("inspect", bad, *flags)
+        result, text = invoke("inspect", bad, *flags)
         _one_clean_line(result, text, needle)
     with pytest.raises(LibraryError) as err:
         ExpertLibrary.load(bad, device="cpu")
@@ -249,7 +242,7 @@ def test_tampered_library_refused_everywhere(lib, tmp_path, case):
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "w1 w2"}\n')
     for flags in ([], ["--task", "t0"]):
-        result, text = _invoke("predict", bad, "--input", inputs, "--output", tmp_path / "out.jsonl", *flags)
+        result, text = invoke("predict", bad, "--input", inputs, "--output", tmp_path / "out.jsonl", *flags)
         _one_clean_line(result, text, needle)
         assert not (tmp_path / "out.jsonl").exists()
 
@@ -257,7 +250,7 @@ def test_tampered_library_refused_everywhere(lib, tmp_path, case):
 def test_untampered_library_passes(lib, tmp_path):
     from mergetool.inference.runtime import ExpertLibrary
 
-    result, text = _invoke("inspect", lib, "--verify")
+    result, text = invoke("inspect", lib, "--verify")
     assert result.exit_code == 0, text
     assert len(ExpertLibrary.load(lib, device="cpu").predict(["w1 w2"])) == 1
 
@@ -273,11 +266,11 @@ def test_export_model_refuses_a_task_without_heads(lib, tmp_path):
         m["tasks"][0]["heads"] = {}
         del m["files"]["heads-t0.safetensors"]
     _manifest(bad, fn)
-    result, text = _invoke("export-model", bad, "--task", "t0", "--out", tmp_path / "model")
+    result, text = invoke("export-model", bad, "--task", "t0", "--out", tmp_path / "model")
     _one_clean_line(result, text, "t0")
     assert "head" in text, text
     assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".model*"))
-    result, text = _invoke("inspect", bad, "--verify")
+    result, text = invoke("inspect", bad, "--verify")
     _one_clean_line(result, text, "t0")
 
 
