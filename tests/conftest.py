@@ -66,6 +66,10 @@ def trained_zoo(tmp_path_factory):
 
 
 def pytest_addoption(parser):
-    """--fuzz-long: the fuzz suite (tests/test_fuzz.py) runs 10x its default examples per command."""
+    """--fuzz-long: the fuzz suite (tests/test_fuzz_*.py) runs 10x its default examples per command."""
     parser.addoption("--fuzz-long", action="store_true", default=False,
                      help="run the property-based fuzz suite at 10x its default budget")
+
+
+# the fuzz suite's session fixtures (tests/fuzz_fixtures.py), shared by every tests/test_fuzz_*.py
+from fuzz_fixtures import fuzz_report, world  # noqa: E402,F401
