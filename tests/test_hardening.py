@@ -1,7 +1,7 @@
 """Regression tests for the hostile-user report (issue 17) on commands that write: one line, exit 2, nothing left.
 
 Recipe-only cases (bombs, non-finite numbers, ranges, custom evaluators, patterns) are in test_bad_recipes.py;
-tampered libraries in test_library_sanity.py; the property-based sweep in test_fuzz.py.
+tampered libraries in test_library_sanity.py; the property-based sweep in test_fuzz_*.py.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def test_unwritable_outputs_are_one_line_before_any_work(routed, tmp_path, where
         one_line(result, text, needle)
 
 
-# --- found by the fuzz suite (test_fuzz.py): each a named regression test ----------------------------------
+# --- found by the fuzz suite (test_fuzz_*.py): each a named regression test ----------------------------------
 
 def test_file_names_longer_than_the_os_allows_are_one_line(routed, tmp_path):
     long = tmp_path / ("y" * 300)
