@@ -148,6 +148,7 @@ def cases(base, tasks, data, root: Path, zoo_factory):
         "huge_seed": (good(base, tasks, data, extra="search: {seed: 1180591620717411303424}\n"), "search.seed"),
         "unset_env_var": (good("${MERGETOOL_TEST_UNSET_VAR}", tasks, data), "MERGETOOL_TEST_UNSET_VAR"),
         "bad_task_name": (good(base, tasks, data, names=("t0", "bad name!")), "task names"),
+        "task_name_300_characters": (good(base, tasks, data, names=("t0", "t" * 300)), "1-64"),
         "custom_without_evaluator": (good(base, tasks, data).replace(
             f"  t1: {{validation: {{path: {d1}}}}}", f"  t1: {{kind: custom, validation: {{path: {d1}}}}}"),
             "evaluator"),
@@ -176,6 +177,7 @@ CASE_IDS = [
     "inf_weight", "density_above_one", "density_negative", "bits_16", "router_lr_inf", "racing_confidence_nan",
     "text_not_a_string", "evaluator_module_missing", "evaluator_function_missing", "evaluator_wrong_signature",
     "package_parent_missing", "broken_shard_index", "task_specific_matches_nothing", "rule_matches_nothing",
+    "task_name_300_characters",
 ]
 
 

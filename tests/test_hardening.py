@@ -286,3 +286,12 @@ def test_front_refuses_edited_run_records(routed, tmp_path):
     ref.write_text(json.dumps(dict(json.loads(ref.read_text()), static_merge=None)))
     result, text = invoke("front", run)
     one_line(result, text, "reference.json")
+
+
+def test_search_output_in_proc_is_one_line(routed, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", routed["zoo"])
+    recipe.write_text(recipe.read_text().replace(f"output: {tmp_path / 'run'}", "output: /proc/mergetool-run"))
+    before = files_under(tmp_path)
+    result, text = invoke("search", recipe, "-q")
+    one_line(result, text, "output")
+    assert files_under(tmp_path) == before
