@@ -46,7 +46,7 @@ from mergetool.library.manifest import (
 )
 from mergetool.library.safetensors_io import ShardSet, StreamWriter
 from mergetool.library.staging import make_tmp, recover, swap_in
-from mergetool.library.verify import sha256_file
+from mergetool.library.verify import sha256_file, verify_folder
 from mergetool.merge.experts import ExpertStore
 from mergetool.merge.quantize import to_tensors
 from mergetool.models.plan import Plan
@@ -290,6 +290,9 @@ def _finish(tmp: Path, draft: Manifest, router) -> Manifest:
     text = final.model_dump_json(indent=1)
     manifest = parse_manifest(json.loads(text), str(tmp / MANIFEST))
     (tmp / MANIFEST).write_text(text + "\n", encoding="utf-8")
+    # the reader's own checks (listing, headers, sanity; checksums were just computed) before it is published:
+    # a library this writer makes and the loader refuses is a bug, caught here rather than by a user
+    verify_folder(tmp, hashes=False, where=str(tmp), fix="report a bug: mergetool wrote a library it cannot read")
     return manifest
 
 
