@@ -34,16 +34,11 @@ def handles_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MergetoolError as e:
+        except (MergetoolError, OSError) as e:  # OSError: a path the OS refuses (name too long, permission, space)
             if _state["debug"]:
                 traceback.print_exc(file=sys.stderr)
-            report(e)
-            raise typer.Exit(EXIT_USAGE) from None
-        except OSError as e:  # a path the user gave that the OS refuses (name too long, permission, no space)
-            if _state["debug"]:
-                traceback.print_exc(file=sys.stderr)
-            where = f"{e.filename}: " if e.filename else ""
-            typer.echo(f"error: {where}{e.strerror or e} (fix: check the path and its permissions)", err=True)
+            report(e if isinstance(e, MergetoolError) else MergetoolError(
+                str(e.strerror or e), file=e.filename, fix="check the path and its permissions"))
             raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

@@ -13,10 +13,9 @@ from mergetool.cli._errors import handles_errors
 from mergetool.core.budget import best_within
 from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.core.grouping import validate
-from mergetool.core.outputs import check_writable
 from mergetool.core.safejson import UnsafeJSON, parse_json
 from mergetool.library.card import group_letters
-from mergetool.library.location import refuse_inside_library
+from mergetool.library.location import check_output
 from mergetool.pipeline.rundir import read_front, resolve_run
 from mergetool.search.front import pick
 
@@ -112,8 +111,7 @@ def export(
         name = ("all" if all_ else f"grouping-{grouping.stem}" if grouping else
                 f"solution-{solution}" if solution is not None else f"budget-{B:g}")
         out = run_dir / "libraries" / name
-    refuse_inside_library(Path(out), "--out", may_be_a_library=True)
-    check_writable(Path(out), "--out", folder=True, parents=True)
+    check_output(Path(out), "--out", folder=True, may_be_a_library=True)
     check_target(Path(out), force)
     say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     sources = open_models(recipe)
@@ -272,8 +270,7 @@ def export_model(
     from mergetool.library.hub import open_library  # lazy: loads torch
 
     B = parse_budget(budget)
-    refuse_inside_library(out, "--out")
-    check_writable(out, "--out", folder=True, parents=True)
+    check_output(out, "--out", folder=True)
     path = run(open_library(lib, budget=B, solution=solution), task, out, force=force)
     typer.echo(f"wrote {path} (task {task})")
 

@@ -15,9 +15,8 @@ import typer
 
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import DataError, MergetoolError
-from mergetool.core.outputs import check_writable
 from mergetool.evaluation.data import jsonl_records
-from mergetool.library.location import refuse_inside_library
+from mergetool.library.location import check_output
 from mergetool.pipeline.rundir import write_json_atomic
 from mergetool.recipe import load_recipe
 
@@ -27,13 +26,15 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 
 def read_inputs(src: str, text_field: str, pair_field: Optional[str], skip_bad: bool,
                 bad: Counter) -> Iterator[tuple[int, tuple]]:
-    """(line number, (text, pair)) per jsonl line or csv row; bad lines raise DataError or are counted."""
+    """(line number, (text, pair)) per jsonl line or csv row; bad lines raise DataError or are counted.
+    `src` was checked by check_input (this generator runs only when iterated)."""
     where = "<stdin>" if src == "-" else src
-    check_input(src)
-    # stdin as strict UTF-8: Python's own stdin may decode with surrogateescape and pass bad bytes on
-    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="") if hasattr(sys.stdin, "buffer") \
-        else sys.stdin
-    f = stdin if src == "-" else Path(src).open(encoding="utf-8", newline="")
+    if src != "-":
+        f = Path(src).open(encoding="utf-8", newline="")
+    elif hasattr(sys.stdin, "buffer"):  # strict UTF-8: Python's own stdin may decode with surrogateescape
+        f = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="")
+    else:
+        f = sys.stdin
     try:
         with f:
             yield from _parse_inputs(f, src, where, text_field, pair_field, skip_bad, bad)
@@ -112,11 +113,10 @@ def _check_output(output: Optional[Path], src: str) -> None:
     """--output must be a file in an existing folder, and never the input itself."""
     if output is None:
         return
-    check_writable(output, "--output")
+    check_output(output, "--output")
     if src != "-" and output.exists() and Path(src).exists() and os.path.samefile(output, src):
         raise MergetoolError("--output is the input file; writing it would destroy the input", key="--output",
                              fix="write the predictions to another file")
-    refuse_inside_library(output, "--output")
 
 
 def _count_lines(src: str) -> Optional[int]:
@@ -225,8 +225,7 @@ def evaluate(
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use test or validation")
     r = load_recipe(recipe)
     if out:
-        check_writable(out, "--out")
-        refuse_inside_library(out, "--out")
+        check_output(out, "--out")
     lib_ = ExpertLibrary.load(lib, device=device)
     report = evaluate_library(lib_, r, split, batch_size)
     table = Table(title=f"{lib} on {split} (routing accuracy {_fmt(report['routing_accuracy'])})")

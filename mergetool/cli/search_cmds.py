@@ -61,7 +61,7 @@ def search(
     r = _override(load_recipe(recipe), evaluations, seed, no_surrogate, init, granularity, crossover,
                   no_racing=no_racing, precision=precision)
     plan = check_recipe(r)
-    pick_device(device)  # an unknown device is refused before the run folder is written
+    dev = pick_device(device)  # an unknown device is refused before the run folder is written
     executor = make_executor(r.search.executor, r.search.ray.address, r.search.ray.num_workers)
     executor.connect()  # an unreachable cluster is refused before the run folder is written
     run_dir = prepare_run(r, resume=resume, force=force)
@@ -69,7 +69,7 @@ def search(
     console.print(f"run: {run_dir}  (T={plan.T}, L={plan.L}, search space 10^{plan.search_space_log10:.1f})")
     session = Session(r, device=device, plan=plan)
     session.store.count_cost = not build_for_cost
-    _warn_slow_bf16(r.search.precision, device)
+    _warn_slow_bf16(r.search.precision, dev)
     search_dir = run_dir / "search"
     with _progress(console) as bar:
         task = bar.add_task("references", total=None, hv=0.0, best=0.0, hits=0.0)
@@ -131,10 +131,9 @@ def _override(r, evaluations, seed, no_surrogate, init, granularity, crossover=N
     return parse_recipe(yaml.safe_dump(data, sort_keys=False), r.path)
 
 
-def _warn_slow_bf16(precision: str, device: str) -> None:
-    from mergetool.evaluation.runner import bf16_native, pick_device  # lazy: loads torch
+def _warn_slow_bf16(precision: str, dev) -> None:
+    from mergetool.evaluation.runner import bf16_native  # lazy: loads torch
 
-    dev = pick_device(device)
     if precision == "bf16" and not bf16_native(dev):
         typer.echo(f"warning: precision bf16 on {dev.type} without bf16 hardware (no avx512_bf16/AMX) is "
                       "emulated and slower than fp32 (5-6x on a 2-core AVX2 CPU); use precision fp32 here", err=True)

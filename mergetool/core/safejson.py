@@ -31,6 +31,11 @@ def _no_constants(name: str) -> Any:
     raise UnsafeJSON(f"{name} is not allowed (numbers must be finite)")
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number (int or float, not a bool); parse_json has already refused the non-finite ones."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def depth(value: Any) -> int:
     """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
     deepest, stack = 0, [(value, 0)]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from mergetool.core.errors import MergetoolError
+from mergetool.core.outputs import check_writable
 from mergetool.library.manifest import MANIFEST
 
 
@@ -17,6 +18,13 @@ def library_containing(path: Path) -> Optional[Path]:
         if (folder / MANIFEST).is_file() and any(folder.glob("*.safetensors")):
             return folder
     return None
+
+
+def check_output(path: Path, key: str, *, folder: bool = False, may_be_a_library: bool = False) -> None:
+    """The checks of every output before any work: writable as a file (or as a folder, whose missing parents
+    the writer makes), and not inside a library (see refuse_inside_library)."""
+    check_writable(path, key, folder=folder, parents=folder)
+    refuse_inside_library(path, key, may_be_a_library=may_be_a_library)
 
 
 def refuse_inside_library(path: Path, key: str, *, may_be_a_library: bool = False) -> None:

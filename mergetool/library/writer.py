@@ -42,7 +42,6 @@ from mergetool.library.manifest import (
     StoredExpert,
     StoredTensor,
     Task,
-    parse_manifest,
 )
 from mergetool.library.safetensors_io import ShardSet, StreamWriter
 from mergetool.library.staging import make_tmp, recover, swap_in
@@ -287,13 +286,10 @@ def _finish(tmp: Path, draft: Manifest, router) -> Manifest:
     files = {p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
              for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
     final = draft.model_copy(update={"files": files, "disk_bytes": disk_bytes(tmp, draft)})
-    text = final.model_dump_json(indent=1)
-    manifest = parse_manifest(json.loads(text), str(tmp / MANIFEST))
-    (tmp / MANIFEST).write_text(text + "\n", encoding="utf-8")
-    # the reader's own checks (listing, headers, sanity; checksums were just computed) before it is published:
-    # a library this writer makes and the loader refuses is a bug, caught here rather than by a user
-    verify_folder(tmp, hashes=False, where=str(tmp), fix="report a bug: mergetool wrote a library it cannot read")
-    return manifest
+    (tmp / MANIFEST).write_text(final.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    # the reader's own checks (manifest, listing, headers, sanity; checksums were just computed) before it is
+    # published: a library this writer makes and the loader refuses is a bug, caught here rather than by a user
+    return verify_folder(tmp, hashes=False, where=str(tmp), fix="report a bug: mergetool wrote a library it cannot read")
 
 
 def disk_bytes(folder: Path, m: Manifest) -> dict[str, int]:

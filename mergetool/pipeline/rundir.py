@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from mergetool.core.errors import MergetoolError
-from mergetool.core.safejson import UnsafeJSON, parse_json
+from mergetool.core.safejson import UnsafeJSON, is_number, parse_json
 from mergetool.library.location import library_containing
 from mergetool.recipe import Recipe, load_recipe, parse_recipe
 
@@ -66,8 +66,9 @@ def prepare_run(recipe: Recipe, *, resume: bool, force: bool) -> Path:
     journal = run / "search" / "evaluations.jsonl"
     digest = recipe_hash(recipe)
     _check_output_dir(run, recipe)
-    if library_containing(run) is not None:
-        raise MergetoolError(f"output {run} is inside the library {library_containing(run)}", file=recipe.path,
+    lib = library_containing(run)
+    if lib is not None:
+        raise MergetoolError(f"output {run} is inside the library {lib}", file=recipe.path,
                              key="output", fix="set `output` to a folder outside any library")
     if info_path.is_file():
         old = _run_info(info_path, recipe, force).get("recipe_sha256")
@@ -150,20 +151,18 @@ def read_front(run_dir: Path, *, key: str = "RUN", otherwise: str = "") -> list[
 
 
 def _front_record(r) -> bool:
-    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     return (isinstance(r, dict) and {"id", "grouping", "storage_cost"} <= set(r) and isinstance(r["id"], int)
-            and isinstance(r["grouping"], list) and num(r["storage_cost"])
-            and (r.get("performance") is None or num(r["performance"]))
-            and isinstance(r.get("per_task", {}), dict) and all(num(v) for v in r.get("per_task", {}).values()))
+            and isinstance(r["grouping"], list) and is_number(r["storage_cost"])
+            and (r.get("performance") is None or is_number(r["performance"]))
+            and isinstance(r.get("per_task", {}), dict) and all(is_number(v) for v in r.get("per_task", {}).values()))
 
 
 def read_references(path: Path) -> Optional[dict]:
     """reference.json: {name: {storage_cost, validation: {performance}}}, None when absent; one line when not."""
     refs = read_json_record(path)
-    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    if refs is not None and not all(isinstance(r, dict) and num(r.get("storage_cost"))
+    if refs is not None and not all(isinstance(r, dict) and is_number(r.get("storage_cost"))
                                     and isinstance(r.get("validation"), dict)
-                                    and num(r["validation"].get("performance")) for r in refs.values()):
+                                    and is_number(r["validation"].get("performance")) for r in refs.values()):
         raise MergetoolError(f"{path.name} is not a readable JSON record", file=str(path),
                              fix="delete it and re-run the command that writes it")
     return refs

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mergetool.core.errors import MergetoolError
-from mergetool.core.safejson import parse_json
+from mergetool.core.safejson import is_number, parse_json
 
 FIELDS = (
     "i",
@@ -77,19 +77,15 @@ def read_journal(path) -> list[dict]:
     return _check(records, path)
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _check_types(rec: dict) -> None:
     """The fields every reader relies on have their types (an edited journal fails here, in one line)."""
     if not isinstance(rec["i"], int) or isinstance(rec["i"], bool) or rec["i"] < 0:
         raise ValueError("i is not a non-negative integer")
-    if not isinstance(rec["grouping"], list) or not _number(rec["storage_cost"]):
+    if not isinstance(rec["grouping"], list) or not is_number(rec["storage_cost"]):
         raise ValueError("grouping is not a list or storage_cost not a number")
-    if rec.get("performance") is not None and not _number(rec["performance"]):
+    if rec.get("performance") is not None and not is_number(rec["performance"]):
         raise ValueError("performance is not a number")
-    if not isinstance(rec["per_task"], dict) or not all(v is None or _number(v) for v in rec["per_task"].values()):
+    if not isinstance(rec["per_task"], dict) or not all(v is None or is_number(v) for v in rec["per_task"].values()):
         raise ValueError("per_task is not a mapping of task -> number")
 
 
