@@ -6,7 +6,16 @@ from typing import Annotated
 
 import typer
 
-from mergetool.cli import baselines_cmds, doctor_cmds, hub_cmds, library_cmds, recipe_cmds, runtime_cmds, search_cmds
+from mergetool.cli import (
+    baselines_cmds,
+    doctor_cmds,
+    hub_cmds,
+    library_cmds,
+    recipe_cmds,
+    runtime_cmds,
+    search_cmds,
+    serve_cmds,
+)
 from mergetool.cli._errors import OneLineUsageErrors, set_debug
 from mergetool.core.version import __version__
 
@@ -41,6 +50,7 @@ library_cmds.register(app)
 hub_cmds.register(app)
 baselines_cmds.register(app)
 runtime_cmds.register(app)
+serve_cmds.register(app)
 doctor_cmds.register(app)
 
 

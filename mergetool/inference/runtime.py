@@ -25,6 +25,7 @@ from mergetool.core.compat import skip_weight_init
 from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.evaluation import stages
 from mergetool.evaluation.runner import instantiate, pick_device
+from mergetool.inference.inputs import Inputs, encode, pad, read_items
 from mergetool.library.hub import open_library
 from mergetool.library.reader import LibraryFiles
 from mergetool.models.source import max_length_of
@@ -32,8 +33,6 @@ from mergetool.recipe.loader import parse_recipe
 from mergetool.routing import backbone as bb
 from mergetool.routing.features import config_from_dict, load_extractor, shared_prefix
 from mergetool.routing.router import Router
-
-Inputs = Union[str, Sequence[Union[str, tuple, dict]]]
 
 
 @dataclass
@@ -156,6 +155,11 @@ class ExpertLibrary:
                                                                       requires_grad=False))
                 for n, st in t.heads.items()}
 
+    @property
+    def resident_chains(self) -> int:
+        """Assembled chains held in memory (at most max_resident_models)."""
+        return len(self._resident)
+
     def resident_bytes(self) -> int:
         """Bytes of every distinct tensor held by resident models, the router and its extractor."""
         mods = [m for c in self._resident.values() for m in c.modules.values()]
@@ -192,34 +196,12 @@ class ExpertLibrary:
             lengths = []
         return max_length_of(lengths, self.store.config())
 
-    def encode(self, items: list[tuple]) -> tuple[list[dict], int]:
-        """Token ids per input (truncated to max_length) and how many were truncated."""
-        tok, ml = self.tokenizer, self.max_length
-        texts = [a for a, _ in items]
-        pairs = [b for _, b in items] if any(b is not None for _, b in items) else None
-        if pairs is not None and any(b is None for b in pairs):
-            raise MergetoolError("some inputs have a text pair and some do not", key="inputs")
-        enc = tok(texts, pairs, truncation=False, verbose=False)
-        keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
-        out = [{k: enc[k][i] for k in keys} for i in range(len(items))]
-        long = [i for i, e in enumerate(out) if len(e["input_ids"]) > ml]
-        if long:
-            cut = tok([texts[i] for i in long], [pairs[i] for i in long] if pairs else None, truncation=True,
-                      max_length=ml)
-            for j, i in enumerate(long):
-                out[i] = {k: cut[k][j] for k in keys}
-        return out, len(long)
+    def encode(self, items: list[tuple]) -> tuple[list[dict], list[bool]]:
+        """Token ids per input (truncated to max_length) and whether each was truncated."""
+        return encode(self.tokenizer, self.max_length, items)
 
     def _pad(self, encs: list[dict], rows: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Right-padded batch of the given inputs, as tokenizer.pad builds it."""
-        width = max(len(encs[i]["input_ids"]) for i in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        out = {}
-        for k in encs[rows[0]]:
-            fill = pad if k == "input_ids" else 0
-            out[k] = torch.tensor([encs[i][k] + [fill] * (width - len(encs[i][k])) for i in rows],
-                                  dtype=torch.long, device=self.device)
-        return out
+        return pad(encs, rows, self.tokenizer.pad_token_id or 0, self.device)
 
     # --- routing --------------------------------------------------------------------------------
     def use_router(self, router) -> None:
@@ -292,33 +274,39 @@ class ExpertLibrary:
 
     def route(self, inputs: Inputs, batch_size: int = 64) -> list[str]:
         """The task the router picks for each input."""
-        encs, _ = self.encode(_items(inputs))
+        encs, _ = self.encode(read_items(inputs))
         return self._route(encs, batch_size)[0]
 
-    def _route(self, encs: list[dict], batch_size: int) -> tuple[list[str], Optional[tuple]]:
+    def _route(self, encs: list[dict], batch_size: int) -> tuple[list[str], Optional[tuple], Optional[list]]:
+        """The router's task per input, the prefix states, and its probabilities per input."""
         router = self._load_router()
         feats, states = self.features_of(encs, batch_size)
+        if not encs:
+            return [], states, []
         with torch.inference_mode():
-            ids = router(feats).argmax(-1).tolist() if len(encs) else []
-        return [router.tasks[i] for i in ids], states
+            probs = torch.softmax(router(feats).float(), -1).cpu()
+        return [router.tasks[i] for i in probs.argmax(-1).tolist()], states, probs.tolist()
 
     # --- prediction -----------------------------------------------------------------------------
-    def predict(self, inputs: Inputs, batch_size: int = 64, task: Union[None, str, Sequence[str]] = None, *,
+    def predict(self, inputs: Inputs, batch_size: int = 64, task: Union[None, str, Sequence] = None, *,
                 return_logits: bool = False) -> list[dict]:
-        """{task, label, label_id, score} per input, in input order.
+        """{task, label, label_id, score} per input, in input order; `"truncated": True` on inputs cut to
+        max_length; with return_logits, also the head's `logits` and (routed inputs) the router's `routing`
+        probabilities per task.
 
         inputs: texts, (text, text_pair) tuples or {"text", "text_pair"} dicts. task: None routes each
-        input; a task name skips routing; a list gives each input's task (oracle routing)."""
+        input; a task name skips routing; a list gives each input's task (oracle routing), None entries
+        being routed."""
         if batch_size < 1:
             raise MergetoolError(f"batch size must be positive, got {batch_size}", key="batch_size")
-        items = _items(inputs)
+        items = read_items(inputs)
         if isinstance(task, str):
             self.manifest.task(task)
         elif task is not None:
             task = list(task)
             if len(task) != len(items):
                 raise MergetoolError(f"{len(task)} tasks for {len(items)} inputs", key="task")
-            for t in set(task):
+            for t in set(task) - {None}:
                 self.manifest.task(t)
         out: list[dict] = []
         for s in range(0, len(items), self.chunk_size):
@@ -329,13 +317,14 @@ class ExpertLibrary:
     def _predict_chunk(self, items, batch_size, task, return_logits) -> list[dict]:
         t0 = time.perf_counter()
         encs, truncated = self.encode(items)
-        self.stats["truncated"] += truncated
+        self.stats["truncated"] += sum(truncated)
         t1 = time.perf_counter()
-        states = None
-        if task is None:
-            tasks, states = self._route(encs, batch_size)
-        else:
-            tasks = [task] * len(items) if isinstance(task, str) else task
+        given = [task] * len(items) if task is None or isinstance(task, str) else task
+        states = probs = None
+        tasks = given
+        if any(t is None for t in given):  # route (all inputs: prefix states are per input and reused)
+            routed, states, probs = self._route(encs, batch_size)
+            tasks = [r if t is None else t for t, r in zip(given, routed)]
         t2 = time.perf_counter()
         groups: dict[tuple, list[int]] = {}
         for i, t in enumerate(tasks):
@@ -348,7 +337,13 @@ class ExpertLibrary:
                     self._run_chain(rows[s:s + batch_size], encs, tasks, states, logits)
         t3 = time.perf_counter()
         self.stats.update(tokenize_s=t1 - t0, route_s=t2 - t1, chain_s=t3 - t2, inputs=len(items))
-        return [self._result(t, lg, return_logits) for t, lg in zip(tasks, logits)]
+        out = [self._result(t, lg, return_logits) for t, lg in zip(tasks, logits)]
+        for i, res in enumerate(out):
+            if truncated[i]:
+                res["truncated"] = True
+            if return_logits and probs is not None and given[i] is None:
+                res["routing"] = dict(zip(self._router.tasks, probs[i]))
+        return out
 
     def _run_chain(self, rows, encs, tasks, states, logits) -> None:
         entry = self._entry(tasks[rows[0]])
@@ -399,20 +394,3 @@ def _store(out: torch.Tensor, pos: list[int], rows: list[int], results: list) ->
     top = torch.softmax(out, -1).max(-1)
     for j, lg, i, p in zip(pos, out.tolist(), top.indices.tolist(), top.values.tolist()):
         results[rows[j]] = (lg, i, p)
-
-
-def _items(inputs: Inputs) -> list[tuple]:
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    out = []
-    for x in inputs:
-        if isinstance(x, str):
-            out.append((x, None))
-        elif isinstance(x, dict) and isinstance(x.get("text"), str):
-            out.append((x["text"], x.get("text_pair")))
-        elif isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
-            out.append(x)
-        else:
-            raise MergetoolError(f"cannot read input {str(x)[:60]!r}", key="inputs",
-                                 fix="give texts, (text, text_pair) tuples or {'text': ...} dicts")
-    return out
