@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from typing import Annotated, Optional
 
@@ -10,6 +11,7 @@ import typer
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import MergetoolError
 from mergetool.serve.limits import ServeLimits
+from mergetool.serve.listen import bind_socket
 
 D = ServeLimits()
 
@@ -41,6 +43,9 @@ def serve(
 ) -> None:
     """Serve a library over HTTP: POST /v1/predict (dynamic batching by chain), GET /v1/library, /healthz,
     /readyz, /metrics, /docs. SIGTERM drains the requests in flight, then exits 0."""
+    if max_inputs > max_queue:
+        raise MergetoolError(f"--max-inputs {max_inputs} is over --max-queue {max_queue}: such a request could never "
+                             "be queued", key="--max-inputs", fix="give --max-inputs ≤ --max-queue")
     limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_inputs=max_inputs,
                          max_body_bytes=max_body, timeout_s=timeout)
     if not ray and (replicas != 1 or address):
@@ -51,6 +56,7 @@ def serve(
         run_on_ray(lib, limits, host=host, port=port, replicas=replicas, address=address, device=device,
                    max_resident=max_resident)
         return
+    signal.signal(signal.SIGTERM, _stop_while_loading)  # until the server takes over: exit 0, not 143
     sock = listen(host, port)  # before loading: a taken port is one line, not minutes later
     from mergetool.inference.runtime import ExpertLibrary  # lazy: loads torch
     from mergetool.serve.engine import LibraryEngine
@@ -65,18 +71,15 @@ def serve(
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A bound, listening socket, or one line naming --host/--port."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(2048)
-    except OSError as exc:
-        raise MergetoolError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", key="--port",
-                             fix="choose a free port (or --port 0) and an address of this machine") from None
+    """A bound, listening socket the server inherits, or one line naming --host/--port."""
+    sock = bind_socket(host, port)
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def _stop_while_loading(sig, frame) -> None:
+    raise SystemExit(0)
 
 
 def register(app: typer.Typer) -> None:

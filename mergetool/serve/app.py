@@ -33,6 +33,24 @@ class Predictor(Protocol):
     def describe(self) -> dict: ...
 
 
+def inline_schema(model) -> dict:
+    """The model's JSON schema with its $defs put in place (an OpenAPI document has no root $defs)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
 def error_response(exc: BadRequest) -> JSONResponse:
     return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
@@ -40,7 +58,9 @@ def error_response(exc: BadRequest) -> JSONResponse:
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, or 413 as soon as it (or its declared length) passes the limit."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and not declared.isdigit():
+        raise BadRequest(400, "invalid_request", "the Content-Length header is not a number")
+    if declared is not None and int(declared) > limit:
         raise BadRequest(413, "body_too_large", f"the body is over {limit} bytes; send fewer inputs per request")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -57,7 +77,7 @@ def create_app(predictor: Predictor, limits: ServeLimits, metrics: Optional[Serv
     """The app over a predictor. `lifespan` starts and stops the predictor (the embedded server's
     batcher); `on_metrics` refreshes gauges before /metrics renders."""
     metrics = metrics or ServeMetrics()
-    app = FastAPI(title="mergetool", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="mergetool", version=__version__, lifespan=lifespan, redirect_slashes=False,
                   description="Route inputs to expert chains of a MERGE library and predict in batches.")
     app.state.ready, app.state.draining = False, False
 
@@ -92,7 +112,7 @@ def create_app(predictor: Predictor, limits: ServeLimits, metrics: Optional[Serv
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS,
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": PredictRequest.model_json_schema()}}}})
+                  "application/json": {"schema": inline_schema(PredictRequest)}}}})
     async def predict(request: Request):
         """Route each input (or use `task`), run it through its chain in a batch with other requests' inputs,
         and answer in input order."""

@@ -42,10 +42,12 @@ class Batcher:
         self.queued_inputs = 0
         self._wakeup: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
+        self._event_loop: Optional[asyncio.AbstractEventLoop] = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mergetool-model")
         self.closing = False
 
     async def start(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="mergetool-batcher")
 
@@ -160,6 +162,13 @@ class Batcher:
             self.metrics.batch_requests.observe(len(batch))
         if self.on_batch:
             self.on_batch(outputs)
+
+    def begin_drain(self) -> None:
+        """Refuse new requests and run the queued ones now, without waiting out max_wait_ms (safe to call
+        from a signal handler or another thread)."""
+        self.closing = True
+        if self._wakeup is not None:
+            self._event_loop.call_soon_threadsafe(self._wakeup.set)
 
     async def close(self, drain_s: float = 30.0) -> None:
         """Refuse new requests, answer the queued ones (for up to drain_s), then stop the worker."""

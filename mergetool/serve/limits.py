@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MIB = 1 << 20
 
@@ -18,3 +18,9 @@ class ServeLimits(BaseModel):
     max_inputs: int = Field(256, ge=1)  # inputs per request; beyond it: 422
     timeout_s: float = Field(30.0, gt=0)  # per request, queueing included; beyond it: 504
     retry_after_s: int = Field(1, ge=1)  # the Retry-After header of a 429
+
+    @model_validator(mode="after")
+    def _request_fits_the_queue(self) -> "ServeLimits":
+        if self.max_inputs > self.max_queue:  # such a request would be told to retry forever
+            raise ValueError(f"max_inputs ({self.max_inputs}) is over max_queue ({self.max_queue})")
+        return self

@@ -56,6 +56,7 @@ def build_app(engine: LibraryEngine, limits: ServeLimits):
 
     app = create_app(predictor, limits, metrics, lifespan=lifespan, on_metrics=predictor.refresh)
     app.state.predictor = predictor
+    app.state.on_drain = predictor.batcher.begin_drain
     return app
 
 
@@ -66,6 +67,9 @@ def run_server(app, sock, limits: ServeLimits, log_level: str = "info") -> None:
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             app.state.draining = True
+            drain = getattr(app.state, "on_drain", None)
+            if drain is not None:
+                drain()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_level=log_level, access_log=False,
