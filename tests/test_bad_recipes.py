@@ -149,6 +149,22 @@ def cases(base, tasks, data, root: Path, zoo_factory):
         "unset_env_var": (good("${MERGETOOL_TEST_UNSET_VAR}", tasks, data), "MERGETOOL_TEST_UNSET_VAR"),
         "bad_task_name": (good(base, tasks, data, names=("t0", "bad name!")), "task names"),
         "task_name_300_characters": (good(base, tasks, data, names=("t0", "t" * 300)), "1-64"),
+        "codec_bits_out_of_range": (good(base, tasks, data, extra="codecs: [{delta_quant: {bits: 9}}]\n"),
+                                    "codecs[0].bits"),
+        "codec_bits_zero": (good(base, tasks, data, extra="codecs: [{delta_quant: {bits: 0}}]\n"), "codecs[0].bits"),
+        "codec_density_zero": (good(base, tasks, data, extra="codecs: [{delta_switch: {density: 0}}]\n"),
+                               "codecs[0].density"),
+        "codec_density_above_one": (good(base, tasks, data, extra="codecs: [{delta_switch: {density: 1.5}}]\n"),
+                                    "codecs[0].density"),
+        "codec_unknown": (good(base, tasks, data, extra="codecs: [{delta_zip: {bits: 2}}]\n"), "did you mean"),
+        "codec_missing_setting": (good(base, tasks, data, extra="codecs: [{delta_quant: {}}]\n"), "needs `bits`"),
+        "codec_malformed": (good(base, tasks, data, extra="codecs: [{delta_quant: 2}]\n"), "must be a mapping"),
+        "codec_menu_empty": (good(base, tasks, data, extra="codecs: []\n"), "menu is empty"),
+        "codec_menu_of_two": (good(base, tasks, data, extra="codecs: [full, {delta_quant: {bits: 2}}]\n"),
+                              "one codec per run"),
+        "codec_delta_on_adapters": (good(lora_base, lora_tasks, data, extra="codecs: [{delta_quant: {bits: 2}}]\n"),
+                                    "adapters"),
+        "base_storage_unknown": (good(base, tasks, data, extra="base_storage: int4\n"), "base_storage"),
         "custom_without_evaluator": (good(base, tasks, data).replace(
             f"  t1: {{validation: {{path: {d1}}}}}", f"  t1: {{kind: custom, validation: {{path: {d1}}}}}"),
             "evaluator"),
@@ -178,6 +194,10 @@ CASE_IDS = [
     "text_not_a_string", "evaluator_module_missing", "evaluator_function_missing", "evaluator_wrong_signature",
     "package_parent_missing", "broken_shard_index", "task_specific_matches_nothing", "rule_matches_nothing",
     "task_name_300_characters",
+    # codecs (issue 13)
+    "codec_bits_out_of_range", "codec_bits_zero", "codec_density_zero", "codec_density_above_one", "codec_unknown",
+    "codec_missing_setting", "codec_malformed", "codec_menu_empty", "codec_menu_of_two", "codec_delta_on_adapters",
+    "base_storage_unknown",
 ]
 
 

@@ -56,7 +56,7 @@ def variant(recipe, method: str, params: dict):
 class PretrainedStore(ExpertStore):
     """Every expert is the pre-trained base's own tensors, unquantised."""
 
-    def _build(self, component: int, members: tuple[int, ...]) -> Expert:
+    def _build(self, component: int, members: tuple[int, ...], codec: int = 0) -> Expert:
         comp = self.plan.components[component]
         out = {n: quantize(self.base.get(n), FULL) for n in comp.tensors}
         bits = sum(tensor_data_bits(q, self.plan.base_bits) for q in out.values())
@@ -74,7 +74,8 @@ def score(session, store: ExpertStore, G, split: str) -> tuple[float, dict, floa
 
 def pretrained_store(session) -> ExpertStore:
     s = session
-    return PretrainedStore(variant(s.recipe, "linear", {}), s.plan, s.base, s.tasks, quantization=FULL)
+    return PretrainedStore(variant(s.recipe, "linear", {}), s.plan, s.base, s.tasks, quantization=FULL,
+                          full_only=True)
 
 
 def grid_points(grid: dict) -> list[dict]:
@@ -97,7 +98,7 @@ def tune(session, key: str, device: str, progress: Optional[Callable[[str], None
         if progress:
             progress(f"{key} {params}")
         store = ExpertStore(variant(session.recipe, method, params), session.plan, session.base, session.tasks,
-                            quantization=FULL)
+                            quantization=FULL, full_only=True)
         if racing is not None and best is not None:
             sub = session.score_store(store, G, "validation", subset=subset, part="subset").subset
             if not could_beat(sub, best_subset, racing):

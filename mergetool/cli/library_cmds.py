@@ -117,6 +117,9 @@ def export(
     sources = open_models(recipe)
     # the recipe's checks (data, labels, method) before anything is written; weights' values as the search did
     plan = check_recipe(recipe, check_values=False, sources=sources)
+    if recipe.uses_delta_codecs:
+        raise LibraryError("libraries of delta-coded experts need library format v2, which this version does not "
+                           "write yet", key="codecs", fix="search with codecs: [full] to export a library")
     pick_device(device)  # an unknown device is refused before any expert is built
     router = RouterBuilder(recipe, sources[0], cache_dir=run_dir / "router", device=device, progress=say)
     router.check()  # a router split per task, before any expert is built

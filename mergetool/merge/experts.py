@@ -25,7 +25,9 @@ from mergetool.core.grouping import members as group_members
 from mergetool.core.storage import storage_cost
 from mergetool.merge.adapters.ia3 import Ia3Slot, ia3_dense, ia3_targets, merge_ia3, scaled_dim
 from mergetool.merge.adapters.lora import LoraPair, lora_dense, lora_pairs, merge_lora, scaling_for
+from mergetool.merge.codecs import Encoded, tensor_bytes, to_tensors
 from mergetool.merge.cost import counted_bits, mask_bytes, tensor_data_bits
+from mergetool.merge.delta_experts import StoredBaseComponents, codec_spec, delta_bits, dense_from_delta, encode_delta
 from mergetool.merge.methods import merge_group, resolve_method
 from mergetool.merge.quantize import QuantizedTensor, QuantSpec, dequantize, quantize
 from mergetool.models.plan import Plan
@@ -46,11 +48,18 @@ class Expert:
     # IA3 experts: base weight name -> (vector name, the dim of W0 it scales)
     ia3: dict[str, Ia3Slot] = field(default_factory=dict)
     base: Optional[ModelSource] = field(default=None, repr=False)
+    # delta experts (codec other than `full`): name -> codec of (θ − decoded stored base), and that reference
+    codec: str = "full"
+    delta: dict[str, Encoded] = field(default_factory=dict, repr=False)
+    reference: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict, repr=False)
     _dense: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def dense(self) -> dict[str, torch.Tensor]:
         """Dequantised tensors (computed once). For LoRA experts: the effective weights W0 + ΔW
         under the base model's tensor names, ready to copy into a model built from the base."""
+        if not self._dense and self.delta:
+            self._dense = {n: dense_from_delta(self.reference[n], e, self.dtypes[n]) for n, e in self.delta.items()}
         if not self._dense:
             stored = {n: dequantize(q) for n, q in self.tensors.items()}
             if self.ia3:
@@ -68,6 +77,7 @@ class Expert:
     @property
     def nbytes(self) -> int:
         packed = sum(_qt_bytes(q) for q in self.tensors.values())
+        packed += sum(tensor_bytes(to_tensors(e, "")) for e in self.delta.values())
         return packed + sum(t.numel() * t.element_size() for t in self._dense.values())
 
 
@@ -79,7 +89,7 @@ def _qt_bytes(q: QuantizedTensor) -> int:
 class ExpertStore:
     """Builds experts from lazily read models; an LRU cache bounded by `cache_bytes` holds them."""
     def __init__(self, recipe: Recipe, plan: Plan, base: ModelSource, tasks: Sequence[ModelSource], *,
-                 quantization: Optional[QuantSpec] = None, cache_bytes: int = 2 << 30):
+                 quantization: Optional[QuantSpec] = None, cache_bytes: int = 2 << 30, full_only: bool = False):
         if plan.adapter and plan.adapter.get("type") not in ("LORA", "IA3"):
             raise MergetoolError(f"merging PEFT {plan.adapter.get('type')} adapters is not supported",
                                  key="models", fix="use LoRA or IA3 adapters, or full fine-tunes")
@@ -88,16 +98,21 @@ class ExpertStore:
         self.spec = quantization or QuantSpec(bits=q.bits if q.enabled else 32, granularity=q.granularity,
                                               mode=q.mode)
         self.method = resolve_method(recipe.merge.method)
+        # the recipe's codec menu (None: `full`); full_only: the paper's Q alone (fp32 references)
+        self.menu = [None] if full_only else [codec_spec(c) for c in recipe.codecs]
+        self.codec_names = ["full"] if full_only else [c.label for c in recipe.codecs]
+        self.stored_base = StoredBaseComponents(base, recipe.base_storage, plan.components)
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple, Expert] = OrderedDict()
         self._lock = threading.Lock()
-        self._bits: dict[tuple, int] = {}  # stored bits per (component, members): never evicted
+        self._bits: dict[tuple, int] = {}  # stored bits per (component, members, codec): never evicted
         self.count_cost = True  # False (ablation): C builds and holds every expert, as before exact counting
         self.hits = self.misses = self.counted = 0
 
     # --- experts --------------------------------------------------------------------------------
-    def expert(self, component: int, members: Sequence[int]) -> Expert:
-        key = (component, tuple(sorted(members)))
+    def expert(self, component: int, members: Sequence[int], codec: int = 0) -> Expert:
+        """The expert of `members` for `component`, stored with the menu's codec number `codec`."""
+        key = (component, tuple(sorted(members)), codec)
         with self._lock:
             if key in self._cache:
                 self.hits += 1
@@ -128,7 +143,9 @@ class ExpertStore:
                 params[name] = [value[t] for t in members]  # per-model lists are cut to the group
         return params
 
-    def _build(self, component: int, members: tuple[int, ...]) -> Expert:
+    def _build(self, component: int, members: tuple[int, ...], codec: int = 0) -> Expert:
+        if self.menu[codec] is not None:
+            return self._build_delta(component, members, codec)
         if self.plan.adapter:
             if self.plan.adapter["type"] == "IA3":
                 return self._build_ia3(component, members)
@@ -149,10 +166,25 @@ class ExpertStore:
                                  seed_key=f"{comp.name}|{','.join(map(str, members))}/{name}").to(dtype)
             yield name, merged, self._range(merged, sources)
 
-    def expert_bits(self, component: int, members: Sequence[int]) -> int:
-        """The stored bits of expert (component, members), exactly as built, without building it: from
-        the merge and Q's decision only (a singleton is not even merged). Kept for good (a few ints)."""
-        key = (component, tuple(sorted(members)))
+    def _build_delta(self, component: int, members: tuple[int, ...], codec: int) -> Expert:
+        """θ − decode(stored base) per tensor, stored with the menu's delta codec (delta_experts.py)."""
+        spec, reference = self.menu[codec], self.stored_base.decoded(component)
+        delta, dtypes = {}, {}
+        for name, merged, _ in self._merged(component, members):
+            delta[name], dtypes[name] = encode_delta(merged, reference[name], spec), merged.dtype
+        bits = delta_bits(spec, {n: e.shape for n, e in delta.items()}, self.plan.base_bits)
+        return Expert(component, members, {}, bits, 0, codec=self.codec_names[codec], delta=delta,
+                      reference={n: reference[n] for n in delta}, dtypes=dtypes)
+
+    def expert_bits(self, component: int, members: Sequence[int], codec: int = 0) -> int:
+        """The stored bits of expert (component, members) under the menu's codec, exactly as built, without
+        building it: delta codecs in closed form from shapes alone; `full` from the merge and Q's decision
+        only (a singleton is not even merged). Kept for good (a few ints)."""
+        key = (component, tuple(sorted(members)), codec)
+        if key not in self._bits and self.menu[codec] is not None:
+            shapes = {n: tuple(self.base.meta(n).shape) for n in self.plan.components[component].tensors}
+            self._bits[key] = delta_bits(self.menu[codec], shapes, self.plan.base_bits)
+            self.counted += 1
         if key not in self._bits:
             with self._lock:
                 held = self._cache.get(key)
@@ -161,7 +193,7 @@ class ExpertStore:
             else:
                 self._bits[key] = sum(counted_bits(merged, self.spec, base_bits=self.plan.base_bits,
                                                    source_range=ranges)
-                                      for _, merged, ranges in self._merged(*key))
+                                      for _, merged, ranges in self._merged(*key[:2]))
                 self.counted += 1
         return self._bits[key]
 
@@ -225,12 +257,24 @@ class ExpertStore:
         return self._expert(component, members, out, ia3=slots, base=self.base)
 
     # --- chains ---------------------------------------------------------------------------------
-    def storage_cost(self, G) -> float:
-        """C(G), Eq. 8, exact to the bytes export writes (experts only; heads are reported apart).
-        For adapter zoos the frozen base is one shared component stored once: it adds 1 (as in
-        `Plan.individual_cost`)."""
-        return storage_cost(sum(self.expert_bits(l, m) for l, m in experts(G)), d=self.plan.d,
-                            base_bits=self.plan.base_bits, frozen_base=bool(self.plan.adapter))
+    def storage_cost(self, G, codecs: Optional[Sequence[int]] = None) -> float:
+        """C(G, codecs), Eq. 8, exact to the bytes export writes (experts only; heads are reported apart).
+        `codecs` gives the menu's codec per component (default: the first). A component under a delta codec
+        adds its stored base once. For adapter zoos the frozen base is one shared component stored once: it
+        adds 1 (as in `Plan.individual_cost`)."""
+        codecs = self._codecs(codecs)
+        bits = sum(self.expert_bits(l, m, codecs[l]) for l, m in experts(G))
+        bits += sum(self.stored_base.bits(l) for l in range(self.plan.L) if self.menu[codecs[l]] is not None)
+        return storage_cost(bits, d=self.plan.d, base_bits=self.plan.base_bits, frozen_base=bool(self.plan.adapter))
+
+    def _codecs(self, codecs: Optional[Sequence[int]]) -> list[int]:
+        if codecs is None:
+            return [0] * self.plan.L
+        codecs = [int(c) for c in codecs]
+        if len(codecs) != self.plan.L or not all(0 <= c < len(self.menu) for c in codecs):
+            raise MergetoolError(f"a codec choice needs one menu index (0..{len(self.menu) - 1}) per component "
+                                 f"({self.plan.L})", key="codecs")
+        return codecs
 
     def cheapest_grouping(self):
         """The grouping of least C: per component, the partition of the tasks whose experts take the
@@ -245,11 +289,13 @@ class ExpertStore:
         parts = set_partitions(T)
         return np.array([min(parts, key=lambda rgs: bits(l, rgs)) for l in range(L)], dtype=int).T
 
-    def task_state(self, G, task: int, components: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
-        """Normalised-name state dict of `task`'s chain (dequantised experts) for some components."""
+    def task_state(self, G, task: int, components: Optional[Sequence[int]] = None,
+                   codecs: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
+        """Normalised-name state dict of `task`'s chain (decoded experts) for some components."""
         state: dict[str, torch.Tensor] = {}
+        codecs = self._codecs(codecs)
         for l in components if components is not None else range(self.plan.L):
-            state.update(self.expert(l, group_members(G, task, l)).dense())
+            state.update(self.expert(l, group_members(G, task, l), codecs[l]).dense())
         return state
 
     def own_tensors(self, task: int) -> dict[str, torch.Tensor]:

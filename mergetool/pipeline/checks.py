@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from mergetool.core.errors import MergetoolError, MultiError
 from mergetool.evaluation.choice import check_split
 from mergetool.evaluation.data import read_split
@@ -90,6 +92,19 @@ def check_labels(recipe: Recipe, plan: Plan) -> list[MergetoolError]:
     return errors
 
 
+def check_codecs(recipe: Recipe, plan: Optional[Plan]) -> list[MergetoolError]:
+    """The codec menu this version can search: one entry (a per-component choice among several is not
+    searched yet); delta codecs need full fine-tunes (an adapter's delta is the adapter itself)."""
+    errors = []
+    if len(recipe.codecs) > 1:
+        errors.append(recipe.error(f"a menu of {len(recipe.codecs)} codecs: this version searches one codec per run",
+                                   ("codecs",), "list one codec, e.g. codecs: [{delta_switch: {density: 0.05}}]"))
+    if plan is not None and plan.adapter and recipe.uses_delta_codecs:
+        errors.append(recipe.error(f"delta codecs store full fine-tunes' deltas; these are {plan.adapter['type']} "
+                                   "adapters", ("codecs",), "use codecs: [full] (the default) for adapter zoos"))
+    return errors
+
+
 def check_recipe(recipe: Recipe, *, check_values: bool = True, sources=None) -> Plan:
     """All checks; returns the plan, or raises MultiError listing every problem. Every command that reads
     a recipe (validate, plan, search, baselines, export) runs this before it writes anything."""
@@ -105,6 +120,7 @@ def check_recipe(recipe: Recipe, *, check_values: bool = True, sources=None) -> 
         plan = None
     if plan is not None and not data_errors:
         errors.extend(check_labels(recipe, plan))
+    errors.extend(check_codecs(recipe, plan))
     if errors:
         raise MultiError(errors)
     return plan

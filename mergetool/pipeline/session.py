@@ -39,7 +39,8 @@ class Session:
 
     @cached_property
     def full_precision_store(self) -> ExpertStore:
-        return ExpertStore(self.recipe, self.plan, self.base, self.tasks, quantization=QuantSpec(bits=32))
+        return ExpertStore(self.recipe, self.plan, self.base, self.tasks, quantization=QuantSpec(bits=32),
+                           full_only=True)
 
     def evaluator(self, split: str = "validation", *, quantized: bool = True, caches: bool = True,
                   precision: str = "fp32") -> Evaluator:

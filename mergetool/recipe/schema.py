@@ -98,6 +98,57 @@ class QuantizationConfig(Strict):
         return self.bits <= 8 and self.mode != "never"
 
 
+CODEC_NAMES = ("full", "delta_quant", "delta_switch", "low_rank")
+
+
+class CodecChoice(Strict):
+    """One entry of the `codecs:` menu. `full` is the paper's whole-expert quantisation with the settings of
+    `quantization:`; the others store an expert as a code of its delta from the stored base."""
+    kind: Literal[CODEC_NAMES] = "full"  # type: ignore[valid-type]
+    bits: Optional[int] = Field(None, ge=1, le=8, description="delta_quant: 1 (BitDelta: sign · row scale)..8")
+    density: Optional[float] = Field(None, gt=0, le=1, description="delta_switch: share of entries kept")
+    scale: Literal["tensor", "row"] = Field("tensor", description="delta_switch: one scale per tensor or row")
+    rank: Optional[int] = Field(None, ge=1, description="low_rank: SVD rank of the delta")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_menu(cls, v: Any) -> Any:
+        """`full`, or a one-key mapping {name: {settings}} as written in the recipe."""
+        if isinstance(v, str):
+            return {"kind": v}
+        if isinstance(v, dict) and len(v) == 1 and "kind" not in v:
+            (name, settings), = v.items()
+            if settings is None:
+                settings = {}
+            if not isinstance(settings, dict):
+                raise ValueError(f"the settings of codec {str(name)[:40]!r} must be a mapping, "
+                                 "e.g. {delta_quant: {bits: 2}}")
+            return {"kind": name, **settings}
+        if isinstance(v, dict) and ("kind" in v or not v):
+            return v
+        raise ValueError("a codec is `full` or one mapping such as {delta_switch: {density: 0.05}}")
+
+    @model_validator(mode="after")
+    def _settings_match_kind(self) -> "CodecChoice":
+        needs = {"full": (), "delta_quant": ("bits",), "delta_switch": ("density",), "low_rank": ("rank",)}
+        wanted = needs[self.kind]
+        for key in ("bits", "density", "rank"):
+            given = getattr(self, key) is not None
+            if key in wanted and not given:
+                raise ValueError(f"codec {self.kind} needs `{key}`")
+            if key not in wanted and given:
+                raise ValueError(f"codec {self.kind} takes no `{key}`")
+        if self.scale != "tensor" and self.kind != "delta_switch":
+            raise ValueError(f"codec {self.kind} takes no `scale`")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Short name for reports: full, delta_quant:2, delta_switch:0.05, low_rank:16."""
+        value = {"delta_quant": self.bits, "delta_switch": self.density, "low_rank": self.rank}.get(self.kind)
+        return self.kind if value is None else f"{self.kind}:{value:g}" + (":row" if self.scale == "row" else "")
+
+
 class DataSplit(Strict):
     path: str
     text: Optional[str] = "text"
@@ -213,6 +264,11 @@ class Recipe(Strict):
     components: ComponentsConfig = ComponentsConfig()
     merge: MergeConfig = MergeConfig()
     quantization: QuantizationConfig = QuantizationConfig()
+    codecs: tuple[CodecChoice, ...] = Field((CodecChoice(),), description=(
+        "The menu the search picks a codec from, per component: full (the quantization block), "
+        "{delta_quant: {bits: 1..8}}, {delta_switch: {density: (0, 1], scale: tensor|row}}, {low_rank: {rank: r}}."))
+    base_storage: Literal["fp32", "fp16", "int8"] = Field("fp32", description=(
+        "Precision of the base components stored for delta codecs (their bytes count in C)."))
     tasks: dict[str, TaskConfig]
     search: SearchConfig = SearchConfig()
     router: RouterConfig = RouterConfig()
@@ -221,6 +277,21 @@ class Recipe(Strict):
     _path: Optional[Path] = PrivateAttr(None)
     _text: str = PrivateAttr("")
     _positions: dict = PrivateAttr(default_factory=dict)
+
+    @field_validator("codecs")
+    @classmethod
+    def _distinct_codecs(cls, v: tuple) -> tuple:
+        if not v:
+            raise ValueError("the codec menu is empty; leave `codecs` out for the paper's `full`, or list some")
+        labels = [c.label for c in v]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"codec {dupes[0]} is listed twice")
+        return v
+
+    @property
+    def uses_delta_codecs(self) -> bool:
+        return any(c.kind != "full" for c in self.codecs)
 
     @model_validator(mode="after")
     def _tasks_match_models(self) -> "Recipe":
