@@ -264,3 +264,14 @@ def test_predict_bad_inputs_and_device(routed, tmp_path):
     result, text = invoke("predict", routed["lib"], "--input", latin, "--device", "tpu", "-q")
     assert result.exit_code == 2 and "unknown device 'tpu'" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latin.jsonl"]
+
+
+def test_length_batches_bound_padding_and_batch_size():
+    from mergetool.inference.inputs import length_batches
+
+    lengths = {0: 256, 1: 200, 2: 128, 3: 127, 4: 40, 5: 30, 6: 20, 7: 20, 8: 10}
+    rows = sorted(lengths, key=lambda i: -lengths[i])
+    assert length_batches(rows, lengths, 64) == [[0, 1, 2], [3], [4, 5, 6, 7], [8]]  # 127 · 2 < 256; 10 · 2 < 40
+    assert length_batches(rows, lengths, 2) == [[0, 1], [2, 3], [4, 5], [6, 7], [8]]
+    assert length_batches(rows, lengths, 64, spread=100) == [rows]
+    assert length_batches([], lengths, 8) == []

@@ -69,3 +69,16 @@ def pad(encs: list[dict], rows: Sequence[int], pad_id: int, device) -> dict[str,
         out[k] = torch.tensor([encs[i][k] + [fill] * (width - len(encs[i][k])) for i in rows],
                               dtype=torch.long, device=device)
     return out
+
+
+def length_batches(rows: Sequence[int], lengths: Sequence[int], batch_size: int, spread: float = 2.0) -> list[list[int]]:
+    """`rows` (sorted longest first) cut into batches of at most batch_size, a new batch starting where an
+    input is more than `spread` times shorter than its batch's longest: padding then wastes under half of a
+    batch's compute (a 20-token tweet padded beside a 256-token article costs 13 times its own work)."""
+    out: list[list[int]] = []
+    for i in rows:
+        if out and len(out[-1]) < batch_size and lengths[i] * spread >= lengths[out[-1][0]]:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out

@@ -25,7 +25,7 @@ from mergetool.core.compat import skip_weight_init
 from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.evaluation import stages
 from mergetool.evaluation.runner import instantiate, pick_device
-from mergetool.inference.inputs import Inputs, encode, pad, read_items
+from mergetool.inference.inputs import Inputs, encode, length_batches, pad, read_items
 from mergetool.library.hub import open_library
 from mergetool.library.reader import LibraryFiles
 from mergetool.models.source import max_length_of
@@ -237,8 +237,7 @@ class ExpertLibrary:
         starts, lens = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
         offset = 0
         with torch.inference_mode():
-            for s in range(0, n, batch_size):
-                rows = order[s:s + batch_size]
+            for rows in length_batches(order, [len(e["input_ids"]) for e in encs], batch_size):
                 batch = self._pad(encs, rows)
                 if self.features != "prefix":
                     feats.append(self._extractor(batch))
@@ -330,11 +329,12 @@ class ExpertLibrary:
         for i, t in enumerate(tasks):
             groups.setdefault(self.chain(t), []).append(i)
         logits: list = [None] * len(items)
+        lengths = [len(e["input_ids"]) for e in encs]
         with torch.inference_mode():
             for rows in groups.values():
                 rows = sorted(rows, key=lambda i: -len(encs[i]["input_ids"]))
-                for s in range(0, len(rows), batch_size):
-                    self._run_chain(rows[s:s + batch_size], encs, tasks, states, logits)
+                for batch in length_batches(rows, lengths, batch_size):
+                    self._run_chain(batch, encs, tasks, states, logits)
         t3 = time.perf_counter()
         self.stats.update(tokenize_s=t1 - t0, route_s=t2 - t1, chain_s=t3 - t2, inputs=len(items))
         out = [self._result(t, lg, return_logits) for t, lg in zip(tasks, logits)]
