@@ -150,6 +150,21 @@ def load_levels(server: ServerProcess, inputs, levels, seconds, seen) -> list[di
     return rows
 
 
+def offline_rate(lib: Path, inputs: list[str], batch: int = 64, seconds: float = 15.0) -> float:
+    """Inputs/s of ExpertLibrary.predict itself in `batch`-input calls, in this process: the ceiling a
+    server can approach."""
+    from mergetool.inference.runtime import ExpertLibrary
+
+    library = ExpertLibrary.load(lib)
+    library.predict(inputs[:batch], batch_size=batch)
+    t0, done = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        start = done % (len(inputs) - batch)
+        library.predict(inputs[start:start + batch], batch_size=batch)
+        done += batch
+    return done / (time.perf_counter() - t0)
+
+
 def soak(server: ServerProcess, inputs, clients: int, seconds: float) -> dict:
     samples: list[tuple[float, float]] = []
 
@@ -262,6 +277,8 @@ def main(argv=None) -> int:
     extra = ["--max-resident", str(args.max_resident), *shlex.split(args.serve_args)]
     seen: dict = {}
     results = {}
+    offline = {name: offline_rate(lib, texts) for name, lib in (("merge", merge_lib), ("static", static_lib))}
+    say(f"offline ExpertLibrary.predict, 64-input calls: {offline}")
     for name, lib in (("merge", merge_lib), ("static", static_lib)):
         server = ServerProcess(lib, extra, work / f"{name}.log")
         ready = server.start()
@@ -274,7 +291,8 @@ def main(argv=None) -> int:
     server.start()
     fault_row = fault(server, texts, seen, 32)
     server.stop()
-    block = report(args, argv, recipe, G, results, soak_row, fault_row, cache_bound_mb(merge_lib, args.max_resident))
+    block = report(args, argv, recipe, G, results, soak_row, fault_row, cache_bound_mb(merge_lib, args.max_resident),
+                   offline)
     print(block)
     if not args.no_write:
         cmd = "python benchmarks/serve.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
@@ -283,7 +301,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def report(args, argv, recipe, G, results, soak_row, fault_row, bound) -> str:
+def report(args, argv, recipe, G, results, soak_row, fault_row, bound, offline) -> str:
     a = next(r for r in results["merge"] if r["clients"] == 32) if 32 in args.clients else results["merge"][-1]
     b = next(r for r in results["static"] if r["clients"] == a["clients"])
     tput, p99 = a["rps"] / b["rps"], a["p99"] / b["p99"]
@@ -294,6 +312,10 @@ def report(args, argv, recipe, G, results, soak_row, fault_row, bound) -> str:
              f"Both servers: `mergetool serve` defaults (max batch 64, max wait 10 ms) {args.serve_args}. "
              f"MERGE grouping: {np.asarray(G).tolist()}.", ""]
     lines += table(results["merge"], results["static"])
+    lines += ["", f"- the ceiling: `ExpertLibrary.predict` itself, in 64-input calls in one process, runs "
+              f"{offline['merge']:.1f} inputs/s (MERGE library) and {offline['static']:.1f} (static merge); at "
+              f"{max(args.clients)} clients the servers reach {results['merge'][-1]['rps'] / offline['merge']:.0%} "
+              f"and {results['static'][-1]['rps'] / offline['static']:.0%} of it"]
     lines += ["", f"- at {a['clients']} clients: throughput MERGE / static = **{tput:.2f}** (goal ≥ 0.8: {met(tput >= 0.8)}); "
               f"p99 MERGE / static = **{p99:.2f}** (goal ≤ 2: {met(p99 <= 2)}); errors and dropped: "
               f"{met(clean)} (MERGE {a['errors'] or 0}/{a['dropped']}, static {b['errors'] or 0}/{b['dropped']})"]

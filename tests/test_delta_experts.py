@@ -81,3 +81,31 @@ def test_bad_codec_choice_is_refused(store):
     for bad in ([0] * (store.plan.L - 1), [len(store.menu)] * store.plan.L, [-1] * store.plan.L):
         with pytest.raises(MergetoolError, match="codec"):
             store.storage_cost(G, bad)
+
+
+@pytest.mark.slow
+def test_search_with_a_delta_codec_runs_end_to_end(trained_zoo, tmp_path):
+    """A one-codec delta menu: the search scores delta experts and reports their exact C (stored base
+    included); the fp32 references stay the plain individual models (C = T)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mergetool.cli.app import app
+    from mergetool.testing.toy import trained_recipe
+
+    recipe = tmp_path / "delta.yaml"
+    recipe.write_text(trained_recipe(trained_zoo, evaluations=8, population=4,
+                                     extra="codecs: [{delta_switch: {density: 0.1}}]\nbase_storage: int8\n")
+                      + f"output: {tmp_path / 'run'}\n")
+    result = CliRunner().invoke(app, ["search", str(recipe), "--quiet", "--no-racing"])
+    assert result.exit_code == 0, result.output
+    parsed = parse_recipe(recipe.read_text(), recipe)
+    plan = build_plan(parsed)
+    store = ExpertStore(parsed, plan, *open_models(parsed))
+    front = json.loads((tmp_path / "run" / "search" / "front.json").read_text())
+    for point in front:
+        assert point["storage_cost"] == pytest.approx(store.storage_cost(np.asarray(point["grouping"])), abs=1e-12)
+        assert point["storage_cost"] < 1.0  # every task in less than one fp32 model: 10 % masks + int8 base
+    refs = json.loads((tmp_path / "run" / "search" / "reference.json").read_text())
+    assert refs["individual"]["storage_cost"] == pytest.approx(plan.T)
