@@ -164,6 +164,7 @@ def cases(base, tasks, data, root: Path, zoo_factory):
                               "one codec per run"),
         "codec_delta_on_adapters": (good(lora_base, lora_tasks, data, extra="codecs: [{delta_quant: {bits: 2}}]\n"),
                                     "adapters"),
+        "base_model_unknown_user": (good("~mergetool-no-such-user0/base", tasks, data), "does not exist"),
         "base_storage_unknown": (good(base, tasks, data, extra="base_storage: int4\n"), "base_storage"),
         "custom_without_evaluator": (good(base, tasks, data).replace(
             f"  t1: {{validation: {{path: {d1}}}}}", f"  t1: {{kind: custom, validation: {{path: {d1}}}}}"),
@@ -197,7 +198,7 @@ CASE_IDS = [
     # codecs (issue 13)
     "codec_bits_out_of_range", "codec_bits_zero", "codec_density_zero", "codec_density_above_one", "codec_unknown",
     "codec_missing_setting", "codec_malformed", "codec_menu_empty", "codec_menu_of_two", "codec_delta_on_adapters",
-    "base_storage_unknown",
+    "base_storage_unknown", "base_model_unknown_user",  # fuzz find: ~user of no such user raised RuntimeError
 ]
 
 

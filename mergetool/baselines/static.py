@@ -62,9 +62,9 @@ class PretrainedStore(ExpertStore):
         bits = sum(tensor_data_bits(q, self.plan.base_bits) for q in out.values())
         return Expert(component, members, out, bits, 0)
 
-    def expert_bits(self, component: int, members) -> int:
+    def expert_bits(self, component: int, members, codec: int = 0) -> int:
         """C of the base's own tensors: counted from the expert (the count path would merge the tasks)."""
-        return self.expert(component, members).bits
+        return self.expert(component, members, codec).bits
 
 
 def score(session, store: ExpertStore, G, split: str) -> tuple[float, dict, float]:

@@ -9,12 +9,13 @@ import tempfile
 from pathlib import Path
 
 from mergetool.core.errors import MergetoolError
+from mergetool.core.paths import expand_user
 
 
 def check_writable(path: Path, key: str, *, folder: bool = False, parents: bool = False) -> None:
     """One line (MergetoolError naming `key`) unless `path` can be written as a file (or as a folder).
     `parents`: the writer creates missing parent folders, so the nearest existing one must be writable."""
-    path = Path(path).expanduser().absolute()
+    path = expand_user(path).absolute()
     if not folder and path.is_dir():
         raise MergetoolError(f"{path} is a directory", key=key, fix="give a file path")
     if folder and path.exists() and not path.is_dir():

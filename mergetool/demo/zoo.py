@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
 from mergetool.core.errors import MergetoolError
+from mergetool.core.paths import expand_user
 from mergetool.demo import datasets
 
 ZOO_FORMAT = 1
@@ -46,7 +47,7 @@ PerTask = Union[None, int, float, Mapping[str, Union[int, float]]]
 def default_zoo_dir() -> Path:
     """$MERGETOOL_DEMO_DIR, else ~/.cache/mergetool/demo."""
     env = os.environ.get("MERGETOOL_DEMO_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mergetool" / "demo"
+    return expand_user(env) if env else Path.home() / ".cache" / "mergetool" / "demo"
 
 
 def expert_dir(task: str, zoo_dir: Optional[Path] = None) -> Path:
@@ -355,7 +356,7 @@ def build_zoo(
     import torch
     from rich import progress as rp
 
-    folder = Path(out_dir).expanduser() if out_dir is not None else default_zoo_dir()
+    folder = expand_user(out_dir) if out_dir is not None else default_zoo_dir()
     tasks = list(datasets.TASKS if tasks is None else tasks)
     for task in tasks:
         datasets.check_task(task)

@@ -8,12 +8,13 @@ from typing import Optional
 
 from mergetool.core.errors import MergetoolError
 from mergetool.core.outputs import check_writable
+from mergetool.core.paths import expand_user
 from mergetool.library.manifest import MANIFEST
 
 
 def library_containing(path: Path) -> Optional[Path]:
     """The library folder that `path` is in (or is), if any: a folder holding manifest.json and shards."""
-    p = Path(path).expanduser().absolute()
+    p = expand_user(path).absolute()
     for folder in (p, *p.parents):
         if (folder / MANIFEST).is_file() and any(folder.glob("*.safetensors")):
             return folder

@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 import torch
 
 from mergetool.core.errors import ModelLoadError
+from mergetool.core.paths import expand_user
 from mergetool.core.safejson import UnsafeJSON, parse_json
 from mergetool.core.userimport import import_named
 
@@ -61,7 +62,7 @@ def resolve_model_ref(ref: str, *, key: str = "model") -> Path:
     """Turn a recipe model reference into a local directory, or raise ModelLoadError."""
     if ref.startswith("pkg:"):
         return _package_model(ref[4:], key)
-    path = Path(ref).expanduser()
+    path = expand_user(ref)
     if path.is_absolute() or ref.startswith((".", "~")):
         if not path.exists():
             raise ModelLoadError(f"model path {str(path)!r} does not exist", key=key,

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mergetool.core.errors import MultiError, RecipeError
+from mergetool.core.paths import expand_user
 from mergetool.recipe.schema import Recipe
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -30,7 +31,7 @@ def looks_like_path(ref: str, base_dir: Optional[Path] = None) -> bool:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; raises RecipeError / MultiError with file:line:col."""
-    path = Path(path).expanduser()
+    path = expand_user(path)
     if not path.is_file():
         raise RecipeError("recipe file not found", file=path, fix="check the path")
     try:
@@ -178,7 +179,7 @@ def _expand_env(value: Any, loc: tuple, err, errors: list) -> Any:
 
 def _resolve_paths(data: dict, base_dir: Path) -> None:
     def local(p: Any) -> Any:
-        return str((base_dir / Path(p).expanduser()).resolve()) if isinstance(p, str) else p
+        return str((base_dir / expand_user(p)).resolve()) if isinstance(p, str) else p
 
     def model_ref(ref: Any) -> Any:
         if isinstance(ref, str) and not ref.startswith("pkg:") and looks_like_path(ref, base_dir):
