@@ -171,7 +171,7 @@ def tampers(lib: Path) -> st.SearchStrategy[Tamper]:
         Tamper("json_set", "manifest.json", ("tasks", 0, "name"), "x" * 300),
         Tamper("json_set", "manifest.json", ("default_solution",), 7),
         Tamper("json_set", "manifest.json", ("storage_cost",), HUGE),
-        Tamper("json_set", "manifest.json", ("format_version",), 2),
+        Tamper("json_set", "manifest.json", ("format_version",), 3),
         Tamper("json_set", "manifest.json", ("base", "config"), "../outside.json"),
         Tamper("recipe_paths", "manifest.json", (), "absolute"), Tamper("recipe_paths", "manifest.json", (), "parent"),
         Tamper("recipe_paths", "manifest.json", (), "link"),

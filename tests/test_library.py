@@ -295,8 +295,8 @@ def _absolute_path(lib, tmp):
 
 
 def _format_version(lib, tmp):
-    _edit_manifest(lib, lambda m: m.update(format_version=2))
-    return "unknown format_version 2"
+    _edit_manifest(lib, lambda m: m.update(format_version=3))
+    return "unknown format_version 3"
 
 
 def _pickle_shard(lib, tmp):

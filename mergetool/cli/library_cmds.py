@@ -117,9 +117,6 @@ def export(
     sources = open_models(recipe)
     # the recipe's checks (data, labels, method) before anything is written; weights' values as the search did
     plan = check_recipe(recipe, check_values=False, sources=sources)
-    if recipe.uses_delta_codecs:
-        raise LibraryError("libraries of delta-coded experts need library format v2, which this version does not "
-                           "write yet", key="codecs", fix="search with codecs: [full] to export a library")
     pick_device(device)  # an unknown device is refused before any expert is built
     router = RouterBuilder(recipe, sources[0], cache_dir=run_dir / "router", device=device, progress=say)
     router.check()  # a router split per task, before any expert is built
@@ -191,7 +188,9 @@ def inspect(
         "groups": {c: dict(zip([t.name for t in m.tasks], letters)) for c, letters, _ in group_letters(m, s)},
         "chains": s.chains,
         "experts": [{"id": e.id, "component": m.components[e.component].name, "group_members": e.group_members,
-                     "data_bytes": e.data_bits // 8 + e.mask_bytes} for e in m.experts],
+                     "codec": e.codec, "data_bytes": e.data_bits // 8 + e.mask_bytes} for e in m.experts],
+        "base_storage": m.base_storage,
+        "stored_base": {"tensors": len(m.stored_base), "data_bytes": sum(st.bits for st in m.stored_base.values()) // 8},
         "storage": {"solution": s.storage.model_dump(), "library": m.storage.model_dump(),
                     "on_disk": {"files": disk, "manifest.json": manifest_bytes, "total": total,
                                 "by_category": m.disk_bytes}},
@@ -214,6 +213,19 @@ def _router_line(r) -> str:
             f"trained on {sum(r.train_examples.values()):,} inputs; routing accuracy on test {acc}")
 
 
+def _codec_line(report: dict) -> str:
+    """Each expert's codec, and how the base is stored for the delta experts (format v2)."""
+    by_codec: dict[str, list[str]] = {}
+    for e in report["experts"]:
+        by_codec.setdefault(e["codec"], []).append(e["id"])
+    line = "expert codecs: " + "; ".join(f"{c} ({' '.join(ids)})" for c, ids in by_codec.items())
+    if report["base_storage"] is None:
+        return line + "; base storage: none (no delta experts)"
+    sb = report["stored_base"]
+    return line + (f"; base storage: {report['base_storage']}, {sb['tensors']} tensors stored once, "
+                   f"{sb['data_bytes']:,} bytes")
+
+
 def _print(report: dict, m, s) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -221,6 +233,7 @@ def _print(report: dict, m, s) -> None:
 
     con = Console()
     con.print(f"[bold]{report['path']}[/]: format v{m.format_version}, base {m.base.ref}")
+    con.print(_codec_line(report))
     for t in m.tasks:
         labels = ", ".join(t.labels) if t.labels else "-"
         con.print(f"task [bold]{t.name}[/]: labels {labels}; heads {', '.join(t.heads) or '-'}")

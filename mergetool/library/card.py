@@ -120,6 +120,7 @@ def render_card(m: Manifest, *, repo_id: Optional[str] = None) -> str:
             f"- d = {st.d:,} parameters, b+ = {st.base_bits} bits",
             f"- expert tensor data: {st.expert_data_bytes:,} bytes (row masks {st.mask_bytes:,}); "
             f"heads: {st.head_data_bytes:,} bytes",
+            *_codec_lines(m),
             f"- performance P on validation: {_num(s.performance)}"
             + ("" if s.id is None else f" (front solution {s.id})"),
             f"- performance P on test: {_num(test.get('performance'))}",
@@ -145,3 +146,14 @@ def render_card(m: Manifest, *, repo_id: Optional[str] = None) -> str:
             "```", ""]
     out += ["## Recipe", "", "```yaml", m.recipe.rstrip(), "```", ""]
     return "\n".join(out)
+
+
+def _codec_lines(m: Manifest) -> list[str]:
+    """Format v2: the experts' codecs and the stored base (nothing for a v1 library)."""
+    if not m.stored_base:
+        return []
+    codecs = sorted({e.codec for e in m.experts})
+    base = sum(st.bits for st in m.stored_base.values()) // 8
+    return [f"- expert codecs: {', '.join(codecs)}; the base they are deltas from is stored once at "
+            f"{m.base_storage} ({len(m.stored_base)} tensors, {base:,} bytes, counted in C and in the expert "
+            "tensor data)"]

@@ -1,4 +1,9 @@
-"""manifest.json of an expert library, format v1: frozen pydantic models and safe file names.
+"""manifest.json of an expert library, formats v1 and v2: frozen pydantic models and safe file names.
+
+Format v2 (issue #13) adds delta-coded experts: a StoredTensor's `codec` (the codec's `info()`: what its
+parts are, mergetool.merge.codecs), a StoredExpert's `codec` label, and the manifest's `base_storage` and
+`stored_base` (the base components some delta expert needs, stored once). A library without delta experts
+is written as v1, with none of these fields (each is left out of the JSON while it has its default).
 
 Every file name in a manifest (the `files` map, shard and config references) is checked here:
 a plain name inside the library folder (no absolute path, no `..`, no sub-folder), on the
@@ -8,15 +13,17 @@ allow-list below. A Manifest instance therefore never points outside its library
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from mergetool.core.errors import LibraryError
+from mergetool.merge.codecs import stored_layout
 
 REEXPORT = "re-export the library; it may be corrupt or tampered with"  # the fix of every tampered-library error
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # libraries of delta-coded experts; others are still written as v1
+FORMAT_VERSIONS = (1, 2)  # what this mergetool reads
 MANIFEST = "manifest.json"
 README = "README.md"
 TOKENIZER_FILES = (
@@ -56,6 +63,16 @@ FileName = Annotated[str, AfterValidator(check_name)]
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ()  # v2 fields: left out of the JSON at their default
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler):
+        data = handler(self)
+        for name in self.OMITTED_AT_DEFAULT:
+            if isinstance(data, dict) and getattr(self, name) == type(self).model_fields[name].get_default(
+                    call_default_factory=True):
+                data.pop(name, None)
+        return data
 
 
 class FileEntry(Frozen):
@@ -64,8 +81,13 @@ class FileEntry(Frozen):
 
 
 class StoredTensor(Frozen):
-    """One tensor in a shard: keys `prefix + suffix` for suffix in `keys` (see quantize.to_tensors)."""
+    """One tensor in a shard: keys `prefix + suffix` for suffix in `keys` (see quantize.to_tensors).
 
+    v2, a delta expert's tensor or a stored base tensor: `codec` is the encoding's info() (codecs.to_tensors
+    wrote the parts), `dtype` the tensor's own dtype once decoded, `bits` 8 × its parts' bytes and
+    `granularity` "codec"."""
+
+    OMITTED_AT_DEFAULT = ("codec",)
     shard: FileName
     prefix: str
     shape: list[Dim]
@@ -73,6 +95,17 @@ class StoredTensor(Frozen):
     bits: int
     granularity: str
     keys: list[str]
+    codec: Optional[dict] = None
+
+    @field_validator("codec")
+    @classmethod
+    def _valid_codec(cls, codec: Optional[dict]) -> Optional[dict]:
+        if codec is not None:
+            try:
+                stored_layout(codec)
+            except ValueError:
+                raise ValueError("a codec's metadata is not valid (its kind, parameters, shape or dtype)") from None
+        return codec
 
     def info(self) -> dict:
         return {"shape": self.shape, "dtype": self.dtype, "bits": self.bits,
@@ -92,6 +125,7 @@ class AdapterSlot(Frozen):
 
 
 class StoredExpert(Frozen):
+    OMITTED_AT_DEFAULT = ("codec",)
     id: Identifier
     component: Dim  # index into Manifest.components
     group_members: list[str]  # task names
@@ -99,6 +133,7 @@ class StoredExpert(Frozen):
     data_bits: int  # exact data bits (Eq. 8 numerator), row masks excluded
     mask_bytes: int
     adapter: dict[str, AdapterSlot] = Field(default_factory=dict)  # base weight name -> slot (adapters)
+    codec: str = Field("full", pattern=r"^[a-z_]+(:[0-9A-Za-z.+\-]{1,30}){0,2}$")  # v2: the recipe's codec label
 
 
 class StoredComponent(Frozen):
@@ -125,7 +160,7 @@ class Storage(Frozen):
     base_bits: int
     storage_cost: float
     storage_cost_with_heads: float
-    expert_data_bytes: int  # = storage_cost·d·b⁺/8 + mask_bytes
+    expert_data_bytes: int  # = storage_cost·d·b⁺/8 + mask_bytes (v2: the stored base components included)
     mask_bytes: int
     head_data_bytes: int
 
@@ -189,7 +224,8 @@ class RouterInfo(Frozen):
 
 
 class Manifest(Frozen):
-    format_version: Literal[1]
+    OMITTED_AT_DEFAULT = ("base_storage", "stored_base")
+    format_version: Literal[1, 2]
     mergetool_version: str
     base: Base
     tasks: list[Task]
@@ -207,6 +243,9 @@ class Manifest(Frozen):
     recipe: str
     router: Optional[RouterInfo] = None
     adapter: Optional[FrozenBase] = None
+    # v2: the base's precision for delta experts, and the base tensors they need (normalised name -> storage)
+    base_storage: Optional[Literal["fp32", "fp16", "int8"]] = None
+    stored_base: dict[str, StoredTensor] = Field(default_factory=dict)
     files: dict[FileName, FileEntry]
 
     def task(self, name: str) -> Task:
@@ -228,9 +267,10 @@ def parse_manifest(data: object, where: str) -> Manifest:
     if not isinstance(data, dict):
         raise LibraryError("manifest is not a JSON object", file=where, fix="re-export the library")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in FORMAT_VERSIONS:
         shown = f" {version}" if type(version) is int and abs(version) < 10**6 else ""  # never echo the file
-        raise LibraryError(f"unknown format_version{shown} (this mergetool reads {FORMAT_VERSION})",
+        raise LibraryError(f"unknown format_version{shown} (this mergetool reads "
+                           f"{' and '.join(map(str, FORMAT_VERSIONS))})",
                            file=where, key="format_version",
                            fix="upgrade mergetool or re-export the library")
     try:
@@ -242,8 +282,21 @@ def parse_manifest(data: object, where: str) -> Manifest:
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise LibraryError(f"invalid manifest: {msg}{more}", file=where, key=loc,
                            fix="re-export the library; it may be corrupt or tampered with") from None
+    _check_version(manifest, where)
     _check_references(manifest, where)
     return manifest
+
+
+def _check_version(m: Manifest, where: str) -> None:
+    """A v1 manifest holds no v2 field (codecs, the stored base)."""
+    if m.format_version != 1:
+        return
+    tensors = [st for e in m.experts for st in e.tensors.values()] + [st for t in m.tasks for st in t.heads.values()]
+    tensors += list(m.buffers.values()) + (list(m.adapter.tensors.values()) if m.adapter else [])
+    if (m.base_storage is not None or m.stored_base or any(e.codec != "full" for e in m.experts)
+            or any(st.codec is not None for st in tensors)):
+        raise LibraryError("a format 1 manifest holds format 2 fields (codecs or a stored base)", file=where,
+                           key="format_version", fix=REEXPORT)
 
 
 def _fields() -> set[str]:
@@ -262,7 +315,7 @@ def _location(part) -> str:
 def _check_references(m: Manifest, where: str) -> None:
     """Every file the manifest uses is listed in `files`; chains name existing experts."""
     used = {m.base.config} | {t.config for t in m.tasks}
-    used |= {s.shard for e in m.experts for s in e.tensors.values()}
+    used |= {s.shard for e in m.experts for s in e.tensors.values()} | {s.shard for s in m.stored_base.values()}
     used |= {s.shard for t in m.tasks for s in t.heads.values()} | {s.shard for s in m.buffers.values()}
     used |= set(m.router.files) if m.router else set()
     used |= {s.shard for s in m.adapter.tensors.values()} if m.adapter else set()

@@ -17,11 +17,16 @@ from mergetool.core.budget import best_within
 from mergetool.core.errors import LibraryError
 from mergetool.core.safejson import UnsafeJSON, parse_json
 from mergetool.library.manifest import MANIFEST, Manifest, Solution, StoredTensor
-from mergetool.library.safetensors_io import data_bytes, read_header
+from mergetool.library.safetensors_io import DTYPE_NAMES, data_bytes, read_header
 from mergetool.library.verify import REEXPORT, verify_folder
 from mergetool.merge.adapters.ia3 import ia3_dense
 from mergetool.merge.adapters.lora import lora_dense
+from mergetool.merge.codecs import decode_base
+from mergetool.merge.codecs import from_tensors as codec_from_tensors
+from mergetool.merge.delta_experts import dense_from_delta
 from mergetool.merge.quantize import dequantize, from_tensors
+
+DTYPES = {str(d).removeprefix("torch."): d for d in DTYPE_NAMES}
 
 
 def _fail(msg: str, where, fix: str = REEXPORT) -> LibraryError:
@@ -47,6 +52,7 @@ class LibraryFiles:
     def __init__(self, path: Path, manifest: Manifest, index: int):
         self.path, self.manifest, self.index = Path(path), manifest, index
         self._handles: dict[str, object] = {}
+        self._base: dict[str, torch.Tensor] = {}  # decoded stored base tensors (v2), shared by a component's experts
 
     @classmethod
     def load(cls, path, *, budget: Optional[float] = None, solution: Optional[int] = None,
@@ -91,21 +97,39 @@ class LibraryFiles:
 
     def read(self, st: StoredTensor) -> torch.Tensor:
         """One stored tensor, dequantised, checked against its manifest entry."""
+        if st.codec is not None:
+            raise _fail("a codec-stored tensor is read through its expert", self.path / st.shard)
+        t = dequantize(from_tensors(self._parts(st), st.prefix, st.info()))
+        if list(t.shape) != st.shape:
+            raise _fail(f"tensor {st.prefix!r} has shape {list(t.shape)}, expected {st.shape}", self.path / st.shard)
+        return t
+
+    def _parts(self, st: StoredTensor) -> dict[str, torch.Tensor]:
         h = self._open(st.shard)
         keys = [st.prefix + k for k in st.keys]
         missing = [k for k in keys if k not in h.keys()]
         if missing:
             raise _fail(f"{st.shard} lacks tensors {missing[:3]}", self.path / st.shard)
-        qt = from_tensors({k: h.get_tensor(k) for k in keys}, st.prefix, st.info())
-        t = dequantize(qt)
-        if list(t.shape) != st.shape:
-            raise _fail(f"tensor {st.prefix!r} has shape {list(t.shape)}, expected {st.shape}", self.path / st.shard)
-        return t
+        return {k: h.get_tensor(k) for k in keys}
+
+    def stored_base(self, name: str) -> torch.Tensor:
+        """decode(stored base) of one tensor (v2), float32, decoded once and kept: the reference of every
+        delta expert of its component."""
+        if name not in self._base:
+            st = self.manifest.stored_base.get(name)
+            if st is None:
+                raise _fail("a delta expert's tensor has no stored base tensor", self.path / MANIFEST)
+            self._base[name] = decode_base(codec_from_tensors(self._parts(st), st.prefix, st.codec))
+        return self._base[name]
 
     def expert_state(self, eid: str) -> dict[str, torch.Tensor]:
         """An expert's tensors, dequantised; for adapter experts the effective base weights (as
-        ExpertStore's `dense()`): W0 + scaling·B@A (LoRA) or W0 scaled by the vector (IA3)."""
+        ExpertStore's `dense()`): W0 + scaling·B@A (LoRA) or W0 scaled by the vector (IA3); for delta experts
+        (v2) decode(stored base) + decode(delta) in the tensor's dtype, bitwise as `dense()`."""
         e = self.manifest.expert(eid)
+        if e.codec != "full":
+            return {n: dense_from_delta(self.stored_base(n), codec_from_tensors(self._parts(st), st.prefix, st.codec),
+                                        DTYPES[st.dtype]) for n, st in e.tensors.items()}
         stored = {n: self.read(st) for n, st in e.tensors.items()}
         if not e.adapter:
             return stored

@@ -7,7 +7,8 @@ its shapes, and adapter slots name stored factors or vectors whose shapes fit th
 `check_stored`: the header holds every part the manifest lists with the dtype and shape it implies:
 the tensor itself in the manifest's dtype, or for a quantised tensor uint8 codes of the right size,
 floating scales and zero points, a uint8 row mask and full-precision rows that add up to its units.
-Weights (experts, the frozen base) must be floating point. Messages never quote tensor names.
+Weights (experts, the frozen base, the stored base) must be floating point. Format v2's codec entries
+(delta experts, the stored base) are checked by sanity_codecs. Messages never quote tensor names.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable, Iterator, Optional
 from mergetool.core.errors import LibraryError
 from mergetool.library.manifest import MANIFEST, Manifest, StoredExpert, StoredTensor
 from mergetool.library.safetensors_io import DTYPE_NAMES
+from mergetool.library.sanity_codecs import check_codec_structure, codec_problem
 
 Fail = Callable[..., LibraryError]
 CODES = {str(d).removeprefix("torch."): name for d, name in DTYPE_NAMES.items()}  # "float32" -> "F32"
@@ -42,6 +44,8 @@ def stored_entries(m: Manifest) -> Iterator[tuple[str, StoredTensor, bool]]:
         yield f"buffer {j + 1}", st, False
     for j, st in enumerate(m.adapter.tensors.values() if m.adapter else ()):
         yield f"frozen base tensor {j + 1}", st, True
+    for j, st in enumerate(m.stored_base.values()):
+        yield f"stored base tensor {j + 1}", st, True
 
 
 def check_stored(m: Manifest, headers: dict[str, dict], fail: Fail) -> None:
@@ -54,7 +58,7 @@ def check_stored(m: Manifest, headers: dict[str, dict], fail: Fail) -> None:
             raise fail(f"{where} has an unknown dtype or a negative dimension", MANIFEST)
         if weight and code not in FLOATING:
             raise fail(f"{where} is not floating point; weights must be", MANIFEST)
-        problem = _layout_problem(st, code, header)
+        problem = codec_problem(st, header) if st.codec is not None else _layout_problem(st, code, header)
         if problem:
             raise fail(f"{where} does not match its shard's header: {problem}", st.shard)
 
@@ -122,6 +126,7 @@ def check_structure(m: Manifest, fail: Fail) -> None:
             shapes = m.components[e.component].tensors
             if any(list(st.shape) != shapes.get(k) for k, st in e.tensors.items()):
                 raise fail(f"expert {e.id}'s tensors are not its component's (names or shapes differ)", MANIFEST)
+    check_codec_structure(m, fail)
     experts = m.expert_map()
     if len(experts) != len(m.experts) or len(names) != len(m.tasks):
         raise fail("the manifest lists an expert or a task twice", MANIFEST)

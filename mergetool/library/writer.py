@@ -1,10 +1,12 @@
-"""Export an expert library (format v1), streaming one component at a time.
+"""Export an expert library (format v1, or v2 for delta-coded experts), streaming one component at a time.
 
 Experts come from `ExpertStore` (the same code the search scores), built with a cache of one
 expert, so peak memory is about (T + 1) tensors of the largest component plus one expert.
 Everything is written into a temporary folder next to the target, then renamed into place (staging).
 PEFT adapter zoos (LoRA, IA3) also store the frozen base once (`frozen-*.safetensors`), and each
 expert's slots say how its factors or vectors turn into base weights (manifest.AdapterSlot).
+Delta-coded experts (a recipe codec other than `full`) make a format v2 library: each expert stores its
+codec's tensors, and the base components they need are stored once (`base-*.safetensors`, writer_codecs).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from mergetool.library.manifest import (
 from mergetool.library.safetensors_io import ShardSet, StreamWriter
 from mergetool.library.staging import make_tmp, recover, swap_in
 from mergetool.library.verify import sha256_file, verify_folder
+from mergetool.library.writer_codecs import BUG, delta_entries, write_stored_base
 from mergetool.merge.experts import ExpertStore
 from mergetool.merge.quantize import to_tensors
 from mergetool.models.plan import Plan
@@ -143,6 +146,9 @@ def _write(job: _Job, solutions: Sequence[SolutionIn], *, default: int, budget: 
     store = ExpertStore(recipe, plan, job.base, job.tasks, cache_bytes=0)  # stream: one expert at a time
     Gs = [canonical(s.grouping) for s in solutions]
     experts, ids = _write_experts(job, store, Gs)
+    delta = sorted({e.component for e in experts if e.codec != "full"})  # components whose base is stored
+    stored_base, base_bits = (write_stored_base(store.stored_base, delta, tmp, job.shard_size) if delta
+                              else ({}, {}))
     task_entries, head_bytes, frozen_names = _write_tasks(job, store)
     buffers = _write_buffers(job)
     frozen = _write_frozen(job.base, sorted(frozen_names), tmp, job.shard_size) if plan.adapter else None
@@ -154,6 +160,7 @@ def _write(job: _Job, solutions: Sequence[SolutionIn], *, default: int, budget: 
 
     def storage(eids) -> Storage:
         bits = sum(by_id[i].data_bits for i in eids)
+        bits += sum(base_bits[l] for l in {by_id[i].component for i in eids if by_id[i].codec != "full"})
         masks = sum(by_id[i].mask_bytes for i in eids)
         frozen_base = bool(plan.adapter)  # the frozen base of an adapter zoo, as the search counts it
         return Storage(d=plan.d, base_bits=plan.base_bits,
@@ -168,7 +175,7 @@ def _write(job: _Job, solutions: Sequence[SolutionIn], *, default: int, budget: 
                   for c in plan.components]
     all_storage = storage(by_id)
     draft = Manifest(
-        format_version=1, mergetool_version=__version__,
+        format_version=2 if delta else 1, mergetool_version=__version__,
         base=Base(ref=recipe.base_model, model_type=plan.model_type, config="config.json",
                   config_sha256=sha256_file(tmp / "config.json")),
         tasks=task_entries, components=components, experts=experts, buffers=buffers, solutions=sols,
@@ -176,7 +183,8 @@ def _write(job: _Job, solutions: Sequence[SolutionIn], *, default: int, budget: 
         storage=all_storage, disk_bytes={}, quantization=asdict(store.spec),
         merge={"method": store.method, "parameters": dict(recipe.merge.parameters)},
         recipe=recipe.text, router=None, files={},
-        adapter=FrozenBase(type=plan.adapter["type"], tensors=frozen) if plan.adapter else None)
+        adapter=FrozenBase(type=plan.adapter["type"], tensors=frozen) if plan.adapter else None,
+        base_storage=recipe.base_storage if delta else None, stored_base=stored_base)
     return _finish(tmp, draft, router)
 
 
@@ -202,7 +210,7 @@ def _write_experts(job: _Job, store: ExpertStore, Gs) -> tuple[list[StoredExpert
 
 
 def _write_expert(job: _Job, e, eid: str, key: tuple, shards: ShardSet) -> dict:
-    tensors, written = {}, 0
+    tensors, written = delta_entries(e, eid, shards) if e.delta else ({}, 0)
     for name, qt in e.tensors.items():
         parts = to_tensors(qt, f"{eid}/{name}")
         idx = shards.add_group(parts)
@@ -210,11 +218,11 @@ def _write_expert(job: _Job, e, eid: str, key: tuple, shards: ShardSet) -> dict:
         tensors[name] = dict(shard=idx, prefix=f"{eid}/{name}", **qt.info())
     if written * 8 != e.bits + 8 * e.mask_bytes:  # C must be the truth about the bytes
         raise LibraryError(f"expert {eid}: {written} bytes written, {e.bits / 8 + e.mask_bytes} counted",
-                           key="experts", fix="this is a bug in mergetool's cost accounting; please report it")
+                           key="experts", fix=BUG)
     slots = {w: AdapterSlot(a=a, b=b, scaling=s) for w, (a, b, s) in e.lora.items()}
     slots.update({w: AdapterSlot(vector=v, dim=d) for w, (v, d) in e.ia3.items()})
     return dict(id=eid, component=key[0], group_members=[job.names[t] for t in key[1]],
-                tensors=tensors, data_bits=e.bits, mask_bytes=e.mask_bytes, adapter=slots)
+                tensors=tensors, data_bits=e.bits, mask_bytes=e.mask_bytes, adapter=slots, codec=e.codec)
 
 
 def _write_tasks(job: _Job, store: ExpertStore) -> tuple[list[Task], int, set]:
@@ -297,6 +305,8 @@ def disk_bytes(folder: Path, m: Manifest) -> dict[str, int]:
     cats = dict(experts=0, heads=0, buffers=0, router=0, base_features=0, other=0)
     if m.adapter:
         cats["frozen_base"] = 0
+    if m.stored_base:
+        cats["stored_base"] = 0
     router = {m.router.weights, m.router.config} if m.router else set()
     for p in folder.iterdir():
         if p.name == MANIFEST:
@@ -305,7 +315,8 @@ def disk_bytes(folder: Path, m: Manifest) -> dict[str, int]:
         cat = ("experts" if n.startswith("experts-") else "heads" if n.startswith("heads-")
                else "buffers" if n == "buffers.safetensors" else "router" if n in router
                else "base_features" if n.startswith("base-features")
-               else "frozen_base" if n.startswith("frozen-") and m.adapter else "other")
+               else "frozen_base" if n.startswith("frozen-") and m.adapter
+               else "stored_base" if n.startswith("base-") and m.stored_base else "other")
         cats[cat] += p.stat().st_size
     cats["total"] = sum(cats.values())
     return cats

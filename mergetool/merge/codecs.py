@@ -58,7 +58,7 @@ __all__ = [
     "BASE_STORAGES", "BaseStorage", "CodecSpec", "DeltaQuantSpec", "DeltaSwitchSpec", "Encoded", "LowRankDelta",
     "LowRankSpec", "QuantDelta", "StoredBase", "SwitchDelta", "base_stored_bits", "check_base_storage", "decode",
     "decode_base", "encode", "encode_base", "encode_low_rank", "encode_quant", "encode_switch", "from_tensors",
-    "stored_bits", "switch_k", "tensor_bytes", "to_tensors", "top_k_mask", "unit_shape",
+    "stored_bits", "stored_layout", "switch_k", "tensor_bytes", "to_tensors", "top_k_mask", "unit_shape",
 ]
 
 _SUFFIXES = (".codes", ".scale", ".zero", ".mask", ".sign", ".u", ".v", ".full")
@@ -87,6 +87,59 @@ def to_tensors(encoded: Union[Encoded, StoredBase], prefix: str) -> dict[str, Te
 def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
     """Total tensor-data bytes (what safetensors writes for them, header excluded)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ---------------------------------------------------------------- the layout an info implies
+
+_INFO_KEYS = {"delta_quant": {"codec", "shape", "bits", "meta_dtype"},
+              "delta_switch": {"codec", "shape", "density", "scale", "meta_dtype"},
+              "low_rank": {"codec", "shape", "rank", "meta_dtype"},
+              "base": {"codec", "shape", "storage", "dtype"}}
+
+
+def _layout(info: Mapping) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    shape, kind = _shape(info), info["codec"]
+    units, size = unit_shape(shape)
+    n = units * size
+    if kind == "base":
+        storage, dtype = check_base_storage(info["storage"]), _FLOATS[info["dtype"]]
+        if storage != "int8" or len(shape) < 2:
+            return {"": ({"fp32": torch.float32, "fp16": torch.float16}.get(storage, dtype), shape)}
+        return {".codes": (torch.int8, shape), ".scale": (INT8_SCALE_DTYPE, (shape[0],))}
+    meta = _meta(info)
+    if kind == "delta_quant":
+        spec = DeltaQuantSpec(info["bits"])
+        parts = {".codes": (torch.uint8, ((n * spec.bits + 7) // 8,)), ".scale": (meta, (units,))}
+        return parts if spec.bits == 1 else {**parts, ".zero": (meta, (units,))}
+    if kind == "delta_switch":
+        spec = DeltaSwitchSpec(info["density"], info["scale"])
+        k = switch_k(spec.density, n)
+        return {".mask": (torch.uint8, ((n + 7) // 8,)), ".sign": (torch.uint8, ((k + 7) // 8,)),
+                ".scale": (meta, (units if spec.scale == "row" else 1,))}
+    spec = LowRankSpec(info["rank"])
+    if len(shape) < 2:
+        return {".full": (meta, shape)}
+    rank = min(spec.rank, units, size)
+    return {".u": (meta, (units, rank)), ".v": (meta, (rank, size))}
+
+
+def stored_layout(info: object) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """suffix -> (dtype, shape) of every part `to_tensors` writes for an encoded tensor with this `info()`
+    (the table in the module docstring), from the info alone; ValueError saying why for an info that is not
+    exactly a valid one (unknown codec, stray or missing keys, a spec the kernels refuse, bad shape or dtype)."""
+    if not isinstance(info, Mapping) or not isinstance(info.get("codec"), str) or info["codec"] not in _INFO_KEYS:
+        raise ValueError("a codec must be one of " + ", ".join(_INFO_KEYS))
+    wanted = _INFO_KEYS[info["codec"]]
+    if set(info) != wanted:
+        raise ValueError(f"a {info['codec']} codec has exactly the keys {sorted(wanted)}")
+    if not isinstance(info["shape"], (list, tuple)):
+        raise ValueError("a codec's shape must be a list of dimensions")
+    try:
+        return _layout(info)
+    except MergetoolError as e:
+        raise ValueError(e.message) from None
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"a {info['codec']} codec has an invalid value ({type(e).__name__})") from None
 
 
 # ---------------------------------------------------------------- reading back
