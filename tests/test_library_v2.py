@@ -268,3 +268,19 @@ def test_tampered_v2_library_is_refused(case, tmp_path, exported):
     result, text = invoke("inspect", bad, "--verify")
     assert result.exit_code == 2 and needle in text and len(text.strip().splitlines()) == 1, text
 
+
+
+def test_hub_round_trip_of_a_v2_library(hub_server, exported, tmp_path):
+    """push, then pull (verified: checksums, allow-list, sanity incl. codec parts): the same library."""
+    from mergetool.library.reader import load_task_state
+
+    lib = exported("low_rank:8")["lib"]
+    result, text = invoke("push", lib, "test-user/v2-lib")
+    assert result.exit_code == 0, text
+    result, text = invoke("pull", "test-user/v2-lib", tmp_path / "got")
+    assert result.exit_code == 0, text
+    got = tmp_path / "got"
+    assert _manifest(got)["format_version"] == 2 and _manifest(got)["base_storage"] == "fp16"
+    for task in ("t0", "t1", "t2"):
+        a, b = load_task_state(lib, task), load_task_state(got, task)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
