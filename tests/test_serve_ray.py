@@ -30,9 +30,10 @@ def free_port() -> int:
 def ray_url(routed):
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
-    from mergetool.serve.ray_deploy import APP_NAME, QUIET, build_deployment
+    from mergetool.serve.ray_deploy import APP_NAME, QUIET, build_deployment, patient_proxy
 
     port = free_port()
+    patient_proxy()  # the CI machine may be busy: Ray's 5 s proxy readiness check would kill the proxy
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)

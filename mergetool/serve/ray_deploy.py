@@ -15,6 +15,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -30,6 +31,15 @@ from mergetool.serve.wire import BadRequest
 
 APP_NAME = "mergetool"
 QUIET = {"log_level": "WARNING"}
+# Ray Serve's own health checks of its HTTP proxy (documented environment settings, read when Serve starts): its
+# 5 s readiness default marks the proxy unhealthy and kills it on a loaded small machine. A user's value wins.
+PATIENT_PROXY = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
+def patient_proxy() -> None:
+    """Set PATIENT_PROXY in this process's environment (before ray.init: local workers inherit it)."""
+    for name, value in PATIENT_PROXY.items():
+        os.environ.setdefault(name, value)
 
 
 @dataclass
@@ -208,6 +218,7 @@ def run_on_ray(lib, limits: ServeLimits, *, host: str, port: int, replicas: int,
     from ray import serve
 
     options = {"address": address} if address else {"address": "local", "include_dashboard": False}
+    patient_proxy()
     ray.init(logging_level=logging.WARNING, **options)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's deploy chatter
     stop = StopOnSignal()
