@@ -7,6 +7,7 @@ import socket
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import MergetoolError
@@ -43,11 +44,8 @@ def serve(
 ) -> None:
     """Serve a library over HTTP: POST /v1/predict (dynamic batching by chain), GET /v1/library, /healthz,
     /readyz, /metrics, /docs. SIGTERM drains the requests in flight, then exits 0."""
-    if max_inputs > max_queue:
-        raise MergetoolError(f"--max-inputs {max_inputs} is over --max-queue {max_queue}: such a request could never "
-                             "be queued", key="--max-inputs", fix="give --max-inputs ≤ --max-queue")
-    limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_inputs=max_inputs,
-                         max_body_bytes=max_body, timeout_s=timeout)
+    limits = limits_from_options(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                                 max_inputs=max_inputs, max_body_bytes=max_body, timeout_s=timeout)
     if not ray and (replicas != 1 or address):
         raise MergetoolError("--replicas and --address need --ray", key="--ray", fix="add --ray or drop them")
     if ray:
@@ -68,6 +66,21 @@ def serve(
     bound = sock.getsockname()
     typer.echo(f"serving {lib} ({len(engine.tasks)} tasks) on http://{bound[0]}:{bound[1]}", err=True)
     run_server(build_app(engine, limits), sock, limits, log_level=log_level)
+
+
+OPTIONS = {"max_batch": "--max-batch", "max_wait_ms": "--max-wait-ms", "max_queue": "--max-queue",
+           "max_inputs": "--max-inputs", "max_body_bytes": "--max-body", "timeout_s": "--timeout"}
+
+
+def limits_from_options(**values) -> ServeLimits:
+    """ServeLimits (where its rules live), a broken one reported as one line naming the option."""
+    try:
+        return ServeLimits(**values)
+    except ValidationError as exc:
+        e = exc.errors(include_url=False, include_input=False)[0]
+        option = OPTIONS.get(e["loc"][0], "--" + str(e["loc"][0])) if e["loc"] else "--max-inputs"  # () : the queue rule
+        raise MergetoolError(e["msg"].removeprefix("Value error, "), key=option,
+                             fix="see mergetool serve --help for each option's range") from None
 
 
 def listen(host: str, port: int) -> socket.socket:

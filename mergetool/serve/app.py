@@ -22,6 +22,7 @@ from mergetool.serve.wire import BadRequest, ErrorBody, PredictRequest, PredictR
 
 log = logging.getLogger("mergetool.serve")
 ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 429, 503, 504)}
+KNOWN = {"/v1/predict", "/v1/library", "/healthz", "/readyz", "/metrics"}  # metric labels; anything else is "other"
 
 
 class Predictor(Protocol):
@@ -151,6 +152,5 @@ def create_app(predictor: Predictor, limits: ServeLimits, metrics: Optional[Serv
             on_metrics()
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    KNOWN = {"/v1/predict", "/v1/library", "/healthz", "/readyz", "/metrics"}
     app.state.metrics = metrics
     return app

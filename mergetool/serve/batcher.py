@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from mergetool.core.errors import MergetoolError
 from mergetool.serve.limits import ServeLimits
 from mergetool.serve.metrics import ServeMetrics
-from mergetool.serve.wire import BadRequest
+from mergetool.serve.wire import BadRequest, output_for
 
 log = logging.getLogger("mergetool.serve")
 RunFn = Callable[[list, list, bool], list]
@@ -36,7 +36,7 @@ class QueuedRequest:
 
 class Batcher:
     def __init__(self, run: RunFn, limits: ServeLimits, metrics: Optional[ServeMetrics] = None,
-                 on_batch: Optional[Callable[[list[dict]], None]] = None):
+                 on_batch: Optional[Callable[[list[dict], int], None]] = None):
         self.run, self.limits, self.metrics, self.on_batch = run, limits, metrics, on_batch
         self._queue: deque[QueuedRequest] = deque()
         self.queued_inputs = 0
@@ -140,7 +140,7 @@ class Batcher:
         self._record(batch, outputs)
         start = 0
         for r in batch:
-            _settle(r.future, _strip(outputs[start:start + len(r.items)], r.return_logits))
+            _settle(r.future, [output_for(o, r.return_logits) for o in outputs[start:start + len(r.items)]])
             start += len(r.items)
 
     async def _run_alone(self, r: QueuedRequest) -> None:
@@ -157,11 +157,8 @@ class Batcher:
             _settle(r.future, out)
 
     def _record(self, batch: list[QueuedRequest], outputs: list[dict]) -> None:
-        if self.metrics:
-            self.metrics.batch_inputs.observe(len(outputs))
-            self.metrics.batch_requests.observe(len(batch))
         if self.on_batch:
-            self.on_batch(outputs)
+            self.on_batch(outputs, len(batch))
 
     def begin_drain(self) -> None:
         """Refuse new requests and run the queued ones now, without waiting out max_wait_ms (safe to call
@@ -172,9 +169,7 @@ class Batcher:
 
     async def close(self, drain_s: float = 30.0) -> None:
         """Refuse new requests, answer the queued ones (for up to drain_s), then stop the worker."""
-        self.closing = True
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self.begin_drain()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, drain_s)
@@ -183,12 +178,6 @@ class Batcher:
         for r in self._queue:
             _settle(r.future, exc=BadRequest(503, "draining", "the server shut down before this request ran"))
         self._pool.shutdown(wait=True)
-
-
-def _strip(outputs: list[dict], with_logits: bool) -> list[dict]:
-    if with_logits:
-        return outputs
-    return [{k: v for k, v in o.items() if k not in ("logits", "routing")} for o in outputs]
 
 
 def _settle(fut: asyncio.Future, result=None, exc: Optional[BaseException] = None) -> None:

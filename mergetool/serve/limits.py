@@ -22,5 +22,6 @@ class ServeLimits(BaseModel):
     @model_validator(mode="after")
     def _request_fits_the_queue(self) -> "ServeLimits":
         if self.max_inputs > self.max_queue:  # such a request would be told to retry forever
-            raise ValueError(f"max_inputs ({self.max_inputs}) is over max_queue ({self.max_queue})")
+            raise ValueError(f"max_inputs ({self.max_inputs} per request) is over max_queue ({self.max_queue} queued "
+                             "inputs): such a request could never be queued; keep max_inputs ≤ max_queue")
         return self

@@ -33,5 +33,18 @@ class ServeMetrics:
         self.resident_bytes = Gauge("mergetool_resident_bytes", "bytes of the resident chains and router",
                                     registry=r)
 
+    def record_run(self, outputs: list[dict], requests: int, chain_names: dict[str, str]) -> None:
+        """One model run: its inputs and requests, each input's chain, the truncated ones."""
+        self.batch_inputs.observe(len(outputs))
+        self.batch_requests.observe(requests)
+        for o in outputs:
+            self.chain_inputs.labels(chain_names[o["task"]]).inc()
+            if o.get("truncated"):
+                self.truncated.inc()
+
+    def record_resident(self, chains: int, nbytes: int) -> None:
+        self.resident_chains.set(chains)
+        self.resident_bytes.set(nbytes)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

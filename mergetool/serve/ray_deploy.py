@@ -27,7 +27,7 @@ from typing import Optional
 from mergetool.core.errors import MergetoolError
 from mergetool.serve.limits import ServeLimits
 from mergetool.serve.listen import bind_socket
-from mergetool.serve.wire import BadRequest
+from mergetool.serve.wire import BadRequest, output_for
 
 APP_NAME = "mergetool"
 QUIET = {"log_level": "WARNING"}
@@ -106,7 +106,7 @@ class ReplicaPredictor:
         except MergetoolError:  # one input is bad: run them one by one so only its request fails
             return [await self._run_alone(s) for s in singles]
         self._record(singles, outputs)
-        return [_strip(o, s.return_logits) for s, o in zip(singles, outputs)]
+        return [output_for(o, s.return_logits) for s, o in zip(singles, outputs)]
 
     async def _run_alone(self, s: Single):
         try:
@@ -114,19 +114,14 @@ class ReplicaPredictor:
         except MergetoolError as exc:
             return BadRequest(422, "invalid_request", str(exc))
         self._record([s], out)
-        return _strip(out[0], s.return_logits)
+        return output_for(out[0], s.return_logits)
 
     def _run(self, singles: list[Single]) -> list[dict]:
         return self.engine.run([(s.text, s.pair) for s in singles], [s.task for s in singles],
                                any(s.return_logits for s in singles))
 
     def _record(self, singles: list[Single], outputs: list[dict]) -> None:
-        self.metrics.batch_inputs.observe(len(singles))
-        self.metrics.batch_requests.observe(len({s.request for s in singles}))
-        for o in outputs:
-            self.metrics.chain_inputs.labels(self.engine.chain_names[o["task"]]).inc()
-            if o.get("truncated"):
-                self.metrics.truncated.inc()
+        self.metrics.record_run(outputs, len({s.request for s in singles}), self.engine.chain_names)
 
     def _queue(self, delta: int) -> None:
         self.queued += delta
@@ -136,15 +131,7 @@ class ReplicaPredictor:
         return self.engine.describe()
 
     def refresh(self) -> None:
-        chains, nbytes = self.engine.resident()
-        self.metrics.resident_chains.set(chains)
-        self.metrics.resident_bytes.set(nbytes)
-
-
-def _strip(output: dict, with_logits: bool) -> dict:
-    if with_logits:
-        return output
-    return {k: v for k, v in output.items() if k not in ("logits", "routing")}
+        self.metrics.record_resident(*self.engine.resident())
 
 
 # The replica's predictor, handed from the deployment's constructor to `replica_app`. Each Ray Serve

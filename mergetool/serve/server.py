@@ -21,7 +21,9 @@ class BatchedPredictor:
 
     def __init__(self, engine: LibraryEngine, limits: ServeLimits, metrics: ServeMetrics):
         self.engine, self.metrics, self.tasks = engine, metrics, engine.tasks
-        self.batcher = Batcher(engine.run, limits, metrics, on_batch=self._count)
+        self.batcher = Batcher(engine.run, limits, metrics,
+                               on_batch=lambda outputs, requests: metrics.record_run(outputs, requests,
+                                                                                     engine.chain_names))
 
     async def predict(self, items: list[tuple], task: Optional[str], return_logits: bool) -> list[dict]:
         return await self.batcher.submit(items, task, return_logits)
@@ -29,16 +31,8 @@ class BatchedPredictor:
     def describe(self) -> dict:
         return self.engine.describe()
 
-    def _count(self, outputs: list[dict]) -> None:
-        for o in outputs:
-            self.metrics.chain_inputs.labels(self.engine.chain_names[o["task"]]).inc()
-            if o.get("truncated"):
-                self.metrics.truncated.inc()
-
     def refresh(self) -> None:
-        chains, nbytes = self.engine.resident()
-        self.metrics.resident_chains.set(chains)
-        self.metrics.resident_bytes.set(nbytes)
+        self.metrics.record_resident(*self.engine.resident())
 
 
 def build_app(engine: LibraryEngine, limits: ServeLimits):

@@ -58,6 +58,14 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+OPTIONAL_OUTPUTS = ("logits", "routing")  # only for requests with return_logits
+
+
+def output_for(output: dict, return_logits: bool) -> dict:
+    """An output as the request asked for it: without logits and routing unless return_logits."""
+    return output if return_logits else {k: v for k, v in output.items() if k not in OPTIONAL_OUTPUTS}
+
+
 @dataclass(frozen=True)
 class ParsedPredict:
     items: list[tuple]  # (text, text_pair or None)
