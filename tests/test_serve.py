@@ -235,7 +235,8 @@ def test_startup_errors_are_one_line_and_exit_2(routed, tmp_path):
         cases = {"checksum mismatch": (flipped, "--port", 0),
                  "cannot listen": (routed["lib"], "--port", taken.getsockname()[1]),
                  "--ray": (routed["lib"], "--port", 0, "--replicas", 2),
-                 "--max-inputs": (routed["lib"], "--port", 0, "--max-queue", 4)}
+                 "--max-inputs": (routed["lib"], "--port", 0, "--max-queue", 4),
+                 "--log-level": (routed["lib"], "--port", 0, "--log-level", "nonsense")}
         procs = {needle: subprocess.Popen(serve_command(*args, *CPU), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True, env=ENV) for needle, args in cases.items()}
         try:

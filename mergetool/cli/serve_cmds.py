@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -15,6 +16,16 @@ from mergetool.serve.limits import ServeLimits
 from mergetool.serve.listen import bind_socket
 
 D = ServeLimits()
+
+
+class LogLevel(str, Enum):
+    """uvicorn's log levels."""
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+    trace = "trace"
 
 
 @handles_errors
@@ -40,7 +51,7 @@ def serve(
     replicas: Annotated[int, typer.Option("--replicas", help="Ray Serve replicas (with --ray).", min=1)] = 1,
     address: Annotated[Optional[str], typer.Option("--address", help="Join this Ray cluster (with --ray).",
                                                    show_default=False)] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+    log_level: Annotated[LogLevel, typer.Option("--log-level", help="uvicorn log level.")] = LogLevel.info,
 ) -> None:
     """Serve a library over HTTP: POST /v1/predict (dynamic batching by chain), GET /v1/library, /healthz,
     /readyz, /metrics, /docs. SIGTERM drains the requests in flight, then exits 0."""
@@ -65,7 +76,7 @@ def serve(
     engine.warm_up()
     bound = sock.getsockname()
     typer.echo(f"serving {lib} ({len(engine.tasks)} tasks) on http://{bound[0]}:{bound[1]}", err=True)
-    run_server(build_app(engine, limits), sock, limits, log_level=log_level)
+    run_server(build_app(engine, limits), sock, limits, log_level=log_level.value)
 
 
 OPTIONS = {"max_batch": "--max-batch", "max_wait_ms": "--max-wait-ms", "max_queue": "--max-queue",
