@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     if args.grouping:
         from mergetool.cli.library_cmds import read_grouping
 
-        G = read_grouping(args.grouping, plan)
+        G = read_grouping(args.grouping, plan)[0]
     else:
         G = prefix_grouping(plan, args.shared_layers if args.shared_layers is not None else n_layers // 2)
     T = plan.T

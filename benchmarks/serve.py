@@ -223,7 +223,7 @@ def libraries(args, work: Path):
     if args.grouping:
         from mergetool.cli.library_cmds import read_grouping
 
-        G = read_grouping(args.grouping, plan)
+        G = read_grouping(args.grouping, plan)[0]
     else:
         n_layers = 1 + max(c.layer for c in plan.components if c.layer is not None)
         G = prefix_grouping(plan, n_layers // 2)

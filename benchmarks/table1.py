@@ -28,8 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
 
-from mergetool.core.grouping import key  # noqa: E402
-from mergetool.pipeline.session import select  # noqa: E402
+from mergetool.pipeline.session import select, solution_key  # noqa: E402
 
 
 def mergetool(*args: str) -> None:
@@ -136,7 +135,7 @@ def main() -> int:
             p = picks[g]
             p["C"].append(f["storage_cost"])
             p["val"].append(f["performance"])
-            p["test"].append((tests.get(key(f["grouping"])) or {}).get("performance"))
+            p["test"].append((tests.get(solution_key(f)) or {}).get("performance"))
             if g in ("G2", "G3"):
                 lib = run / "libraries" / f"{g}-solution-{f['id']}"
                 if not (lib / "manifest.json").is_file():

@@ -160,8 +160,8 @@ def cases(base, tasks, data, root: Path, zoo_factory):
         "codec_missing_setting": (good(base, tasks, data, extra="codecs: [{delta_quant: {}}]\n"), "needs `bits`"),
         "codec_malformed": (good(base, tasks, data, extra="codecs: [{delta_quant: 2}]\n"), "must be a mapping"),
         "codec_menu_empty": (good(base, tasks, data, extra="codecs: []\n"), "menu is empty"),
-        "codec_menu_of_two": (good(base, tasks, data, extra="codecs: [full, {delta_quant: {bits: 2}}]\n"),
-                              "one codec per run"),
+        "codec_menu_repeated": (good(base, tasks, data, extra="codecs: [full, {delta_quant: {bits: 2}}, "
+                                                              "{delta_quant: {bits: 2}}]\n"), "listed twice"),
         "codec_delta_on_adapters": (good(lora_base, lora_tasks, data, extra="codecs: [{delta_quant: {bits: 2}}]\n"),
                                     "adapters"),
         "base_model_unknown_user": (good("~mergetool-no-such-user0/base", tasks, data), "does not exist"),
@@ -197,7 +197,7 @@ CASE_IDS = [
     "task_name_300_characters",
     # codecs (issue 13)
     "codec_bits_out_of_range", "codec_bits_zero", "codec_density_zero", "codec_density_above_one", "codec_unknown",
-    "codec_missing_setting", "codec_malformed", "codec_menu_empty", "codec_menu_of_two", "codec_delta_on_adapters",
+    "codec_missing_setting", "codec_malformed", "codec_menu_empty", "codec_menu_repeated", "codec_delta_on_adapters",
     "base_storage_unknown", "base_model_unknown_user",  # fuzz find: ~user of no such user raised RuntimeError
 ]
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 
 from mergetool.cli._errors import handles_errors
@@ -42,8 +43,9 @@ def parse_budget(text: Optional[str]) -> Optional[float]:
     return b
 
 
-def read_grouping(path: Path, plan):
-    """G from {"tasks", "components", "grouping"} (or a bare T x L list), rows/columns in plan order."""
+def read_grouping(path: Path, plan) -> tuple[np.ndarray, Optional[list]]:
+    """(G, codec labels per component or None) from {"tasks", "components", "grouping", "codecs"} (or a bare
+    T x L list), rows/columns in plan order."""
     try:
         data = parse_json(Path(path).read_bytes())
     except FileNotFoundError:
@@ -51,9 +53,13 @@ def read_grouping(path: Path, plan):
     except (OSError, UnsafeJSON) as exc:
         raise LibraryError(f"grouping file is not JSON: {exc}", file=str(path), key="--grouping",
                            fix='write {"grouping": [[...], ...]} (T rows of L group ids)') from None
-    tasks = comps = None
+    tasks = comps = codecs = None
     if isinstance(data, dict):
-        tasks, comps, data = data.get("tasks"), data.get("components"), data.get("grouping")
+        tasks, comps, codecs, data = data.get("tasks"), data.get("components"), data.get("codecs"), data.get("grouping")
+    if codecs is not None and (not isinstance(codecs, list) or len(codecs) != plan.L
+                               or not all(isinstance(c, str) for c in codecs)):
+        raise LibraryError(f"codecs must list {plan.L} codec labels, one per component", file=str(path), key="codecs",
+                           fix="give the labels front.json shows, e.g. \"full\" or \"delta_quant:2\"")
     try:
         G = validate(data, plan.T, plan.L)
     except (ValueError, TypeError):
@@ -72,7 +78,21 @@ def read_grouping(path: Path, plan):
                                fix=f"list the recipe's {what}")
         order = [given.index(n) for n in want]
         G = G[order] if what == "tasks" else G[:, order]
-    return G
+        if what == "components" and codecs is not None:
+            codecs = [codecs[j] for j in order]
+    return G, codecs
+
+
+def menu_indices(recipe, labels: Optional[list], where: str) -> Optional[list[int]]:
+    """Codec labels (front.json, a grouping file) as indices into the recipe's codec menu."""
+    if labels is None:
+        return None
+    menu = [c.label for c in recipe.codecs]
+    unknown = [c for c in labels if c not in menu]
+    if unknown:
+        raise LibraryError(f"codec {unknown[0]!r} is not in the recipe's codec menu ({', '.join(menu)})", file=where,
+                           key="codecs", fix="export with the recipe the run was searched with")
+    return [menu.index(c) for c in labels]
 
 
 @handles_errors
@@ -122,7 +142,8 @@ def export(
     router.check()  # a router split per task, before any expert is built
     default = 0
     if grouping is not None:
-        sols = [SolutionIn(read_grouping(grouping, plan))]
+        G, labels = read_grouping(grouping, plan)
+        sols = [SolutionIn(G, codecs=menu_indices(recipe, labels, str(grouping)))]
     else:
         front = read_front(run_dir, key="--budget", otherwise=", or pass --grouping G.json")
         if all_:
@@ -144,7 +165,8 @@ def export(
             except MergetoolError as e:
                 raise LibraryError(f"front solution {r['id']}: {e.message}", key="front.json", fix=e.fix) from None
             sols.append(SolutionIn(G, id=r["id"], performance=r.get("performance"), per_task=r.get("per_task"),
-                                   expected_cost=r["storage_cost"]))
+                                   expected_cost=r["storage_cost"],
+                                   codecs=menu_indices(recipe, r.get("codecs"), "front.json")))
         default = best_within(sols, None, cost=lambda s: s.expected_cost, performance=lambda s: s.performance)
     m = export_library(recipe, plan, sources, sols, Path(out), shard_size=size, force=force, default=default,
                        budget=None if all_ else B, progress=say, router=router)

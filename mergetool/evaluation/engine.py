@@ -1,7 +1,10 @@
 """The evaluation engine: P_G (Eq. 7) and C_G (Eq. 8) for a grouping G, never recomputing what it knows.
 
+A configuration is G and (with a recipe's codec menu) the menu's codec per component; without `codecs`
+every component takes the menu's first entry. A task's chain is its (members, codec) per component.
+
 Three caches, all counted:
-  (a) experts by (component, members)       — in ExpertStore (LRU, memory-bounded);
+  (a) experts by (component, members, codec) — in ExpertStore (LRU, memory-bounded);
   (b) per-task scores by the task's chain    — a task whose chain was seen is not re-evaluated;
   (c) hidden states by (task, chain prefix)  — a chain that differs only in later layers runs only
       the layers after the first changed one (encoder classifiers; others run whole).
@@ -15,12 +18,12 @@ import math
 import os
 import time
 from collections import OrderedDict
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
-from mergetool.core.grouping import chain_key, members
+from mergetool.core.grouping import members
 from mergetool.core.results import PRECISIONS, EvalResult
 from mergetool.evaluation.choice import choice_score
 from mergetool.evaluation.metrics import custom_score, score
@@ -49,6 +52,24 @@ def _subset_summary(subs: dict[str, dict]) -> dict:
             "per_task_se": {k: float(s["se"]) for k, s in subs.items()},
             "items": {k: s["items"] for k, s in subs.items() if s.get("items") is not None},
             "rows": int(sum(s["rows"] for s in subs.values()))}
+
+
+class ChainedConfiguration(NamedTuple):
+    """G with a menu codec per component; a task's chain is its expert (members, codec) per component."""
+
+    G: np.ndarray
+    codecs: tuple[int, ...]
+
+    @classmethod
+    def of(cls, G, codecs: Optional[Sequence[int]] = None) -> "ChainedConfiguration":
+        G = np.asarray(G)
+        return cls(G, tuple(int(c) for c in codecs) if codecs is not None else (0,) * G.shape[1])
+
+    def expert(self, t: int, l: int) -> tuple[tuple[int, ...], int]:
+        return members(self.G, t, l), self.codecs[l]
+
+    def chain(self, t: int) -> tuple:
+        return tuple(self.expert(t, l) for l in range(self.G.shape[1]))
 
 
 class Evaluator:
@@ -85,26 +106,29 @@ class Evaluator:
         self._subset_memo: OrderedDict[tuple, tuple[dict, list]] = OrderedDict()  # (stats, outputs) per chain
 
     # --- public ---------------------------------------------------------------------------------
-    def evaluate(self, G) -> EvalResult:
-        """P and C of G on the whole split; with racing on, also its scores on the racing subset."""
+    def evaluate(self, G, codecs: Optional[Sequence[int]] = None) -> EvalResult:
+        """P and C of G (with the menu's codec per component) on the whole split; with racing on, also its
+        scores on the racing subset."""
         start = time.perf_counter()
+        cfg = ChainedConfiguration.of(G, codecs)
         if not self.use_experts:
             self.store.clear()  # naive: every expert of G is merged (once) for this configuration
         before = dict(self.counts, **self.store.stats())
-        scored = {name: self._full_task(G, t) for t, name in enumerate(self.plan.tasks)}
+        scored = {name: self._full_task(cfg, t) for t, name in enumerate(self.plan.tasks)}
         per_task = {name: v for name, (v, _) in scored.items()}
         subset = _subset_summary({name: sub for name, (_, sub) in scored.items()}) if self.subsets else None
-        return self._result(per_task, G, start, before, subset)
+        return self._result(per_task, cfg, start, before, subset)
 
-    def evaluate_subset(self, G) -> EvalResult:
+    def evaluate_subset(self, G, codecs: Optional[Sequence[int]] = None) -> EvalResult:
         """P of G on the racing subset only (see `use_subset`); C is exact. Its outputs are kept, so
         completing G later (`evaluate`) runs only the other batches."""
         if not self.subsets:
             raise ValueError("evaluate_subset needs use_subset(fraction, seed) first")
         start = time.perf_counter()
+        cfg = ChainedConfiguration.of(G, codecs)
         before = dict(self.counts, **self.store.stats())
-        summary = _subset_summary({name: self._subset_task(G, t) for t, name in enumerate(self.plan.tasks)})
-        return self._result(summary["per_task"], G, start, before, summary)
+        summary = _subset_summary({name: self._subset_task(cfg, t) for t, name in enumerate(self.plan.tasks)})
+        return self._result(summary["per_task"], cfg, start, before, summary)
 
     def use_subset(self, fraction: float, seed: int) -> None:
         """Fix each task's racing subset: whole batches, stratified by label (evaluation/racing.py)."""
@@ -112,8 +136,8 @@ class Evaluator:
         self._memo.clear()
         self._subset_memo.clear()
 
-    def score_task(self, G, t: int) -> float:
-        return self._full_task(G, t)[0]
+    def score_task(self, G, t: int, codecs: Optional[Sequence[int]] = None) -> float:
+        return self._full_task(ChainedConfiguration.of(G, codecs), t)[0]
 
     def use_store(self, store: ExpertStore) -> None:
         """Score another store's experts (same plan and data: the baselines' variants) on the data and
@@ -132,9 +156,9 @@ class Evaluator:
         self._prefix.clear()
         self._prefix_bytes = 0
 
-    def outputs(self, G, t: int) -> np.ndarray:
+    def outputs(self, G, t: int, codecs: Optional[Sequence[int]] = None) -> np.ndarray:
         """Raw outputs of task t's assembled chain on its split (batch order)."""
-        return np.concatenate(self._run(G, t, range(len(self.data[t].batches))))
+        return np.concatenate(self._run(ChainedConfiguration.of(G, codecs), t, range(len(self.data[t].batches))))
 
     # --- internals -----------------------------------------------------------------------------
     def _model(self, t: int) -> TaskModel:
@@ -143,23 +167,24 @@ class Evaluator:
                                         base=self.store.base, kind=self.recipe.tasks[self.plan.tasks[t]].kind)
         return self._models[t]
 
-    def _load(self, model: TaskModel, G, t: int, components) -> None:
+    def _load(self, model: TaskModel, cfg: ChainedConfiguration, t: int, components) -> None:
         for l in components:
-            m = members(G, t, l)
-            if model.loaded.get(l) != m or not self.use_experts:
+            m, c = expert = cfg.expert(t, l)
+            if model.loaded.get(l) != expert or not self.use_experts:
                 model.loaded.pop(l, None)
-                model.load(l, m, self.store.expert(l, m).dense())
+                model.load(l, expert, self.store.expert(l, m, c).dense())
 
-    def _result(self, per_task: dict, G, start: float, before: dict, subset: Optional[dict]) -> EvalResult:
-        cost = self.store.storage_cost(G)
+    def _result(self, per_task: dict, cfg: ChainedConfiguration, start: float, before: dict,
+                subset: Optional[dict]) -> EvalResult:
+        cost = self.store.storage_cost(cfg.G, cfg.codecs)
         after = dict(self.counts, **self.store.stats())
         delta = {k: after[k] - before.get(k, 0) for k in after if k != "experts_cached"}
         return EvalResult(float(np.mean(list(per_task.values()))), per_task, cost,
                           time.perf_counter() - start, delta, subset)
 
-    def _full_task(self, G, t: int) -> tuple[float, Optional[dict]]:
+    def _full_task(self, G: ChainedConfiguration, t: int) -> tuple[float, Optional[dict]]:
         """(task t's score on the whole split, its subset stats or None), memoised by chain."""
-        key = (t, chain_key(G, t))
+        key = (t, G.chain(t))
         if self.use_memo and key in self._memo:
             self.counts["memo_hits"] += 1
             return self._memo[key]
@@ -178,8 +203,8 @@ class Evaluator:
             self._memo[key] = value
         return value
 
-    def _subset_task(self, G, t: int) -> dict:
-        key = (t, chain_key(G, t))
+    def _subset_task(self, G: ChainedConfiguration, t: int) -> dict:
+        key = (t, G.chain(t))
         if self.use_memo and key in self._memo:  # scored whole already: its subset stats came with it
             self.counts["memo_hits"] += 1
             return self._memo[key][1]
@@ -192,7 +217,7 @@ class Evaluator:
                 self._subset_memo.popitem(last=False)
         return self._subset_memo[key][0]
 
-    def _subset_run(self, G, t: int) -> tuple[dict, list[np.ndarray]]:
+    def _subset_run(self, G: ChainedConfiguration, t: int) -> tuple[dict, list[np.ndarray]]:
         """(task t's stats on its racing subset, the subset's outputs per batch)."""
         outputs = self._run(G, t, self.subsets[t])
         return self._subset_stats(t, self.subsets[t], outputs), outputs
@@ -214,7 +239,7 @@ class Evaluator:
                 items = (pred == np.asarray(view.labels)).astype(int).tolist()
         return {"score": float(value), "se": float(se), "rows": len(view.labels), "items": items}
 
-    def _run(self, G, t: int, ids) -> list[np.ndarray]:
+    def _run(self, G: ChainedConfiguration, t: int, ids) -> list[np.ndarray]:
         """Outputs of task t's assembled chain on batches `ids` (in that order), one array per batch."""
         ids = tuple(ids)
         if not ids:
@@ -232,12 +257,13 @@ class Evaluator:
                 return outs
             return self._run_staged(model, G, t, data, ids)
 
-    def _run_staged(self, model: TaskModel, G, t: int, data: TaskData, ids: tuple) -> list[np.ndarray]:
+    def _run_staged(self, model: TaskModel, G: ChainedConfiguration, t: int, data: TaskData,
+                    ids: tuple) -> list[np.ndarray]:
         stages = model.stages
         prefix: list = []
         keys = []
         for comps in stages[:-1]:
-            prefix.extend((l, members(G, t, l)) for l in comps)
+            prefix.extend((l, G.expert(t, l)) for l in comps)
             keys.append((t, ids, tuple(prefix)))
         start, states = 0, None
         for s in range(len(keys) - 1, -1, -1):

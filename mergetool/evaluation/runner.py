@@ -241,7 +241,7 @@ class TaskModel:
             self._check_heads(source, missing, own)
         else:
             self._check_covered(source)
-        self.loaded: dict[int, tuple[int, ...]] = {}
+        self.loaded: dict[int, tuple] = {}
         with torch.no_grad():
             for n, t in own.items():
                 self._target(n).copy_(t)
@@ -290,14 +290,15 @@ class TaskModel:
                                  fix="train the adapter with modules_to_save for the head and list it in "
                                      "components.task_specific")
 
-    def load(self, component: int, members: tuple[int, ...], tensors: dict[str, torch.Tensor]) -> None:
-        if self.loaded.get(component) == members:
+    def load(self, component: int, expert: tuple, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy an expert's tensors into the module; `expert` names what is loaded (its members, codec)."""
+        if self.loaded.get(component) == expert:
             return
         names = tensors if self.adapter else self.plan.components[component].tensors  # adapters: dense() names
         with torch.no_grad():
             for n in names:
                 self._target(n).copy_(tensors[n])
-        self.loaded[component] = members
+        self.loaded[component] = expert
 
     # --- staged execution ---------------------------------------------------------------------
     def _stages(self) -> Optional[list[list[int]]]:

@@ -69,6 +69,7 @@ class SolutionIn:
     performance: Optional[float] = None
     per_task: Optional[dict] = None
     expected_cost: Optional[float] = None  # front.json's C, checked against the experts written
+    codecs: Optional[list[int]] = None  # the recipe menu's codec per component (None: the menu's first)
 
 
 def parse_size(text: str) -> int:
@@ -145,7 +146,8 @@ def _write(job: _Job, solutions: Sequence[SolutionIn], *, default: int, budget: 
     job.release()
     store = ExpertStore(recipe, plan, job.base, job.tasks, cache_bytes=0)  # stream: one expert at a time
     Gs = [canonical(s.grouping) for s in solutions]
-    experts, ids = _write_experts(job, store, Gs)
+    codecs = [list(s.codecs) if s.codecs is not None else [0] * plan.L for s in solutions]
+    experts, ids = _write_experts(job, store, Gs, codecs)
     delta = sorted({e.component for e in experts if e.codec != "full"})  # components whose base is stored
     stored_base, base_bits = (write_stored_base(store.stored_base, delta, tmp, job.shard_size) if delta
                               else ({}, {}))
@@ -169,7 +171,7 @@ def _write(job: _Job, solutions: Sequence[SolutionIn], *, default: int, budget: 
                                                             frozen_base=frozen_base),
                        expert_data_bytes=bits // 8 + masks, mask_bytes=masks, head_data_bytes=head_bytes)
 
-    sols = [_solution(job, s, G, ids, storage, budget) for s, G in zip(solutions, Gs)]
+    sols = [_solution(job, s, G, c, ids, storage, budget) for s, G, c in zip(solutions, Gs, codecs)]
     components = [StoredComponent(name=c.name, kind=c.kind, layer=c.layer, params=c.params,
                             tensors={n: list(job.tasks[0].meta(n).shape) for n in c.tensors})
                   for c in plan.components]
@@ -188,15 +190,21 @@ def _write(job: _Job, solutions: Sequence[SolutionIn], *, default: int, budget: 
     return _finish(tmp, draft, router)
 
 
-def _write_experts(job: _Job, store: ExpertStore, Gs) -> tuple[list[StoredExpert], dict[tuple, str]]:
-    """Every expert of every solution, component by component; one shared by several solutions is stored once."""
+def _keys(G, codecs: Sequence[int]) -> list[tuple]:
+    """The (component, members, codec) of every expert of one solution."""
+    return [(l, m, codecs[l]) for l, m in expert_keys(G)]
+
+
+def _write_experts(job: _Job, store: ExpertStore, Gs, codecs) -> tuple[list[StoredExpert], dict[tuple, str]]:
+    """Every expert of every solution, component by component; one shared by several solutions (same
+    members and codec) is stored once."""
     shards = ShardSet(job.tmp, "experts", job.shard_size)
     raw: list[dict] = []
     ids: dict[tuple, str] = {}
     for l, comp in enumerate(job.plan.components):
         keys = []
-        for G in Gs:
-            keys += [k for k in expert_keys(G) if k[0] == l and k not in keys]
+        for G, c in zip(Gs, codecs):
+            keys += [k for k in _keys(G, c) if k[0] == l and k not in keys]
         for key in keys:
             ids[key] = f"e{len(raw)}"
             raw.append(_write_expert(job, store.expert(*key), ids[key], key, shards))
@@ -270,10 +278,11 @@ def _write_buffers(job: _Job) -> dict[str, StoredTensor]:
     return _write_plain(job.tmp / "buffers.safetensors", {n: job.tasks[0].get(n) for n in job.plan.buffers})[0]
 
 
-def _solution(job: _Job, s, G, ids: dict, storage: Callable, budget: Optional[float]) -> Solution:
+def _solution(job: _Job, s, G, codecs: Sequence[int], ids: dict, storage: Callable,
+              budget: Optional[float]) -> Solution:
     plan, names = job.plan, job.names
-    chains = {names[t]: [ids[(l, group_members(G, t, l))] for l in range(plan.L)] for t in range(plan.T)}
-    st = storage({ids[k] for k in expert_keys(G)})
+    chains = {names[t]: [ids[(l, group_members(G, t, l), codecs[l])] for l in range(plan.L)] for t in range(plan.T)}
+    st = storage({ids[k] for k in _keys(G, codecs)})
     if s.expected_cost is not None and abs(st.storage_cost - s.expected_cost) > 1e-9 * max(1.0, s.expected_cost):
         raise LibraryError(f"solution {s.id}: the experts cost C = {st.storage_cost:.6g}, but front.json says "
                            f"{s.expected_cost:.6g}", key="front.json",

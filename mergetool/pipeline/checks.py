@@ -93,12 +93,9 @@ def check_labels(recipe: Recipe, plan: Plan) -> list[MergetoolError]:
 
 
 def check_codecs(recipe: Recipe, plan: Optional[Plan]) -> list[MergetoolError]:
-    """The codec menu this version can search: one entry (a per-component choice among several is not
-    searched yet); delta codecs need full fine-tunes (an adapter's delta is the adapter itself)."""
+    """Delta codecs need full fine-tunes (an adapter's delta is the adapter itself). A menu of several
+    codecs is searched per component (mergetool.search.genome)."""
     errors = []
-    if len(recipe.codecs) > 1:
-        errors.append(recipe.error(f"a menu of {len(recipe.codecs)} codecs: this version searches one codec per run",
-                                   ("codecs",), "list one codec, e.g. codecs: [{delta_switch: {density: 0.05}}]"))
     if plan is not None and plan.adapter and recipe.uses_delta_codecs:
         errors.append(recipe.error(f"delta codecs store full fine-tunes' deltas; these are {plan.adapter['type']} "
                                    "adapters", ("codecs",), "use codecs: [full] (the default) for adapter zoos"))

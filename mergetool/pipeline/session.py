@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from mergetool.core.errors import MergetoolError
 from mergetool.core.grouping import all_shared, all_singletons, canonical, key
 from mergetool.core.results import EvalResult
 from mergetool.evaluation.engine import Evaluator, default_prefix_budget
@@ -21,6 +22,7 @@ from mergetool.models.plan import Plan, build_plan, open_models
 from mergetool.pipeline.rundir import read_json_record, read_references, write_json_atomic
 from mergetool.recipe import Recipe, parse_recipe
 from mergetool.search import SearchSettings
+from mergetool.search.genome import CandidateSpace
 from mergetool.search.types import RacingSettings
 
 
@@ -107,17 +109,22 @@ class MergeProblem:
         if self._racing:
             self._evaluator().use_subset(*self._racing)
 
-    def evaluate(self, G) -> EvalResult:
-        return self._evaluator().evaluate(G)
+    @property
+    def codec_menu(self) -> tuple[str, ...]:
+        """The recipe's codec labels: with more than one, the search's genome adds a codec per component."""
+        return tuple(self._session.store.codec_names)
 
-    def evaluate_subset(self, G) -> EvalResult:
-        return self._evaluator().evaluate_subset(G)
+    def evaluate(self, X) -> EvalResult:
+        return self._evaluator().evaluate(*CandidateSpace.of(self).split(X))
 
-    def evaluate_fp32(self, G) -> EvalResult:
-        return self._session.evaluator("validation").evaluate(G)
+    def evaluate_subset(self, X) -> EvalResult:
+        return self._evaluator().evaluate_subset(*CandidateSpace.of(self).split(X))
 
-    def storage_cost(self, G) -> float:
-        return self._session.store.storage_cost(G)
+    def evaluate_fp32(self, X) -> EvalResult:
+        return self._session.evaluator("validation").evaluate(*CandidateSpace.of(self).split(X))
+
+    def storage_cost(self, X) -> float:
+        return self._session.store.storage_cost(*CandidateSpace.of(self).split(X))
 
     def task_vectors(self, max_features: int = 65536) -> list[np.ndarray]:
         """Per component, T task vectors (θ_t − θ_pre) on a fixed strided subset of coordinates."""
@@ -174,27 +181,49 @@ def references(session: Session, search_dir: Path, progress: Optional[Callable[[
     return out
 
 
-def test_scores(session: Session, search_dir: Path, groupings: list) -> dict:
-    """Test-split scores of chosen solutions (by canonical key), cached in test_scores.json."""
+def solution_key(entry) -> str:
+    """The key of a front entry (or a bare grouping): grouping.key(G), with its codec labels appended when
+    the search had a codec menu (test_scores.json is keyed by it)."""
+    if not isinstance(entry, dict):
+        return key(entry)
+    codecs = entry.get("codecs")
+    return key(entry["grouping"]) + (f"|{','.join(codecs)}" if codecs else "")
+
+
+def configuration(session: Session, entry) -> tuple[np.ndarray, Optional[list[int]]]:
+    """(G, the menu index of each component's codec or None) of a front entry or a bare grouping."""
+    if not isinstance(entry, dict):
+        return np.asarray(entry), None
+    labels, menu = entry.get("codecs"), session.store.codec_names
+    if labels is not None and (len(labels) != session.plan.L or any(c not in menu for c in labels)):
+        raise MergetoolError(f"solution {entry.get('id')}'s codecs are not the recipe's codec menu "
+                             f"({', '.join(menu)}), one per component", key="codecs",
+                             fix="use the recipe the run was searched with")
+    return np.asarray(entry["grouping"]), None if labels is None else [menu.index(c) for c in labels]
+
+
+def test_scores(session: Session, search_dir: Path, solutions: list) -> dict:
+    """Test-split scores of chosen solutions (front entries or bare groupings; by solution_key), cached
+    in test_scores.json."""
     path = search_dir / "test_scores.json"
     cache = read_json_record(path) or {}
     if not session.has_split("test"):
         return cache
-    for G in groupings:
-        k = key(G)
+    for entry in solutions:
+        k = solution_key(entry)
         if k not in cache:
-            r = session.evaluator("test").evaluate(np.asarray(G))
+            r = session.evaluator("test").evaluate(*configuration(session, entry))
             cache[k] = {"performance": r.performance, "per_task": r.per_task}
             write_json_atomic(path, cache)  # after each: a killed run keeps what it scored
     return cache
 
 
-def picked(front: list[dict], reference: dict, baselines: Optional[dict]) -> list:
-    """The groupings of G1, G2 and G3 (those the summary reports on test), without repeats."""
-    out: dict[str, list] = {}
+def picked(front: list[dict], reference: dict, baselines: Optional[dict]) -> list[dict]:
+    """The front entries of G1, G2 and G3 (those the summary reports on test), without repeats."""
+    out: dict[str, dict] = {}
     for f in select(front, reference, baselines).values():
         if isinstance(f, dict):
-            out.setdefault(key(f["grouping"]), f["grouping"])
+            out.setdefault(solution_key(f), f)
     return list(out.values())
 
 
@@ -244,7 +273,7 @@ def write_summary(run_dir: Path, front: list[dict], reference: dict, stats: dict
             why = "run `mergetool baselines` first" if g == "G2" and not baselines else "no front solution qualifies"
             lines.append(f"| {g} ({note}) | – | – | – | {why} |")
             continue
-        t = tests.get(key(f["grouping"])) or {}
+        t = tests.get(solution_key(f)) or {}
         label = f"{g} ({note}" + (f": {chosen['G2_baseline']})" if g == "G2" else ")") + f", id {f['id']}"
         row(label, f["storage_cost"], f["performance"], t.get("performance"), f["per_task"])
     lines += ["", "## Search", ""]

@@ -59,6 +59,7 @@ def front_entry(r: dict) -> dict:
         "performance": r["performance"],
         "storage_cost": r["storage_cost"],
         "per_task": r["per_task"],
+        **({"codecs": r["codecs"]} if "codecs" in r else {}),  # a search over a codec menu: labels per component
     }
 
 

@@ -143,13 +143,17 @@ def _fill_random(pop: list[np.ndarray], T: int, L: int, size: int, rng: np.rando
     return pop
 
 
-def initial_population(problem, settings) -> tuple[list[np.ndarray], str]:
-    """P_0 for the settings; falls back to random when the problem offers no task vectors."""
+def initial_population(problem, settings, space=None) -> tuple[list[np.ndarray], str]:
+    """P_0 for the settings; falls back to random when the problem offers no task vectors. With a codec
+    menu (`space`, a CandidateSpace), the groupings become genomes (CandidateSpace.with_codecs)."""
     T, L, size = int(problem.T), int(problem.L), settings.population
     if settings.init == "kmeans":
         tv = getattr(problem, "task_vectors", None)
         vectors = tv() if callable(tv) else None
         if vectors is not None:
-            return kmeans_population(vectors, T, L, size, settings.seed), "kmeans"
-        return random_population(T, L, size, settings.seed), "random (problem has no task vectors)"
-    return random_population(T, L, size, settings.seed), "random"
+            pop, used = kmeans_population(vectors, T, L, size, settings.seed), "kmeans"
+        else:
+            pop, used = random_population(T, L, size, settings.seed), "random (problem has no task vectors)"
+    else:
+        pop, used = random_population(T, L, size, settings.seed), "random"
+    return (pop if space is None else space.with_codecs(pop, size, settings.seed)), used

@@ -27,7 +27,7 @@ FIELDS = (
     "cache",
     "generation",
 )
-OPTIONAL = ("subset", "continued", "screened_performance")  # racing and bf16 records; written when present
+OPTIONAL = ("codecs", "subset", "continued", "screened_performance")  # codec menu, racing and bf16 records
 STATE_NAME = "search_state.json"
 
 
@@ -87,6 +87,8 @@ def _check_types(rec: dict) -> None:
         raise ValueError("performance is not a number")
     if not isinstance(rec["per_task"], dict) or not all(v is None or is_number(v) for v in rec["per_task"].values()):
         raise ValueError("per_task is not a mapping of task -> number")
+    if "codecs" in rec and not (isinstance(rec["codecs"], list) and all(isinstance(c, str) for c in rec["codecs"])):
+        raise ValueError("codecs is not a list of codec labels")
 
 
 def _check(records: list[dict], path: Path) -> list[dict]:

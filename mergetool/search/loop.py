@@ -16,7 +16,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from mergetool.core import grouping
 from mergetool.core.errors import MergetoolError
 from mergetool.search.executors import LocalExecutor
 from mergetool.search.front import (
@@ -28,9 +27,10 @@ from mergetool.search.front import (
     pareto_front,
     write_artifacts,
 )
+from mergetool.search.genome import CandidateSpace
 from mergetool.search.init import initial_population
 from mergetool.search.journal import Journal, read_state, write_state
-from mergetool.search.operators import chain_order, crossover, mutate
+from mergetool.search.operators import chain_order, crossover
 from mergetool.search.racing import PARTIAL_NAME, race
 from mergetool.search.surrogate import Surrogate, kendall_tau
 from mergetool.search.types import EvalResult, SearchResult, SearchSettings
@@ -77,6 +77,7 @@ class _Run:
                  ref: tuple[float, float], partials: Optional[Journal] = None):
         self.problem, self.s, self.journal, self.executor = problem, settings, journal, executor
         self.progress, self.ref, self.partials = progress, ref, partials
+        self.space = CandidateSpace.of(problem)
         self.records: list[dict] = []  # full evaluations, in plan order
         self.keys: set[str] = set()
         self.planned = 0  # plan index of the next candidate (full and raced ones share the numbering)
@@ -91,7 +92,7 @@ class _Run:
         return len(self.records)
 
     def cost(self, G: np.ndarray) -> float:
-        k = grouping.key(G)
+        k = self.space.key(G)
         if k not in self._costs:
             self._costs[k] = float(self.problem.storage_cost(G))
         return self._costs[k]
@@ -117,7 +118,7 @@ class _Run:
     def replay(self, journal: Journal, i: int, G: np.ndarray) -> Optional[dict]:
         """The journal's record of planned candidate i (None when absent); it must hold the grouping planned."""
         rec = journal.get(i)
-        if rec is not None and grouping.key(rec["grouping"]) != grouping.key(G):
+        if rec is not None and self.space.key(self.space.of_record(rec)) != self.space.key(G):
             raise MergetoolError(
                 f"journal record i={i} holds a different grouping than this search plans; "
                 "it was written with other settings, seed or problem",
@@ -153,7 +154,7 @@ class _Run:
             self.report(self.n + len(batch))
         batch.sort(key=lambda r: r["i"])
         self.records.extend(batch)
-        self.keys.update(grouping.key(r["grouping"]) for r in batch)
+        self.keys.update(self.space.key(self.space.of_record(r)) for r in batch)
         return batch
 
     def record(self, i: int, G: np.ndarray, res: Any, pred: Optional[float], generation: int) -> dict:
@@ -168,7 +169,7 @@ class _Run:
             )
         return {
             "i": i,
-            "grouping": grouping.canonical(G).tolist(),
+            **self.space.fields(G),
             "per_task": {str(k): float(v) for k, v in res.per_task.items()},
             "performance": p,
             "storage_cost": float(res.storage_cost),
@@ -195,8 +196,8 @@ def survive(pm, recs: list[dict], n: int, rng: np.random.Generator) -> tuple[lis
 
 
 def offspring(pm, pop, pop_recs: list[dict], n: int, rng: np.random.Generator, seen: set[str],
-              crossover_prob: float, kind: str = "one_point") -> list[np.ndarray]:
-    """Up to n new canonical groupings from binary tournaments, crossover and mutation (deduped)."""
+              crossover_prob: float, kind: str, space: CandidateSpace) -> list[np.ndarray]:
+    """Up to n new canonical genomes from binary tournaments, crossover and mutation (deduped)."""
     algo = SimpleNamespace(tournament_type="comp_by_dom_and_crowding", random_state=rng)
     out: list[np.ndarray] = []
     keys: set[str] = set()
@@ -206,11 +207,10 @@ def offspring(pm, pop, pop_recs: list[dict], n: int, rng: np.random.Generator, s
         pairs = pm.selection.do(pm.problem, pop, max(1, math.ceil((n - len(out)) / 2)), n_parents=2,
                                 to_pop=False, algorithm=algo, random_state=rng)
         for a, b in pairs:
-            A = np.asarray(pop_recs[int(a)]["grouping"], dtype=np.int64)
-            B = np.asarray(pop_recs[int(b)]["grouping"], dtype=np.int64)
+            A, B = space.of_record(pop_recs[int(a)]), space.of_record(pop_recs[int(b)])
             for child in crossover(A, B, rng, crossover_prob, kind):
-                G = grouping.canonical(mutate(child, rng))
-                k = grouping.key(G)
+                G = space.canonical(space.mutate(child, rng))
+                k = space.key(G)
                 if k not in seen and k not in keys and len(out) < n:
                     keys.add(k)
                     out.append(G)
@@ -219,8 +219,8 @@ def offspring(pm, pop, pop_recs: list[dict], n: int, rng: np.random.Generator, s
 
 def screen(pm, run: _Run, cands: list[np.ndarray], cap: int, k: int, rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
     """Train the RF on all real evaluations, predict P, take the predicted non-dominated set (capped by crowding)."""
-    sur = Surrogate(run.s.rf_trees, seed=_seed_int(run.s.seed, k, 7))
-    sur.fit([np.asarray(r["grouping"]) for r in run.records], [r["performance"] for r in run.records])
+    sur = Surrogate(run.s.rf_trees, seed=_seed_int(run.s.seed, k, 7), encode=run.space.features)
+    sur.fit([run.space.of_record(r) for r in run.records], [r["performance"] for r in run.records])
     pred = sur.predict(cands)
     run.screened += len(cands)
     F = np.column_stack([-pred, [run.cost(G) for G in cands]])
@@ -231,7 +231,7 @@ def screen(pm, run: _Run, cands: list[np.ndarray], cap: int, k: int, rng: np.ran
     return sorted(int(j) for j in front), pred
 
 
-def _start(problem, s: SearchSettings, journal: Journal, journal_path: Path, T: int, L: int) -> tuple:
+def _start(problem, s: SearchSettings, journal: Journal, journal_path: Path, space: CandidateSpace) -> tuple:
     """(state, initial population, init used): checks the journal against the budget and the settings,
     then reuses the saved initial population or draws it (K-means over the models' task vectors)."""
     if len(journal) > s.evaluations:
@@ -239,17 +239,20 @@ def _start(problem, s: SearchSettings, journal: Journal, journal_path: Path, T: 
             f"the journal already holds {len(journal)} evaluations, more than the budget of {s.evaluations}",
             file=str(journal_path), key="search.evaluations", fix=f"set evaluations to at least {len(journal)}",
         )
-    fingerprint = {"version": STATE_VERSION, "T": T, "L": L, "settings": s.fingerprint()}
+    fingerprint = {"version": STATE_VERSION, "T": space.T, "L": space.L, "settings": s.fingerprint()}
+    if space.coded:  # absent without a menu: plain searches keep their fingerprint
+        fingerprint["codecs"] = list(space.menu)
     state = read_state(journal_path) or {}
     if state and state.get("fingerprint") != fingerprint:
         raise MergetoolError(
-            "this run directory holds a search with other settings (seed, population, surrogate, init or T x L)",
+            "this run directory holds a search with other settings (seed, population, surrogate, init, codec menu "
+            "or T x L)",
             file=str(journal_path), fix="resume with the original settings or use a new run directory",
         )
     if "initial_population" in state:  # resume without recomputing K-means over the models
         init, init_used = [np.asarray(G, dtype=np.int64) for G in state["initial_population"]], state["init_used"]
     else:
-        init, init_used = initial_population(problem, s)
+        init, init_used = initial_population(problem, s, space)
     state = {"fingerprint": fingerprint, "initial_population": [G.tolist() for G in init], "init_used": init_used,
              "generation": 0, "evaluations": len(journal), "screened": 0, "complete": False}
     write_state(journal_path, state)
@@ -260,15 +263,15 @@ def _generation(pm, run: "_Run", pop, pop_recs, k: int, rng: np.random.Generator
     """One generation's offspring, screened by the surrogate when on, evaluated in chain order; None when
     variation found no unseen grouping."""
     s = run.s
-    cands = offspring(pm, pop, pop_recs, s.n_offspring, rng, run.keys, s.crossover_prob, s.crossover)
+    cands = offspring(pm, pop, pop_recs, s.n_offspring, rng, run.keys, s.crossover_prob, s.crossover, run.space)
     if not cands:
         return None
     if s.surrogate == "random_forest":
         chosen, pred = screen(pm, run, cands, s.per_generation, k, rng)
-        chosen = chain_order(chosen, key=lambda j: cands[j])
+        chosen = chain_order(chosen, key=lambda j: cands[j], canonical=run.space.canonical)
         Gs, preds = [cands[j] for j in chosen], [float(pred[j]) for j in chosen]
     else:
-        Gs, preds = chain_order(cands[: s.per_generation]), None
+        Gs, preds = chain_order(cands[: s.per_generation], canonical=run.space.canonical), None
     if s.racing:
         return race(run, Gs, preds, k)
     left = s.evaluations - run.n
@@ -297,7 +300,7 @@ def _rescore(problem, records: list[dict], journal_path: Path) -> list[dict]:
         for rec in nondominated(records):
             done = cache.get(int(rec["i"]))
             if done is None:
-                r = _as_result(problem.evaluate_fp32(np.asarray(rec["grouping"])))
+                r = _as_result(problem.evaluate_fp32(CandidateSpace.of(problem).of_record(rec)))
                 done = cache.append(dict(rec, performance=float(r.performance),
                                          per_task={str(k): float(v) for k, v in r.per_task.items()},
                                          screened_performance=rec["performance"]))
@@ -307,9 +310,9 @@ def _rescore(problem, records: list[dict], journal_path: Path) -> list[dict]:
 
 def _loop(pm, run: _Run, state: dict, journal_path: Path) -> tuple[int, str]:
     """Generations until the budget of full evaluations; returns (last generation, why it stopped)."""
-    s, T, L = run.s, int(run.problem.T), int(run.problem.L)
+    s = run.s
     pop_recs, pop = survive(pm, run.records, s.population, np.random.default_rng([s.seed, 0, 3]))
-    space = grouping.search_space_size(T, L)
+    space = run.space.size()
     k, stalls, dry = 1, 0, 0
     while run.n < s.evaluations:
         if len(run.keys) >= space or stalls >= 3:
@@ -342,9 +345,10 @@ def run_search(problem, settings: SearchSettings, journal_path, *, progress: Opt
     journal = Journal(journal_path)
     partials = Journal(journal_path.with_name(PARTIAL_NAME)) if s.racing else None
     try:
-        state, init, init_used = _start(problem, s, journal, journal_path, T, L)
         run = _Run(problem, s, journal, executor, progress, ref, partials)
-        run.evaluate(chain_order([grouping.validate(G, T, L) for G in init[: s.evaluations]]), None, 0)
+        state, init, init_used = _start(problem, s, journal, journal_path, run.space)
+        first = [run.space.validate(G) for G in init[: s.evaluations]]
+        run.evaluate(chain_order(first, canonical=run.space.canonical), None, 0)
         generations, stopped = _loop(pm, run, state, journal_path)
         state.update(generation=generations, evaluations=run.n, screened=run.screened, partial=run.partial,
                      complete=True, stopped=stopped)

@@ -33,18 +33,25 @@ def mutate(G: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if T < 2:
         return G
     for _ in range(min(L, int(rng.geometric(0.5)))):
-        l, t = int(rng.integers(L)), int(rng.integers(T))
-        col = G[:, l]
-        labels = np.unique(col)
-        targets = [int(g) for g in labels if g != col[t]]
-        if np.sum(col == col[t]) > 1:  # leaving a shared group for a fresh one
-            targets.append(int(np.setdiff1d(np.arange(T), labels)[0]))
-        if targets:
-            G[t, l] = targets[int(rng.integers(len(targets)))]
+        move_task(G, T, rng)
     return G
 
 
-def chain_order(items: list, key: Callable = lambda G: G) -> list:
+def move_task(G: np.ndarray, T: int, rng: np.random.Generator) -> None:
+    """In place: one task t of one component l (rows 0..T-1 of G) to another existing group of that
+    component, or to a new one when t shares its group."""
+    l, t = int(rng.integers(G.shape[1])), int(rng.integers(T))
+    col = G[:T, l]
+    labels = np.unique(col)
+    targets = [int(g) for g in labels if g != col[t]]
+    if np.sum(col == col[t]) > 1:  # leaving a shared group for a fresh one
+        targets.append(int(np.setdiff1d(np.arange(T), labels)[0]))
+    if targets:
+        G[t, l] = targets[int(rng.integers(len(targets)))]
+
+
+def chain_order(items: list, key: Callable = lambda G: G, canonical: Callable = grouping.canonical) -> list:
     """Items sorted by their grouping's columns in forward order: consecutive evaluations then
-    share the longest chain prefixes, which the evaluator's prefix-activation cache reuses."""
-    return sorted(items, key=lambda x: grouping.canonical(np.asarray(key(x))).T.ravel().tolist())
+    share the longest chain prefixes, which the evaluator's prefix-activation cache reuses. With a codec
+    menu, `canonical` is the genome's (CandidateSpace.canonical): each column sorts with its codec."""
+    return sorted(items, key=lambda x: canonical(np.asarray(key(x))).T.ravel().tolist())

@@ -17,7 +17,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mergetool.core import grouping
 from mergetool.core.errors import MergetoolError
 from mergetool.search.front import nondominated
 from mergetool.search.types import RacingSettings
@@ -104,5 +103,5 @@ def race(run, Gs: Sequence[np.ndarray], preds: Optional[Sequence[float]], genera
     run.examples += sum(int((r.get("cache") or {}).get("examples", 0)) for r in subs.values())
     batch.sort(key=lambda r: r["i"])
     run.records.extend(batch)
-    run.keys.update(grouping.key(G) for G in Gs)
+    run.keys.update(run.space.key(G) for G in Gs)
     return batch

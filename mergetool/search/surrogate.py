@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -18,14 +18,16 @@ def features(Gs: Sequence[np.ndarray]) -> np.ndarray:
 class Surrogate:
     """RandomForestRegressor predicting performance P from a grouping."""
 
-    def __init__(self, n_trees: int = 100, seed: int = 0):
+    def __init__(self, n_trees: int = 100, seed: int = 0, encode: Callable[[Sequence[np.ndarray]], np.ndarray] = features):
+        """`encode` maps candidates to feature rows (CandidateSpace.features for a genome with codecs)."""
         from sklearn.ensemble import RandomForestRegressor
 
         self.model = RandomForestRegressor(n_estimators=n_trees, random_state=seed, n_jobs=1)
+        self.encode = encode
         self.fitted = False
 
     def fit(self, Gs: Sequence[np.ndarray], performance: Sequence[float]) -> "Surrogate":
-        X = features(Gs)
+        X = self.encode(Gs)
         if X.shape[1] == 0:  # T == 1: nothing to learn
             X = np.zeros((len(Gs), 1), dtype=np.float32)
         self.model.fit(X, np.asarray(performance, dtype=np.float64))
@@ -33,7 +35,7 @@ class Surrogate:
         return self
 
     def predict(self, Gs: Sequence[np.ndarray]) -> np.ndarray:
-        X = features(Gs)
+        X = self.encode(Gs)
         if X.shape[1] == 0:
             X = np.zeros((len(Gs), 1), dtype=np.float32)
         return self.model.predict(X)
