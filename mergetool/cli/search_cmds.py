@@ -13,13 +13,13 @@ from rich.table import Table
 
 from mergetool.cli._errors import handles_errors
 from mergetool.core.errors import MergetoolError
+from mergetool.pipeline.figures import draw_pareto, redraw_figures
 from mergetool.pipeline.rundir import prepare_run, read_front, read_json_record, read_references, resolve_run
 from mergetool.recipe import load_recipe
 from mergetool.recipe.loader import parse_recipe
 from mergetool.search import run_search
 from mergetool.search.executors import make_executor
-from mergetool.search.front import pick, plot_pareto
-from mergetool.search.journal import read_journal
+from mergetool.search.front import pick
 
 BUDGETS = (0.25, 0.5, 1.0, 2.0)
 
@@ -98,18 +98,26 @@ def search(
     summary = write_summary(run_dir, result.front, refs, stats, baselines, tests)
     _print_front(Console(), result.front, refs)
     Console().print(f"wrote {search_dir} (summary: {summary})")
+    for path in redraw_figures(run_dir, recipe=r, plan=plan).values():
+        typer.echo(f"wrote {path}")
 
 
 @handles_errors
 def front(
     run: Annotated[Optional[Path], typer.Argument(help="Run directory or recipe (default: current folder).")] = None,
+    plots: Annotated[bool, typer.Option("--plots", help="Also redraw relations.png (which tasks share experts, "
+                                        "per component kind) and print the figures' paths.")] = False,
 ) -> None:
-    """Print a run's Pareto front (C, P, per task, the pick per budget) and redraw pareto.png."""
-    run_dir, _ = resolve_run(run)
+    """Print a run's Pareto front (C, P, per task, the pick per budget) and redraw pareto.png (with the
+    reference and baseline points)."""
+    run_dir, recipe = resolve_run(run)
     fr = read_front(run_dir)
     _print_front(Console(), fr, read_references(run_dir / "search" / "reference.json"))
-    records = read_journal(run_dir / "search" / "evaluations.jsonl")
-    plot_pareto(records, fr, run_dir / "search" / "pareto.png")
+    if not plots:
+        draw_pareto(run_dir, fr)
+        return
+    for path in redraw_figures(run_dir, recipe=recipe).values():
+        typer.echo(f"wrote {path}")
 
 
 def _override(r, evaluations, seed, no_surrogate, init, granularity, crossover=None, *, no_racing=False,
