@@ -105,6 +105,9 @@ def test_search_over_a_codec_menu_records_exact_costs_and_resumes(trained_zoo, t
     front = json.loads((run / "front.json").read_text())
     assert all("codecs" in p for p in front)
     assert min(p["storage_cost"] for p in front) < 1.0  # delta codecs reach below one fp32 model
+    result, text = invoke("front", tmp_path / "run")
+    assert result.exit_code == 0 and "codecs" in text and " ×" in text  # e.g. "low_rank ×3, full ×2"
+    assert "codecs:" in (run / "summary.md").read_text()  # G1/G2/G3 with their codecs
     state = json.loads((run / "search_state.json").read_text())
     assert state["fingerprint"]["codecs"] == list(LABELS)
     before = (run / "evaluations.jsonl").read_bytes()

@@ -20,6 +20,7 @@ from mergetool.recipe.loader import parse_recipe
 from mergetool.search import run_search
 from mergetool.search.executors import make_executor
 from mergetool.search.front import pick
+from mergetool.search.genome import codec_summary
 
 BUDGETS = (0.25, 0.5, 1.0, 2.0)
 
@@ -164,7 +165,8 @@ def _progress(console: Console) -> Progress:
 
 def _print_front(console: Console, fr: list[dict], refs: Optional[dict]) -> None:
     table = Table(title="Pareto front (validation)")
-    for col in ("id", "C", "P", "per task", "picked at budget"):
+    coded = any(f.get("codecs") for f in fr)
+    for col in ("id", "C", "P", "per task") + (("codecs (components)",) if coded else ()) + ("picked at budget",):
         table.add_column(col)
     picks: dict = {}
     for b in BUDGETS:
@@ -175,7 +177,7 @@ def _print_front(console: Console, fr: list[dict], refs: Optional[dict]) -> None
     for f in sorted(fr, key=lambda f: f["storage_cost"]):
         tasks = " ".join(f"{k}={v:.3f}" for k, v in f["per_task"].items())
         table.add_row(str(f["id"]), f"{f['storage_cost']:.4f}", f"{f['performance']:.4f}", tasks,
-                      ", ".join(picks.get(f["id"], [])))
+                      *((codec_summary(f.get("codecs")),) if coded else ()), ", ".join(picks.get(f["id"], [])))
     console.print(table)
     if refs:
         for name, ref in refs.items():

@@ -22,7 +22,7 @@ from mergetool.models.plan import Plan, build_plan, open_models
 from mergetool.pipeline.rundir import read_json_record, read_references, write_json_atomic
 from mergetool.recipe import Recipe, parse_recipe
 from mergetool.search import SearchSettings
-from mergetool.search.genome import CandidateSpace
+from mergetool.search.genome import CandidateSpace, codec_summary
 from mergetool.search.types import RacingSettings
 
 
@@ -275,6 +275,8 @@ def write_summary(run_dir: Path, front: list[dict], reference: dict, stats: dict
             continue
         t = tests.get(solution_key(f)) or {}
         label = f"{g} ({note}" + (f": {chosen['G2_baseline']})" if g == "G2" else ")") + f", id {f['id']}"
+        if f.get("codecs"):
+            label += f"; codecs: {codec_summary(f['codecs'])}"
         row(label, f["storage_cost"], f["performance"], t.get("performance"), f["per_task"])
     lines += ["", "## Search", ""]
     lines += [f"- {k}: {v}" for k, v in stats.items()]

@@ -150,3 +150,13 @@ class CandidateSpace:
         for G in Gs:
             add(G, rng.integers(self.K, size=self.L))
         return list(out.values())[:size]
+
+
+def codec_summary(labels: Optional[Sequence[str]]) -> str:
+    """A record's per-component codecs in a few words: "low_rank:16 ×12, full ×8" (most used first)."""
+    if not labels:
+        return ""
+    counts: dict[str, int] = {}
+    for c in labels:
+        counts[c] = counts.get(c, 0) + 1
+    return ", ".join(f"{c} ×{n}" for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
