@@ -78,10 +78,11 @@ def test_initial_genomes_span_every_codec():
     space = CandidateSpace(3, 4, LABELS)
     Gs = [grouping.all_shared(3, 4), grouping.all_singletons(3, 4)] + [
         np.random.default_rng(s).integers(0, 3, size=(3, 4)) for s in range(10)]
-    pop = space.with_codecs(Gs, 10, seed=0)
-    assert len(pop) == 10 and len({space.key(X) for X in pop}) == 10
+    pop = space.with_codecs(Gs, 12, seed=0)
+    assert len(pop) == 12 and len({space.key(X) for X in pop}) == 12
     uniform = {(grouping.key(X[:3]), int(X[3, 0])) for X in pop if len(set(X[3].tolist())) == 1}
-    assert {c for _, c in uniform} == {0, 1, 2}  # the all-shared anchor under each codec at least
+    for G in (grouping.all_shared(3, 4), grouping.all_singletons(3, 4)):  # both extremes under every codec
+        assert {c for k, c in uniform if k == grouping.key(G)} == {0, 1, 2}
     assert any(len(set(X[3].tolist())) > 1 for X in pop)  # and mixtures
 
 

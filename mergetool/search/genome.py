@@ -130,10 +130,10 @@ class CandidateSpace:
         return np.stack(rows)
 
     def with_codecs(self, Gs: Sequence[np.ndarray], size: int, seed: int) -> list[np.ndarray]:
-        """Initial genomes from initial groupings (K-means' come first with one k over all components, from
-        all-shared to all-singletons): those anchors under each menu entry on every component, up to half
-        the population, so P_0 spans the cheapest to the richest storage; then every grouping with a codec
-        drawn per component. Deduplicated, at most `size`."""
+        """Initial genomes from initial groupings: the two extremes, all-shared and all-singletons, under each
+        menu entry on every component (up to half the population), so P_0 spans the cheapest to the richest
+        storage of every codec (all-singletons under one codec is that codec's individual models); then every
+        grouping with a codec drawn per component. Deduplicated, at most `size`."""
         if not self.coded:
             return [np.asarray(G, dtype=np.int64) for G in Gs][:size]
         rng = np.random.default_rng([seed, 0, 4])
@@ -143,14 +143,13 @@ class CandidateSpace:
             X = self.canonical(self.join(G, codecs))
             out.setdefault(self.key(X), X)
 
-        for G in Gs[: self.T]:
+        for G in (grouping.all_shared(self.T, self.L), grouping.all_singletons(self.T, self.L)):
             for c in range(self.K):
                 if len(out) < size // 2:
                     add(G, [c] * self.L)
         for G in Gs:
             add(G, rng.integers(self.K, size=self.L))
         return list(out.values())[:size]
-
 
 def codec_summary(labels: Optional[Sequence[str]]) -> str:
     """A record's per-component codecs in a few words: "low_rank:16 ×12, full ×8" (most used first)."""
