@@ -22,6 +22,10 @@ from mergetool.recipe import load_recipe
 
 LibArg = Annotated[Path, typer.Argument(help="Expert library folder.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+SecondOpinionOpt = Annotated[Optional[float], typer.Option(
+    "--second-opinion", help="Router probability in (0, 1]: inputs routed with less also run the runner-up "
+    "chain with its own head, and keep the (task, label) of larger router probability x head confidence. "
+    "Default: off.", show_default=False)]
 
 
 def read_inputs(src: str, text_field: str, pair_field: Optional[str], skip_bad: bool,
@@ -142,14 +146,18 @@ def predict(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines (counted) instead of failing.")] = False,
     device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    second_opinion: SecondOpinionOpt = None,
 ) -> None:
     """Route each input to a task, run it through that task's expert chain, write JSONL in input order."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mergetool.inference.runtime import ExpertLibrary  # lazy: loads torch
+    from mergetool.inference.second_opinion import check_threshold
 
+    check_threshold(second_opinion, "--second-opinion")
     lib_ = ExpertLibrary.load(lib, device=device)
+    lib_.second_opinion = second_opinion
     if task is not None:
         lib_.manifest.task(task)
     elif lib_.manifest.router is None:
@@ -198,6 +206,9 @@ def predict(
         msg += f"; skipped {bad['lines']} bad line(s)"
     if lib_.stats["truncated"]:
         msg += f"; truncated {lib_.stats['truncated']} input(s) to {lib_.max_length} tokens"
+    if lib_.stats["second_opinion"]:
+        msg += (f"; second opinion on {lib_.stats['second_opinion']} input(s), "
+                f"{lib_.stats['second_opinion_changed']} changed")
     if routed:
         msg += "; tasks: " + ", ".join(f"{t} {n}" for t, n in sorted(routed.items()))
     typer.echo(msg, err=True)
@@ -213,30 +224,26 @@ def evaluate(
                                                 show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     device: DeviceOpt = "auto",
+    second_opinion: SecondOpinionOpt = None,
 ) -> None:
-    """Per-task metric of the routed and of the oracle-routed library, and routing accuracy."""
+    """Per-task metric with the task given (oracle) and routed under two protocols: backbone-routed (the
+    router picks the chain, the input's own task head runs on it) and end-to-end (the router also picks
+    the head; a misroute is wrong). Also routing accuracy per task and throughput."""
     from rich.console import Console
-    from rich.table import Table
 
     from mergetool.inference.runtime import ExpertLibrary  # lazy: loads torch
+    from mergetool.inference.second_opinion import check_threshold
     from mergetool.routing.evaluate import evaluate_library  # lazy: loads torch
 
     if split not in ("test", "validation"):
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use test or validation")
+    check_threshold(second_opinion, "--second-opinion")
     r = load_recipe(recipe)
     if out:
         check_output(out, "--out")
     lib_ = ExpertLibrary.load(lib, device=device)
-    report = evaluate_library(lib_, r, split, batch_size)
-    table = Table(title=f"{lib} on {split} (routing accuracy {_fmt(report['routing_accuracy'])})")
-    for col in ("task", "metric", "n", "routed", "oracle", "routing acc."):
-        table.add_column(col)
-    for name, row in report["tasks"].items():
-        table.add_row(name, row["metric"], str(row["n"]), _fmt(row.get("routed")), _fmt(row["oracle"]),
-                      _fmt(row.get("routing_accuracy")))
-    m = report["mean"]
-    table.add_row("mean", "", "", _fmt(m.get("routed")), _fmt(m.get("oracle")), "")
-    Console(stderr=True).print(table)
+    report = evaluate_library(lib_, r, split, batch_size, second_opinion)
+    Console(stderr=True).print(_table(report, lib, split))
     if out:
         write_json_atomic(Path(out), report)
         typer.echo(f"wrote {out}", err=True)
@@ -244,8 +251,35 @@ def evaluate(
         typer.echo(json.dumps(report, indent=1))
 
 
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.4f}"
+def _table(report: dict, lib: Path, split: str):
+    """The console table (80 columns): per task the oracle, both routed protocols, their gaps to the oracle
+    in points, and the routing accuracy; the metric and the throughput in the title."""
+    from rich import box
+    from rich.table import Table
+
+    speed, rows = report["throughput"], report["tasks"]
+    metrics = sorted({r["metric"] for r in rows.values()})
+    title = f"{lib} on {split} ({', '.join(metrics)}): routing accuracy {_fmt(report['routing_accuracy'])}; " \
+            f"inputs/s oracle {speed['oracle_inputs_per_s']:.1f}, end-to-end " \
+            f"{_fmt(speed.get('end_to_end_inputs_per_s'), 1)}"
+    so = report.get("second_opinion")
+    if so:
+        title += f"; second opinion below {so['threshold']:g}: {so['inputs']} input(s), {so['changed']} changed"
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("task", "n", "oracle", "backbone\nrouted", "end to\nend", "Δ b-r\n(pts)", "Δ e2e\n(pts)",
+                "route\nacc."):
+        table.add_column(col, no_wrap=col == "task")
+    m = report["mean"]
+    for name, r in [*rows.items(), ("mean", {**m, "n": None, "routing_accuracy": report["routing_accuracy"]})]:
+        gaps = [None if k not in r or "oracle" not in r else 100 * (r[k] - r["oracle"])
+                for k in ("backbone_routed", "end_to_end")]
+        table.add_row(name, "" if r["n"] is None else str(r["n"]), _fmt(r.get("oracle")), _fmt(r.get("backbone_routed")),
+                      _fmt(r.get("end_to_end")), *(_fmt(g, 2) for g in gaps), _fmt(r.get("routing_accuracy"), 3))
+    return table
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
 
 
 def register(app: typer.Typer) -> None:

@@ -82,3 +82,19 @@ def length_batches(rows: Sequence[int], lengths: Sequence[int], batch_size: int,
         else:
             out.append([i])
     return out
+
+
+def per_input(manifest, given, n: int, key: str):
+    """`task`: None, a task name or n task names / None; `head`: None or n task names / None. Names checked."""
+    if given is None or (isinstance(given, str) and key == "task"):
+        if given is not None:
+            manifest.task(given)
+        return given
+    if isinstance(given, str):
+        raise MergetoolError(f"{key} must give a task per input", key=key)
+    given = list(given)
+    if len(given) != n:
+        raise MergetoolError(f"{len(given)} {key}s for {n} inputs", key=key)
+    for t in set(given) - {None}:
+        manifest.task(t)
+    return given

@@ -25,7 +25,8 @@ from mergetool.core.compat import skip_weight_init
 from mergetool.core.errors import LibraryError, MergetoolError
 from mergetool.evaluation import stages
 from mergetool.evaluation.runner import instantiate, pick_device
-from mergetool.inference.inputs import Inputs, encode, length_batches, pad, read_items
+from mergetool.inference.inputs import Inputs, encode, length_batches, pad, per_input, read_items
+from mergetool.inference.second_opinion import check_threshold, reconsider, result, store, unsure
 from mergetool.library.hub import open_library
 from mergetool.library.reader import LibraryFiles
 from mergetool.models.source import max_length_of
@@ -46,7 +47,8 @@ class ExpertLibrary:
     chunk_size = 4096  # inputs routed and grouped together (bounds the cached prefix states)
 
     def __init__(self, store: LibraryFiles, *, device: str = "auto", max_resident_models: int = 4,
-                 features: Optional[tuple[str, int, Optional[str]]] = None):
+                 features: Optional[tuple[str, int, Optional[str]]] = None, pooling: Optional[str] = None,
+                 second_opinion: Optional[float] = None):
         self.store, self.manifest, self.path = store, store.manifest, store.path
         self.device = pick_device(device)
         self.max_resident_models = max(1, int(max_resident_models))
@@ -54,6 +56,8 @@ class ExpertLibrary:
         if features is None and info is not None:
             features = (info.features, info.prefix_stages, info.feature_storage.file)
         self.features, self.prefix_stages, self._feature_file = features or (None, 0, None)
+        self.pooling = pooling or (info.pooling if info is not None else "mean")  # of the router features
+        self.second_opinion = check_threshold(second_opinion)  # predict's default threshold; None: off
         if self.features == "prefix" and shared_prefix(self.manifest) < self.prefix_stages:
             raise LibraryError(f"the chains do not share the router's {self.prefix_stages} prefix stages",
                                key="router.prefix_stages", fix="re-export the library")
@@ -189,7 +193,6 @@ class ExpertLibrary:
         info = self.manifest.router
         if info is not None:
             return info.max_length
-
         try:
             lengths = [t.max_length for t in parse_recipe(self.manifest.recipe).tasks.values()]
         except MergetoolError:
@@ -210,7 +213,6 @@ class ExpertLibrary:
 
     def _load_router(self):
         if self._router is None:
-
             info = self.manifest.router
             if info is None:
                 raise LibraryError("this library has no router", file=str(self.path),
@@ -230,7 +232,7 @@ class ExpertLibrary:
                                fix="pass task=... (--task), or re-export the library")
         if self.features != "prefix" and self._extractor is None:
             self._extractor = load_extractor(self.features, self.path, self._feature_file, self.store.config(),
-                                             self.device)
+                                             self.device, self.pooling)
         n = len(encs)
         order = sorted(range(n), key=lambda i: -len(encs[i]["input_ids"]))
         feats, tokens = [], []
@@ -247,7 +249,7 @@ class ExpertLibrary:
                 h = self._prefix(batch)  # the chains' own first stages, reused by them below
                 self.stats["prefix_s"] += time.perf_counter() - t0
                 mask = batch["attention_mask"]
-                feats.append(bb.mean_pool(h, mask))
+                feats.append(bb.pool(h, mask, self.pooling))
                 tokens.append(h[mask.bool()])  # real tokens, row after row (right padding)
                 row_lens = mask.sum(1).cpu()
                 idx = torch.tensor(rows)
@@ -271,6 +273,11 @@ class ExpertLibrary:
         self.stats["prefix_calls"] += 1
         return h
 
+    @property
+    def router_tasks(self) -> list[str]:
+        """The tasks in the order of the router's outputs."""
+        return self._load_router().tasks
+
     def route(self, inputs: Inputs, batch_size: int = 64) -> list[str]:
         """The task the router picks for each input."""
         encs, _ = self.encode(read_items(inputs))
@@ -288,32 +295,33 @@ class ExpertLibrary:
 
     # --- prediction -----------------------------------------------------------------------------
     def predict(self, inputs: Inputs, batch_size: int = 64, task: Union[None, str, Sequence] = None, *,
-                return_logits: bool = False) -> list[dict]:
+                head: Optional[Sequence] = None, return_logits: bool = False,
+                second_opinion: Optional[float] = None) -> list[dict]:
         """{task, label, label_id, score} per input, in input order; `"truncated": True` on inputs cut to
         max_length; with return_logits, also the head's `logits` and (routed inputs) the router's `routing`
         probabilities per task.
 
         inputs: texts, (text, text_pair) tuples or {"text", "text_pair"} dicts. task: None routes each
         input; a task name skips routing; a list gives each input's task (oracle routing), None entries
-        being routed."""
+        being routed; it picks the chain and the head. head: a task per input (None: the chain's) whose
+        head runs on that input's chain, e.g. the true task on the routed chain (backbone-routed); a result's
+        `task` is then the head's and `chain` the chain's. second_opinion: a threshold in (0, 1] (default
+        self.second_opinion; None = off), see mergetool.inference.second_opinion."""
         if batch_size < 1:
             raise MergetoolError(f"batch size must be positive, got {batch_size}", key="batch_size")
+        threshold = check_threshold(second_opinion) if second_opinion is not None else self.second_opinion
         items = read_items(inputs)
-        if isinstance(task, str):
-            self.manifest.task(task)
-        elif task is not None:
-            task = list(task)
-            if len(task) != len(items):
-                raise MergetoolError(f"{len(task)} tasks for {len(items)} inputs", key="task")
-            for t in set(task) - {None}:
-                self.manifest.task(t)
+        task = per_input(self.manifest, task, len(items), "task")
+        head = per_input(self.manifest, head, len(items), "head")
         out: list[dict] = []
         for s in range(0, len(items), self.chunk_size):
             part = task if task is None or isinstance(task, str) else task[s:s + self.chunk_size]
-            out += self._predict_chunk(items[s:s + self.chunk_size], batch_size, part, return_logits)
+            heads = None if head is None else head[s:s + self.chunk_size]
+            out += self._predict_chunk(items[s:s + self.chunk_size], batch_size, part, heads, return_logits,
+                                       threshold)
         return out
 
-    def _predict_chunk(self, items, batch_size, task, return_logits) -> list[dict]:
+    def _predict_chunk(self, items, batch_size, task, head, return_logits, threshold) -> list[dict]:
         t0 = time.perf_counter()
         encs, truncated = self.encode(items)
         self.stats["truncated"] += sum(truncated)
@@ -324,32 +332,47 @@ class ExpertLibrary:
         if any(t is None for t in given):  # route (all inputs: prefix states are per input and reused)
             routed, states, probs = self._route(encs, batch_size)
             tasks = [r if t is None else t for t, r in zip(given, routed)]
+        heads = tasks if head is None else [h or t for h, t in zip(head, tasks)]
         t2 = time.perf_counter()
-        groups: dict[tuple, list[int]] = {}
-        for i, t in enumerate(tasks):
-            groups.setdefault(self.chain(t), []).append(i)
-        logits: list = [None] * len(items)
-        lengths = [len(e["input_ids"]) for e in encs]
-        with torch.inference_mode():
-            for rows in groups.values():
-                rows = sorted(rows, key=lambda i: -len(encs[i]["input_ids"]))
-                for batch in length_batches(rows, lengths, batch_size):
-                    self._run_chain(batch, encs, tasks, states, logits)
+        logits = self.run_chains(range(len(items)), encs, tasks, heads, states, batch_size)
+        asked: list = []
+        if threshold is not None and probs is not None:
+            own = [g is None and (head is None or head[i] is None) for i, g in enumerate(given)]
+            tasks, heads, asked = reconsider(self, unsure(probs, own, threshold), encs, tasks, heads, probs, logits,
+                                             states, batch_size)
         t3 = time.perf_counter()
         self.stats.update(tokenize_s=t1 - t0, route_s=t2 - t1, chain_s=t3 - t2, inputs=len(items))
-        out = [self._result(t, lg, return_logits) for t, lg in zip(tasks, logits)]
+        out = [result(self.manifest.task(h).labels, h, lg, return_logits) for h, lg in zip(heads, logits)]
         for i, res in enumerate(out):
             if truncated[i]:
                 res["truncated"] = True
+            if heads[i] != tasks[i]:
+                res["chain"] = tasks[i]
             if return_logits and probs is not None and given[i] is None:
                 res["routing"] = dict(zip(self._router.tasks, probs[i]))
+                if i in asked:
+                    res["second_opinion"] = True
         return out
 
-    def _run_chain(self, rows, encs, tasks, states, logits) -> None:
+    def run_chains(self, rows, encs: list[dict], tasks: list, heads: list, states, batch_size: int) -> list:
+        """(logits, arg max, probability) of `rows` (None elsewhere): tasks[i]'s chain, heads[i]'s head."""
+        groups: dict[tuple, list[int]] = {}
+        for i in rows:
+            groups.setdefault(self.chain(tasks[i]), []).append(i)
+        logits: list = [None] * len(encs)
+        lengths = [len(e["input_ids"]) for e in encs]
+        with torch.inference_mode():
+            for rs in groups.values():
+                rs = sorted(rs, key=lambda i: -lengths[i])
+                for batch in length_batches(rs, lengths, batch_size):
+                    self._run_chain(batch, encs, tasks, heads, states, logits)
+        return logits
+
+    def _run_chain(self, rows, encs, tasks, heads, states, logits) -> None:
         entry = self._entry(tasks[rows[0]])
         by_task: dict[str, list[int]] = {}
         for j, i in enumerate(rows):
-            by_task.setdefault(tasks[i], []).append(j)
+            by_task.setdefault(heads[i], []).append(j)
         modules = {t: self._module(entry, t) for t in by_task}
         if all(bb.has_head(m) for m in modules.values()):
             if states is not None:
@@ -366,31 +389,11 @@ class ExpertLibrary:
                 else:
                     sel = torch.tensor(pos, device=seq.device)
                     out = bb.head(modules[t], seq[sel], None if pooled is None else pooled[sel])
-                _store(out, pos, rows, logits)
+                store(out, pos, rows, logits)
             return
         batch = self._pad(encs, rows)  # no split head for this architecture: one pass per task
         for t, pos in by_task.items():
             sel = torch.tensor(pos, device=self.device)
             out = modules[t](**{k: v[sel] for k, v in batch.items()}).logits
             self.stats["backbone_calls"] += 1
-            _store(out, pos, rows, logits)
-
-    def _result(self, task: str, out: tuple, with_logits: bool) -> dict:
-        logits, i, p = out
-        labels = self.manifest.task(task).labels
-        if len(logits) == 1 and not (labels and len(labels) > 1):  # regression
-            res = {"task": task, "label": logits[0], "label_id": None, "score": logits[0]}
-        else:
-            res = {"task": task, "label": labels[i] if labels and i < len(labels) else str(i), "label_id": i,
-                   "score": p}
-        if with_logits:
-            res["logits"] = logits
-        return res
-
-
-def _store(out: torch.Tensor, pos: list[int], rows: list[int], results: list) -> None:
-    """(logits, arg max, its softmax probability) per row of a head's output."""
-    out = out.float().cpu()
-    top = torch.softmax(out, -1).max(-1)
-    for j, lg, i, p in zip(pos, out.tolist(), top.indices.tolist(), top.values.tolist()):
-        results[rows[j]] = (lg, i, p)
+            store(out, pos, rows, logits)

@@ -200,12 +200,14 @@ class FeatureStorage(Frozen):
 
 class RouterInfo(Frozen):
     """The router (runtime issue): a 3-layer MLP over features h(x), mapping an input to a task."""
+    OMITTED_AT_DEFAULT = ("pooling",)  # libraries before the field route on mean-pooled features
 
     weights: FileName  # router.safetensors
     config: FileName  # router.json
     features: Literal["prefix", "base", "embeddings"]
     requested: Literal["auto", "prefix", "base", "embeddings"]
     prefix_stages: int = Field(ge=0)  # stages (embeddings, layer 0, ...) every chain shares
+    pooling: Literal["mean", "mean_max"] = "mean"  # of the hidden states into h(x); mean_max is 2× as wide
     hidden: Annotated[list[Count], Field(min_length=2, max_length=2)]
     epochs: Dim
     lr: float

@@ -152,7 +152,7 @@ def check_router(m: Manifest, docs: dict, headers: dict[str, dict], base, fail: 
         raise bad("hidden differs from the manifest's router.hidden")
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and sorted(names) == sorted(tasks)):
         raise bad("tasks must be the library's tasks, each once")
-    for key in ("features", "prefix_stages", "max_length"):
+    for key in ("features", "prefix_stages", "max_length", "pooling"):
         if key in cfg and (cfg[key] != getattr(info, key) or isinstance(cfg[key], bool)):
             raise bad(f"{key} differs from the manifest's router.{key}")
     if "seed" in cfg and (not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool)):
@@ -165,7 +165,8 @@ def _check_lengths(m: Manifest, base, base_dict: dict, in_dim: int, fail: Fail) 
     """The router's input size and max_length against the base config."""
     info = m.router
     size = getattr(base, "hidden_size", None)
-    if info.features in ("prefix", "base") and isinstance(size, int) and size != in_dim:
+    width = 2 if info.pooling == "mean_max" else 1  # mean and max side by side
+    if info.features in ("prefix", "base") and isinstance(size, int) and size * width != in_dim:
         raise fail(f"hidden_size in {m.base.config} differs from the router's input size in {info.config}",
                    m.base.config)
     if max_length_of([info.max_length], base_dict) < info.max_length:  # the runtime's own rule

@@ -112,7 +112,7 @@ class RouterBuilder:
             info = json.loads((entry / INFO).read_text())
         else:
             rt = ExpertLibrary(LibraryFiles(folder, draft, draft.default_solution), device=self.device,
-                               features=(kind, k, storage.file))
+                               features=(kind, k, storage.file), pooling=cfg.pooling)
             info = self._train(rt, names, kind, k, max_length, folder)
             if entry is not None:
                 tmp = entry.with_name(f".{key}.tmp")
@@ -124,6 +124,7 @@ class RouterBuilder:
                 shutil.rmtree(entry, ignore_errors=True)
                 tmp.rename(entry)
         return RouterInfo(weights=WEIGHTS, config=CONFIG, features=kind, requested=cfg.features, prefix_stages=k,
+                          pooling=cfg.pooling,
                           hidden=list(cfg.hidden), epochs=cfg.epochs, lr=cfg.lr, max_per_task=cfg.max_per_task,
                           seed=self.recipe.search.seed, max_length=max_length, feature_storage=storage, **info)
 
@@ -141,7 +142,8 @@ class RouterBuilder:
         if not all(torch.isfinite(p).all() for p in router.parameters()):  # never cache or ship a NaN router
             raise MergetoolError(f"router training diverged (NaN or inf weights) with lr {cfg.lr:g}", key="router.lr",
                                  fix="lower router.lr (default 5e-4)")
-        router.save(folder, {"features": kind, "prefix_stages": k, "max_length": max_length, "seed": seed})
+        extra = {"features": kind, "prefix_stages": k, "max_length": max_length, "seed": seed}
+        router.save(folder, extra if cfg.pooling == "mean" else {**extra, "pooling": cfg.pooling})
         rt.use_router(router)
         per_task, tests, hits = {}, {}, 0
         for name in names:
@@ -170,7 +172,10 @@ class RouterBuilder:
                 spec = getattr(self.recipe.tasks[name], s)
                 if spec is not None:
                     splits[f"{name}.{s}"] = [spec.model_dump(mode="json"), _sha(Path(spec.path))]
-        data = {"format": 1, "recipe": recipe_hash(self.recipe), "router": self.recipe.router.model_dump(mode="json"),
+        settings = self.recipe.router.model_dump(mode="json")
+        if settings.get("pooling") == "mean":  # the default: keys (and cached routers) from before it stay valid
+            settings.pop("pooling")
+        data = {"format": 1, "recipe": recipe_hash(self.recipe), "router": settings,
                 "features": kind, "prefix_stages": k, "prefix": prefix, "splits": splits,
                 "tasks": [t.name for t in draft.tasks]}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]

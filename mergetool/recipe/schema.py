@@ -244,6 +244,8 @@ class SearchConfig(Strict):
 
 class RouterConfig(Strict):
     features: Literal["auto", "prefix", "base", "embeddings"] = "auto"
+    pooling: Literal["mean", "mean_max"] = Field("mean", description=(
+        "How hidden states become router features: mean over the tokens, or mean and max side by side."))
     hidden: tuple[int, ...] = (256, 128)
     epochs: int = Field(30, ge=1)
     lr: float = Field(5.0e-4, gt=0)

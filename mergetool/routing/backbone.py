@@ -76,6 +76,22 @@ def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+POOLINGS = ("mean", "mean_max")
+
+
+def pool(h: torch.Tensor, mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Router features from hidden states: `mean` (d values) or `mean_max` (mean then max over the real
+    tokens, 2d values)."""
+    mean = mean_pool(h, mask)
+    if pooling == "mean":
+        return mean
+    if pooling != "mean_max":
+        raise LibraryError(f"unknown router pooling {pooling!r}", key="router.pooling",
+                           fix=f"use one of {', '.join(POOLINGS)}, or re-export the library")
+    real = mask.unsqueeze(-1).bool()
+    return torch.cat([mean, h.masked_fill(~real, float("-inf")).amax(1)], -1)
+
+
 def repad(states: tuple, rows) -> tuple[torch.Tensor, torch.Tensor]:
     """A zero-padded batch of prefix hidden states for `rows`, and its attention mask.
 

@@ -7,6 +7,8 @@
   ship as base-features.safetensors.
 - `embeddings`: the mean-pooled output of the base's embedding layer; that layer ships.
 - `auto`: `prefix` when the library has a shared prefix (and an encoder the runtime can stage), else `base`.
+Pooling (router.pooling): `mean` over the real tokens (the default), or `mean_max`, mean and max side by side
+(twice the width); the manifest records it (a library without it means `mean`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from mergetool.core.compat import skip_weight_init
 from mergetool.core.errors import LibraryError
 from mergetool.library.manifest import FeatureStorage, Manifest
 from mergetool.library.safetensors_io import StreamWriter
-from mergetool.routing.backbone import LAYER, mean_pool, stage_of
+from mergetool.routing.backbone import LAYER, pool, stage_of
 
 FEATURE_FILE = "base-features.safetensors"
 STAGEABLE_TYPES = ("bert", "roberta", "xlm-roberta")
@@ -92,11 +94,11 @@ def write_features(kind: str, base_path: Path, folder: Path) -> FeatureStorage:
 
 class FeatureModel:
     """The `base` or `embeddings` extractor, loaded from the library's base-features file."""
-    def __init__(self, kind: str, file: Path, base_config: dict, device: torch.device):
+    def __init__(self, kind: str, file: Path, base_config: dict, device: torch.device, pooling: str = "mean"):
         from safetensors.torch import load_file
         from transformers import AutoModel
 
-        self.kind = kind
+        self.kind, self.pooling = kind, pooling
         with skip_weight_init():
             model = AutoModel.from_config(config_from_dict(base_config))
         state = load_file(str(file))
@@ -129,14 +131,14 @@ class FeatureModel:
             h = self.module(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
         else:
             h = self.module(input_ids=batch["input_ids"])
-        return mean_pool(h, batch["attention_mask"])
+        return pool(h, batch["attention_mask"], self.pooling)
 
 
 def load_extractor(kind: str, lib_path: Path, file: Optional[str], base_config: dict,
-                   device: torch.device) -> Optional[FeatureModel]:
+                   device: torch.device, pooling: str = "mean") -> Optional[FeatureModel]:
     if kind == "prefix":
         return None
     if not file:
         raise LibraryError(f"the {kind} router features need their weights file", key="router.feature_storage",
                            fix="re-export the library")
-    return FeatureModel(kind, Path(lib_path) / file, base_config, device)
+    return FeatureModel(kind, Path(lib_path) / file, base_config, device, pooling)

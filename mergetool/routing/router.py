@@ -14,6 +14,8 @@ from mergetool.core.safejson import parse_json
 
 WEIGHTS, CONFIG = "router.safetensors", "router.json"
 FORMAT = 1
+# an unsure input's second opinion (inference.second_opinion) keeps the larger of these, per candidate task
+SECOND_OPINION_RULE = "router_prob_x_head_conf"
 
 
 class Router(nn.Module):
