@@ -119,7 +119,8 @@ def done(trained_zoo, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(static, "STATIC", SMALL)
     try:
-        result = runner.invoke(app, ["baselines", str(recipe), "--split", "test", "--twin-ranks", "2,8", "--quiet"])
+        result = runner.invoke(app, ["baselines", str(recipe), "--split", "test", "--twin-ranks", "2,8", "--quiet",
+                                      "--methods", "wa,ta,ties,bc,twin,emr"])
     finally:
         mp.undo()
     assert result.exit_code == 0, result.output
@@ -182,6 +183,19 @@ def test_baselines_json(done):
     assert 0 <= emr["routing"]["accuracy"]["test"] <= 1
     assert bd["paper_convention"] == pytest.approx(emr["storage_cost"] - 1)
     assert len(emr["params"]["rescalers"]) == T
+    for m in (twin, emr):  # oracle and both routed protocols, at the fp32 base and (a variant) an fp16 one
+        assert m["params"]["base_storage"] == "fp32" and set(m["variants"]) == {"fp16"}
+        for v in (m, m["variants"]["fp16"]):
+            prot = v["protocols"]
+            for sp in ("validation", "test"):
+                bb, e2e = prot["backbone_routed"][sp], prot["end_to_end"][sp]
+                assert v[sp] == bb and prot["oracle"][sp]["per_task"].keys() == bb["per_task"].keys()
+                assert all(e2e["per_task"][n] <= bb["per_task"][n] for n in bb["per_task"])
+        fp16 = m["variants"]["fp16"]["storage_breakdown"]
+        assert fp16["storage"] == "fp16" and fp16["router"] == m["storage_breakdown"]["router"]
+    assert twin["variants"]["fp16"]["storage_breakdown"]["shared"] == pytest.approx(0.5)
+    assert twin["variants"]["fp16"]["storage_breakdown"]["per_task"] == pytest.approx(twin["storage_breakdown"]["per_task"] / 2)
+    assert emr["variants"]["fp16"]["storage_cost"] == pytest.approx(emr["storage_cost"] - 1)  # θ_pre and τ_uni halve
 
     assert "Table I" in result.stdout and "EMR-Merging" in result.stdout and "routing accuracy (test)" in result.stdout
 
@@ -196,7 +210,8 @@ def test_summary_regenerated_with_g2(done):
     front = json.loads((run / "search" / "front.json").read_text())
     ref = json.loads((run / "search" / "reference.json").read_text())
     chosen = select(front, ref, json.loads((run / "baselines" / "baselines.json").read_text()))
-    merging = ("Weight Averaging", "Task Arithmetic", "Ties-Merging", "Breadcrumbs", "Twin-Merging", "EMR-Merging")
+    merging = ("Weight Averaging", "Task Arithmetic", "Ties-Merging", "Breadcrumbs", "Twin-Merging", "EMR-Merging",
+               "TALL masks", "T-Switch-like", "BitDelta")
     assert chosen["G2_baseline"] in merging
     g2 = [line for line in summary.splitlines() if line.startswith("| G2")][0]
     if chosen["G2"] is not None:  # the made-up P = 1.0 solution, unless a baseline scored 1.0 too

@@ -9,6 +9,10 @@ the base's mergeable parameters; task heads are not counted (as for the search's
     WA, TA, TIES, BC       static whole-model merges, tuned on validation    C = 1
     Twin-Merging           TIES shared expert + rank-r task deltas, per input  C = 1 + T·r(m+n)/d + router
     EMR-Merging            θ_pre + unified vector + 1-bit masks + rescalers    C = 2 + T/32 + T/d + router
+    TALL masks             θ_pre + τ_MTL + T bit-packed masks                  C = 2 + T/32 + router
+    T-Switch-like          θ_pre + per task top-ρ mask, signs, a scale/tensor  C ≈ 1 + T(1+ρ)/32 + router
+    BitDelta               θ_pre + per task 1-bit signs + per-row scales       C ≈ 1 + T/32 + router
+(fp32 base; with an fp16 base θ_pre and the dense vectors cost half: see routed.py and `--base-storage`.)
 
 Hyperparameters are tuned on the validation split only: λ ∈ {0.3, 0.5, 0.7, 1.0} (TA, BC), density ∈
 {0.2, 0.5, 0.8} (TIES, BC; BC gamma 0.01), SVD rank ∈ TWIN_RANKS (Twin; its shared expert is the
@@ -17,12 +21,16 @@ tuned TIES merge). The best validation P wins (the first grid point, i.e. the sm
 EMR needs θ_pre to rebuild each task where its mask is 0, so C counts it; the paper's Table I (1.25 for
 8 tasks) leaves it out, reported as `paper_convention` in its storage breakdown.
 
+The routed methods (Twin, EMR, TALL, T-Switch-like, BitDelta; routed.py, delta.py) are scored under three
+protocols (common.py): oracle (task given), backbone_routed and end_to_end, each with its C under one
+convention (everything needed at inference but the heads), at every base storage asked for (`storages`).
+
 Routing (`routing`): `router` trains the project's router (mergetool.routing: the 3-layer MLP with the
 recipe's `router` settings) on each task's `router` split, over the mean-pooled last hidden state of the
-method's own stored backbone (Twin: shared expert; EMR: θ_pre), so only the MLP adds storage. Twin
-merges with the softmax weights per input, EMR takes the argmax task. `oracle` is one-hot on the true
-task (nothing stored). `auto` = router when every task has a `router` split, else oracle. The routing
-accuracy on each scored split is reported.
+method's own stored backbone (Twin: shared expert; EMR, TALL, T-Switch, BitDelta: θ_pre as stored), so
+only the MLP adds storage. Twin merges with the softmax weights per input, the others take the argmax task.
+`oracle` is one-hot on the true task (nothing stored). `auto` = router when every task has a `router` split,
+else oracle. The routing accuracy on each scored split is reported (overall and per task).
 """
 
 from __future__ import annotations
@@ -32,37 +40,22 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from mergetool.baselines import static
-from mergetool.baselines.dynamic import (
-    EMRModel,
-    Features,
-    PerInputEvaluator,
-    TwinModel,
-    oracle_route,
-    router_ready,
-    train_router,
-)
+from mergetool.baselines.common import ROUTING_NOTE, SPLITS, BaselineRun, entry
+from mergetool.baselines.delta import MODELS
+from mergetool.baselines.dynamic import router_ready
+from mergetool.baselines.routed import ROUTED, count_routed_steps, run_emr, run_payload, run_twin
 from mergetool.baselines.static import STATIC, grid_points
+from mergetool.baselines.storage import STORAGES
 from mergetool.core.errors import MergetoolError
-from mergetool.core.grouping import all_shared, all_singletons
-from mergetool.core.storage import storage_cost
 from mergetool.pipeline.rundir import recipe_hash
 from mergetool.pipeline.session import picked, references, test_scores, write_summary
 from mergetool.search.journal import read_journal
 from mergetool.search.types import RacingSettings
 
-METHODS = ("wa", "ta", "ties", "bc", "twin", "emr")
+METHODS = ("wa", "ta", "ties", "bc", "twin", "emr", "tall", "tswitch", "bitdelta")
 TWIN_RANKS = (4, 16, 64)
-SPLITS = ("validation", "test")
 ROUTINGS = ("auto", "router", "oracle")
-ROUTING_NOTE = {"oracle": "oracle: one-hot on the true task (no router trained or stored)",
-                "router": "router: the project's MLP router trained on the `router` split, over each method's "
-                          "own backbone features (Twin: softmax-weighted merge per input; EMR: argmax task)"}
-
-
-def _entry(name: str, key: str, kind: str, cost: float, val, test, params: Optional[dict] = None, **extra) -> dict:
-    as_dict = lambda r: None if r is None else {"performance": r[0], "per_task": r[1]}  # noqa: E731
-    return {"name": name, "id": key, "kind": kind, "storage_cost": cost, "validation": as_dict(val),
-            "test": as_dict(test), "params": params or {}, **extra}
+BASE_STORAGES = ("fp32", "fp16")  # the default `storages`: the papers' fp32 base, then an fp16 one
 
 
 def resolve_routing(session, requested: str) -> str:
@@ -77,43 +70,51 @@ def resolve_routing(session, requested: str) -> str:
     return "router"
 
 
-def count_steps(recipe, *, split: str, methods: Sequence[str], twin_ranks: Sequence[int], routing: str) -> int:
+def count_steps(recipe, *, split: str, methods: Sequence[str], twin_ranks: Sequence[int], routing: str,
+                storages: Sequence[str] = BASE_STORAGES, grids: Optional[dict] = None) -> int:
     """The number of progress messages run_baselines sends (for a progress bar's total)."""
     t, r = int(split == "test"), int(routing == "router")
     n = (2 + recipe.quantization.enabled) * (1 + t)  # individual fp32 (and b-bit), pre-trained
     for key, (_, _, _, grid) in STATIC.items():
         if key in methods or (key == "ties" and "twin" in methods):
             n += len(grid_points(grid)) + (t if key in methods else 0)
-    n += (1 + r + len(set(twin_ranks)) + t) if "twin" in methods else 0
-    n += (2 + r + t) if "emr" in methods else 0
-    return n
+    grids = {k: MODELS[k][1].grid for k in MODELS} | (grids or {})
+    return n + count_routed_steps(methods, storages, grids, twin_ranks, test=bool(t), router=bool(r))
 
 
 def run_baselines(session, *, split: str = "validation", methods: Sequence[str] = METHODS,
                   twin_ranks: Sequence[int] = TWIN_RANKS, routing: str = "auto", device: str = "auto",
                   progress: Optional[Callable[[str], None]] = None, racing: Optional[RacingSettings] = None,
-                  reference: Optional[dict] = None) -> dict:
+                  reference: Optional[dict] = None, storages: Sequence[str] = BASE_STORAGES,
+                  grids: Optional[dict] = None) -> dict:
     """Score every baseline; tune on validation, and also score the tuned ones on test if split=test.
 
     `racing` races the static grids (static.tune); `reference` is the search's reference.json, whose
-    individual fp32 scores (the same evaluator, so the same numbers) are taken instead of recomputed."""
-    _check_request(session, split, methods)
-    run = _BaselineRun(session, split == "test", resolve_routing(session, routing), progress or (lambda _: None))
-    run.racing, run.reference = racing, reference or {}
+    individual fp32 scores (the same evaluator, so the same numbers) are taken instead of recomputed.
+    `storages` are the base precisions the routed methods are reported at (the first is the entry itself);
+    `grids` overrides the tuned grid of tall / tswitch / bitdelta (delta.py's defaults)."""
+    _check_request(session, split, methods, storages)
+    run = BaselineRun(session, split == "test", resolve_routing(session, routing), progress or (lambda _: None))
+    run.racing, run.reference, run.storages = racing, reference or {}, tuple(storages)
     _individual_and_pretrained(run)
     tuned = _static(run, methods, device)
     if "twin" in methods:
-        _twin(run, tuned["ties"], twin_ranks)
+        run_twin(run, tuned["ties"], twin_ranks)
     if "emr" in methods:
-        _emr(run)
+        run_emr(run)
+    grids = {k: tuple(MODELS[k][1].grid) for k in MODELS} | dict(grids or {})
+    for key in (m for m in MODELS if m in methods):
+        run_payload(run, key, grids[key])
     p = session.plan
     return {"split": split, "recipe_sha256": recipe_hash(session.recipe), "d": p.d, "b_plus": p.base_bits,
-            "tasks": list(p.tasks), "routing": ROUTING_NOTE[run.routing] if {"twin", "emr"} & set(methods) else None,
-            "grids": {k: v[3] for k, v in static.STATIC.items()} | {"twin_rank": sorted(set(twin_ranks))},
+            "tasks": list(p.tasks), "routing": ROUTING_NOTE[run.routing] if set(ROUTED) & set(methods) else None,
+            "base_storages": list(run.storages),
+            "grids": {k: v[3] for k, v in static.STATIC.items()} | {"twin_rank": sorted(set(twin_ranks))}
+            | {f"{k}_{MODELS[k][1].param}": list(v) for k, v in grids.items()},
             "methods": run.out}
 
 
-def _check_request(session, split: str, methods: Sequence[str]) -> None:
+def _check_request(session, split: str, methods: Sequence[str], storages: Sequence[str] = BASE_STORAGES) -> None:
     if split not in SPLITS:
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")
     if session.plan.adapter:
@@ -124,51 +125,20 @@ def _check_request(session, split: str, methods: Sequence[str]) -> None:
     if unknown:
         raise MergetoolError(f"unknown baseline {unknown[0]!r}", key="--methods",
                              fix=f"choose from {', '.join(METHODS)}")
+    check_storages(storages)
     if split == "test" and not session.has_split("test"):
         raise MergetoolError("--split test needs a test split for every task", key="--split",
                              fix="add `test:` to each task of the recipe, or use --split validation")
 
 
-class _BaselineRun:
-    """What every baseline of one `run_baselines` call shares: the session, the splits, the output rows."""
-    def __init__(self, session, test: bool, routing: str, say: Callable[[str], None]):
-        self.s, self.p, self.test, self.routing, self.say = session, session.plan, test, routing, say
-        self.singles, self.shared = all_singletons(self.p.T, self.p.L), all_shared(self.p.T, self.p.L)
-        self.splits = SPLITS if test else ("validation",)
-        self.out: list[dict] = []
-        self._evaluators: Optional[dict] = None
-        self.racing: Optional[RacingSettings] = None
-        self.reference: dict = {}
-
-    def evaluate(self, fn, what: str):
-        """fn(split) on validation and, when asked for, on test."""
-        self.say(f"{what} (validation)")
-        val = fn("validation")
-        if self.test:
-            self.say(f"{what} (test)")
-        return val, fn("test") if self.test else None
-
-    @property
-    def evaluators(self) -> dict:
-        if self._evaluators is None:
-
-            self._evaluators = {sp: PerInputEvaluator(self.s, sp) for sp in self.splits}
-        return self._evaluators
-
-    def router_for(self, state: dict, what: str) -> tuple:
-        if self.routing == "oracle":
-            return oracle_route(self.p.T), {"kind": "oracle", "params": 0}
-        self.say(f"{what}: training the router")
-        return train_router(self.s, Features(self.s, state, self.evaluators["validation"].ev.device))
-
-    def routed(self, info: dict, accuracy: dict) -> dict:
-        return {**info, "note": ROUTING_NOTE[self.routing], "accuracy": accuracy}
-
-    def router_cost(self, info: dict) -> float:
-        return storage_cost(info["params"] * 32, d=self.p.d, base_bits=self.p.base_bits)  # an fp32 MLP
+def check_storages(storages: Sequence[str]) -> None:
+    bad = [s for s in storages if s not in STORAGES]
+    if bad or not storages or len(set(storages)) != len(storages):
+        raise MergetoolError(f"bad --base-storage {','.join(storages)!r}", key="--base-storage",
+                             fix=f"give distinct base precisions from {', '.join(STORAGES)}, e.g. fp32,fp16")
 
 
-def _individual_and_pretrained(run: _BaselineRun) -> None:
+def _individual_and_pretrained(run: BaselineRun) -> None:
     s = run.s
 
     def session_eval(quantized: bool):
@@ -184,21 +154,21 @@ def _individual_and_pretrained(run: _BaselineRun) -> None:
         val, tst = [(known[sp]["performance"], known[sp]["per_task"]) if sp in run.splits else None for sp in SPLITS]
     else:
         val, tst = run.evaluate(session_eval(False), "individual fp32")
-    run.out.append(_entry("Individual (fp32)", "individual", "individual",
+    run.out.append(entry("Individual (fp32)", "individual", "individual",
                           s.full_precision_store.storage_cost(run.singles), val, tst))
     q = s.recipe.quantization
     if q.enabled:
         val, tst = run.evaluate(session_eval(True), f"individual {q.bits}-bit")
-        run.out.append(_entry(f"Individual ({q.bits}-bit)", f"individual_{q.bits}bit", "individual",
+        run.out.append(entry(f"Individual ({q.bits}-bit)", f"individual_{q.bits}bit", "individual",
                               s.store.storage_cost(run.singles), val, tst,
                               {"bits": q.bits, "granularity": q.granularity, "mode": q.mode}))
     pre = static.pretrained_store(s)
     val, tst = run.evaluate(lambda sp: static.score(s, pre, run.shared, sp)[:2], "pre-trained")
-    run.out.append(_entry("Pre-trained", "pretrained", "pretrained", pre.storage_cost(run.shared), val, tst))
+    run.out.append(entry("Pre-trained", "pretrained", "pretrained", pre.storage_cost(run.shared), val, tst))
     pre.clear()
 
 
-def _static(run: _BaselineRun, methods: Sequence[str], device: str) -> dict:
+def _static(run: BaselineRun, methods: Sequence[str], device: str) -> dict:
     """The tuned static merges asked for (TIES also when Twin needs it as its shared expert)."""
     tuned = {}
     for key in [m for m in static.STATIC if m in methods or (m == "ties" and "twin" in methods)]:
@@ -210,57 +180,9 @@ def _static(run: _BaselineRun, methods: Sequence[str], device: str) -> dict:
             run.say(f"{key} (test)")
         tst = static.score(run.s, best.store, run.shared, "test")[:2] if run.test else None
         name, method, _, grid = static.STATIC[key]
-        run.out.append(_entry(name, key, "static", best.storage_cost, (best.performance, best.per_task), tst,
+        run.out.append(entry(name, key, "static", best.storage_cost, (best.performance, best.per_task), tst,
                               {"method": method, **best.params}, grid=rows))
     return tuned
-
-
-def _twin(run: _BaselineRun, ties, twin_ranks: Sequence[int]) -> None:
-    p, ev = run.p, run.evaluators
-    run.say("twin: SVD of the task deltas")
-    shared_state = {}
-    for l in range(p.L):
-        shared_state.update(ties.store.expert(l, tuple(range(p.T))).dense())
-    twin = TwinModel(p, shared_state, run.s.tasks, twin_ranks)
-    route, info = run.router_for(shared_state, "twin")
-    best, rows, acc = None, [], {}
-    for r in sorted(set(twin_ranks)):
-        run.say(f"tuning twin rank {r}")
-        perf, per_task = ev["validation"].evaluate(lambda w, r=r: twin.state(w, r), route)
-        bd = twin.breakdown(r)
-        rows.append({"rank": r, "performance": perf, "storage_cost": bd["shared"] + bd["per_task"]})
-        if best is None or perf > best[1]:
-            best = (r, perf, per_task)
-    acc["validation"] = ev["validation"].routing_accuracy
-    r, tst = best[0], None
-    if run.test:
-        run.say("twin (test)")
-        tst = ev["test"].evaluate(lambda w: twin.state(w, r), route)
-        acc["test"] = ev["test"].routing_accuracy
-    bd = {**twin.breakdown(r), "router": run.router_cost(info)}
-    run.out.append(_entry("Twin-Merging", "twin", "dynamic", bd["shared"] + bd["per_task"] + bd["router"],
-                          best[1:], tst, {"rank": r, "shared": {"method": "ties", **ties.params}},
-                          grid=rows, storage_breakdown=bd, routing=run.routed(info, acc)))
-
-
-def _emr(run: _BaselineRun) -> None:
-    run.say("emr: unified vector, masks, rescalers")
-    emr = EMRModel(run.p, run.s.base, run.s.tasks)
-    route, info = run.router_for(emr.pre, "emr")
-    acc = {}
-
-    def score(sp):
-        r = run.evaluators[sp].evaluate(emr.state, route, key=emr.key)
-        acc[sp] = run.evaluators[sp].routing_accuracy
-        return r
-
-    val, tst = run.evaluate(score, "emr")
-    bd = {**emr.breakdown(), "router": run.router_cost(info)}
-    cost = bd["pretrained"] + bd["unified"] + bd["masks"] + bd["rescalers"] + bd["router"]
-    bd["paper_convention"] += bd["router"]
-    run.out.append(_entry("EMR-Merging", "emr", "dynamic", cost, val, tst,
-                          {"rescalers": dict(zip(run.p.tasks, emr.rescalers))}, storage_breakdown=bd,
-                          routing=run.routed(info, acc)))
 
 
 def refresh_summary(session, run_dir: Path, baselines: dict) -> Optional[Path]:

@@ -22,9 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mergetool.baselines.storage import stored, stored_state
 from mergetool.core.storage import storage_cost
+from mergetool.evaluation.metrics import REGRESSION
 from mergetool.evaluation.runner import TaskModel
 from mergetool.evaluation.tasks import load_tokenizer, tokenizer_dir
+from mergetool.merge.codecs import base_stored_bits
+from mergetool.merge.quantize import bits_of_dtype
 from mergetool.pipeline.router_training import fit, read_texts
 
 Route = Callable[[int, dict], np.ndarray]
@@ -111,15 +115,18 @@ def _packed_bits(numel: int) -> int:
 
 class TwinModel:
     """Shared expert + per-task compressed deltas. SVD factors are computed once at the largest rank
-    of the grid and sliced for smaller ranks; tensors a rank keeps whole are stored dense."""
-    def __init__(self, plan, shared: dict[str, Tensor], tasks: Sequence, ranks: Sequence[int]):
-        self.plan, self.shared = plan, shared
+    of the grid and sliced for smaller ranks; tensors a rank keeps whole are stored dense. `storage`
+    (fp32 | fp16 | int8, baselines/storage.py) is how the shared expert and the factors are stored: the
+    deltas are taken from the shared expert as stored, and the model runs on the decoded factors."""
+    def __init__(self, plan, shared: dict[str, Tensor], tasks: Sequence, ranks: Sequence[int], storage: str = "fp32"):
+        self.plan, self.storage = plan, storage
+        self.shared, self.shared_bits = stored_state(shared, storage)
         lo, hi = min(ranks), max(ranks)
         self._rank, self._deltas = None, None
         self.parts: list[dict[str, dict]] = []
         for src in tasks:
             parts = {}
-            for n, s in shared.items():
+            for n, s in self.shared.items():
                 delta = src.get(n).float() - s.float()
                 e = {}
                 if delta.ndim < 2 or twin_params(delta.shape, hi) == delta.numel():
@@ -129,13 +136,16 @@ class TwinModel:
                 parts[n] = e
             self.parts.append(parts)
 
-    def delta(self, t: int, name: str, rank: int) -> Tensor:
-        shape = self.shared[name].shape
+    def _stored_parts(self, t: int, name: str, rank: int) -> list[Tensor]:
         e = self.parts[t][name]
-        if twin_params(shape, rank) == self.shared[name].numel():
-            return e["dense"]
+        if twin_params(self.shared[name].shape, rank) == self.shared[name].numel():
+            return [e["dense"]]
         P, Q = e["factors"]
-        return (P[:, :rank] @ Q[:rank]).reshape(shape)
+        return [P[:, :rank], Q[:rank]]
+
+    def delta(self, t: int, name: str, rank: int) -> Tensor:
+        parts = [stored(x, self.storage)[0] for x in self._stored_parts(t, name, rank)]
+        return parts[0] if len(parts) == 1 else (parts[0] @ parts[1]).reshape(self.shared[name].shape)
 
     def state(self, weights: Sequence[float], rank: int) -> dict[str, Tensor]:
         if self._rank != rank:  # the rank-r deltas, dense: a per-input merge is then T axpys per tensor
@@ -146,24 +156,32 @@ class TwinModel:
                 for n, s in self.shared.items()}
 
     def breakdown(self, rank: int) -> dict:
-        """C of each stored part (merge/cost.py): the shared expert and the per-task rank-r deltas, at b⁺."""
+        """C of each stored part (merge/cost.py): the shared expert and the per-task rank-r deltas (dense or
+        factors), at `storage` (fp32 on an fp32 zoo: r·(m+n)·b⁺ bits per factorised tensor)."""
         b, T = self.plan.base_bits, self.plan.T
-        c = lambda params: storage_cost(params * b, d=self.plan.d, base_bits=b)  # noqa: E731
-        shared = sum(s.numel() for s in self.shared.values())
-        per_task = sum(twin_params(s.shape, rank) for s in self.shared.values())
-        return {"shared": c(shared), "per_task": c(T * per_task), "per_task_each": c(per_task)}
+        c = lambda bits: storage_cost(bits, d=self.plan.d, base_bits=b)  # noqa: E731
+        own = {n: bits_of_dtype(s.dtype) for n, s in self.shared.items()}
+        per_task = [sum(base_stored_bits(x.shape, self.storage, own[n]) for n in self.shared
+                        for x in self._stored_parts(t, n, rank)) for t in range(T)]
+        return {"shared": c(self.shared_bits), "per_task": c(sum(per_task)), "per_task_each": c(per_task[0]),
+                "storage": self.storage}
 
 
 class EMRModel:
-    """Unified task vector, per-task masks and rescalers (θ_pre is kept to rebuild each task)."""
-    def __init__(self, plan, base, tasks: Sequence):
-        self.plan, self.pre = plan, {n: base.get(n) for n in _names(plan)}
+    """Unified task vector, per-task masks and rescalers (θ_pre is kept to rebuild each task). θ_pre and
+    τ_uni are stored at `storage` (baselines/storage.py); τ_t is taken from θ_pre as stored, and the masks
+    and rescalers from τ_uni as stored."""
+    def __init__(self, plan, base, tasks: Sequence, storage: str = "fp32"):
+        self.plan, self.storage = plan, storage
+        self.pre, self.pre_bits = stored_state({n: base.get(n) for n in _names(plan)}, storage)
         self.uni: dict[str, Tensor] = {}
+        self.uni_bits = 0
         self.masks: list[dict[str, Tensor]] = [{} for _ in tasks]
         sums = []
         for n, pre in self.pre.items():
             taus = [src.get(n).float() - pre.float() for src in tasks]
-            self.uni[n] = emr_unify(taus)
+            self.uni[n], bits = stored(emr_unify(taus), storage)
+            self.uni_bits += bits
             masks = emr_masks(taus, self.uni[n])
             for t, m in enumerate(masks):
                 self.masks[t][n] = m
@@ -179,14 +197,13 @@ class EMRModel:
         return {n: emr_task(p, self.uni[n], self.masks[s][n], self.rescalers[s]) for n, p in self.pre.items()}
 
     def breakdown(self) -> dict:
-        """C of each stored part (merge/cost.py): θ_pre and the unified vector at b⁺, T bit-packed masks,
-        T rescalers."""
+        """C of each stored part (merge/cost.py): θ_pre and the unified vector at `storage`, T bit-packed
+        masks, T rescalers at b⁺."""
         T, b = self.plan.T, self.plan.base_bits
         c = lambda bits: storage_cost(bits, d=self.plan.d, base_bits=b)  # noqa: E731
-        n = sum(p.numel() for p in self.pre.values())
         masks = c(T * sum(_packed_bits(p.numel()) for p in self.pre.values()))
-        return {"pretrained": c(n * b), "unified": c(n * b), "masks": masks, "rescalers": c(T * b),
-                "paper_convention": c(n * b) + masks + c(T * b)}
+        return {"pretrained": c(self.pre_bits), "unified": c(self.uni_bits), "masks": masks, "rescalers": c(T * b),
+                "paper_convention": c(self.uni_bits) + masks + c(T * b), "storage": self.storage}
 
 
 # --- routing ------------------------------------------------------------------------------------
@@ -240,15 +257,36 @@ def router_ready(session) -> bool:
 
 
 # --- per-input evaluation ----------------------------------------------------------------------
+def misrouted_wrong(data, outputs: np.ndarray, chosen: np.ndarray, t: int) -> Optional[np.ndarray]:
+    """The end-to-end outputs of task t: a row the router sent to another task (chosen ≠ t) would get
+    that task's head and label space, so it is replaced by logits of a certainly wrong class, the
+    rule of `mergetool evaluate` ((y + 1) mod n_classes). None when the task is not a classification
+    (regression, choice or custom outputs have no wrong class to stand in)."""
+    if (data.pairs is not None or data.kind == "custom" or data.metric in REGRESSION or outputs.ndim != 2
+            or outputs.shape[1] < 2):
+        return None
+    out = outputs.copy()
+    bad = np.flatnonzero(np.asarray(chosen) != t)
+    out[bad] = 0.0
+    out[bad, (np.asarray(data.labels)[bad].astype(np.int64) + 1) % outputs.shape[1]] = 1.0
+    return out
+
+
 class PerInputEvaluator:
     """Scores a per-input merged model on a split: each input's router weights give its merged
     backbone, run with its task's head. Inputs of a batch with identical weights (all of them under
-    oracle routing) share one merge and one forward, which is the same computation as batch size 1."""
+    oracle routing) share one merge and one forward, which is the same computation as batch size 1.
+
+    One pass gives both routed protocols: `evaluate` returns the backbone-routed score (the input's own
+    head), and `end_to_end` holds the end-to-end one (the head of the task with the largest router
+    weight: a misrouted input counts as wrong; None when a task is not a classification)."""
     def __init__(self, session, split: str):
         self.ev = session.evaluator(split, quantized=False)  # its task data and scorer
         self.session = session
         self._models: dict[int, TaskModel] = {}
         self.routing_accuracy: Optional[float] = None
+        self.per_task_routing: dict[str, float] = {}
+        self.end_to_end: Optional[tuple[float, dict[str, float]]] = None
 
     def _model(self, t: int) -> TaskModel:
         if t not in self._models:
@@ -263,34 +301,43 @@ class PerInputEvaluator:
         state (default: the weights themselves; EMR: the argmax task)."""
         plan = self.session.plan
         key = key or (lambda w: tuple(np.round(w, 8)))
-        per_task = {}
+        per_task, e2e, self.per_task_routing = {}, {}, {}
         cache: dict = {}  # the last merged state, by its key
         right = total = 0
         for t, name in enumerate(plan.tasks):
-            model = self._model(t)
-            model.loaded.clear()
-            outs = []
-            with torch.inference_mode():
-                for batch in self.ev.data[t].batches:
-                    weights = np.asarray(route(t, batch), dtype=np.float64)
-                    right += int((weights.argmax(1) == t).sum())
-                    total += len(weights)
-                    keys = [key(w) for w in weights]
-                    out: list = [None] * len(keys)
-                    for k in dict.fromkeys(keys):
-                        rows = [i for i, kk in enumerate(keys) if kk == k]
-                        if k not in cache:
-                            cache.clear()
-                            cache[k] = build(weights[rows[0]])
-                        for l in range(plan.L):
-                            model.load(l, ("dynamic", k), cache[k])
-                        sub = {n: v[rows].to(self.ev.device) for n, v in batch.items()}
-                        logits = model.forward(sub).float().cpu()
-                        for j, i in enumerate(rows):
-                            out[i] = logits[j]
-                    outs.append(torch.stack(out))
-                    if progress:
-                        progress()
-            per_task[name] = self.ev.score_outputs(t, torch.cat(outs).numpy())
+            outputs, chosen = self._task_outputs(t, build, route, key, cache, progress)
+            per_task[name] = self.ev.score_outputs(t, outputs)
+            right, total = right + int((chosen == t).sum()), total + len(chosen)
+            self.per_task_routing[name] = float(np.mean(chosen == t)) if len(chosen) else 0.0
+            wrong = misrouted_wrong(self.ev.data[t], outputs, chosen, t)
+            e2e[name] = None if wrong is None else self.ev.score_outputs(t, wrong)
         self.routing_accuracy = right / total if total else None
+        self.end_to_end = None if None in e2e.values() else (float(np.mean(list(e2e.values()))), e2e)
         return float(np.mean(list(per_task.values()))), per_task
+
+    def _task_outputs(self, t: int, build, route: Route, key, cache: dict, progress) -> tuple[np.ndarray, np.ndarray]:
+        """Task t's outputs with its own head, in batch order, and the task its router weights chose per input."""
+        plan, model = self.session.plan, self._model(t)
+        model.loaded.clear()
+        outs, chosen = [], []
+        with torch.inference_mode():
+            for batch in self.ev.data[t].batches:
+                weights = np.asarray(route(t, batch), dtype=np.float64)
+                chosen.append(weights.argmax(1))
+                keys = [key(w) for w in weights]
+                out: list = [None] * len(keys)
+                for k in dict.fromkeys(keys):
+                    rows = [i for i, kk in enumerate(keys) if kk == k]
+                    if k not in cache:
+                        cache.clear()
+                        cache[k] = build(weights[rows[0]])
+                    for l in range(plan.L):
+                        model.load(l, ("dynamic", k), cache[k])
+                    sub = {n: v[rows].to(self.ev.device) for n, v in batch.items()}
+                    logits = model.forward(sub).float().cpu()
+                    for j, i in enumerate(rows):
+                        out[i] = logits[j]
+                outs.append(torch.stack(out))
+                if progress:
+                    progress()
+        return torch.cat(outs).numpy(), np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)

@@ -22,12 +22,20 @@ def baselines(
     split: Annotated[str, typer.Option(help="validation | test: the split the table reports. Tuning always uses "
                                             "validation; test also scores the tuned baselines on test.")]
     = "validation",
-    methods: Annotated[str, typer.Option(help="Merging baselines to run (individual and pre-trained always run).")]
-    = "wa,ta,ties,bc,twin,emr",
+    methods: Annotated[str, typer.Option(help="Merging baselines to run (individual and pre-trained always run): "
+                                              "wa, ta, ties, bc (static), twin, emr, tall (TALL masks), tswitch "
+                                              "(T-Switch-like), bitdelta (BitDelta).")]
+    = "wa,ta,ties,bc,twin,emr,tall,tswitch,bitdelta",
     twin_ranks: Annotated[str, typer.Option("--twin-ranks", help="Twin-Merging SVD ranks tuned on validation.")]
     = "4,16,64",
-    routing: Annotated[str, typer.Option(help="Twin/EMR routing: auto (router when every task has a `router` "
-                                              "split) | router | oracle (one-hot on the true task).")] = "auto",
+    routing: Annotated[str, typer.Option(help="Routing of twin, emr, tall, tswitch, bitdelta: auto (router when every "
+                                              "task has a `router` split) | router | oracle (one-hot on the true "
+                                              "task). With a router, each is scored task given, backbone-routed "
+                                              "and end-to-end.")] = "auto",
+    base_storage: Annotated[str, typer.Option("--base-storage", help="Base precisions the routed baselines (twin, "
+                                              "emr, tall, tswitch, bitdelta) are stored and scored at, each with its "
+                                              "own C: fp32, fp16, int8. The first is the entry, the others its "
+                                              "variants.")] = "fp32,fp16",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     no_racing: Annotated[bool, typer.Option("--no-racing", help="Score every grid point on all validation inputs "
                                             "(default: race them as the search does, with search.racing).")] = False,
@@ -36,8 +44,10 @@ def baselines(
     """Score the baselines of the paper's Table I and write RUN/baselines/baselines.json (C by Eq. 8)."""
 
     from mergetool.baselines import (  # lazy: loads torch
+        METHODS,
         ROUTINGS,
         SPLITS,
+        check_storages,
         count_steps,
         refresh_summary,
         resolve_routing,
@@ -51,6 +61,11 @@ def baselines(
     if routing not in ROUTINGS:
         raise MergetoolError(f"unknown routing {routing!r}", key="--routing", fix="use auto, router or oracle")
     chosen = [m.strip().lower() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise MergetoolError(f"unknown baseline {unknown[0]!r}", key="--methods", fix=f"choose from {', '.join(METHODS)}")
+    storages = [b.strip().lower() for b in base_storage.split(",") if b.strip()]
+    check_storages(storages)
     try:
         ranks = sorted({int(r) for r in twin_ranks.split(",") if r.strip()})
     except ValueError:
@@ -68,7 +83,7 @@ def baselines(
     session = Session(recipe, device=device, plan=plan)
     console = Console(stderr=True, quiet=quiet)
     routing = resolve_routing(session, routing)
-    total = count_steps(recipe, split=split, methods=chosen, twin_ranks=ranks, routing=routing)
+    total = count_steps(recipe, split=split, methods=chosen, twin_ranks=ranks, routing=routing, storages=storages)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task("baselines", total=total)
@@ -79,13 +94,18 @@ def baselines(
             started[0] = True
 
         result = run_baselines(session, split=split, methods=chosen, twin_ranks=ranks, routing=routing,
-                               device=device, progress=progress, racing=None if no_racing else settings_for(recipe).racing,
+                               storages=storages, device=device, progress=progress, racing=None if no_racing else settings_for(recipe).racing,
                                reference=read_references(run_dir / "search" / "reference.json"))
         bar.update(task, completed=total, description="done")
     path = write_json_atomic(run_dir / "baselines" / "baselines.json", result)
     print_table(Console(), result)
     summary = refresh_summary(session, run_dir, result)
     Console().print(f"wrote {path}" + (f" (summary: {summary})" if summary else ""))
+    if (run_dir / "search" / "front.json").is_file():  # the front with these baselines' points beside it
+        from mergetool.pipeline.figures import draw_pareto
+        from mergetool.pipeline.rundir import read_front
+
+        Console().print(f"wrote {draw_pareto(run_dir, read_front(run_dir))}")
 
 
 def print_table(console: Console, result: dict) -> None:
@@ -102,11 +122,31 @@ def print_table(console: Console, result: dict) -> None:
                       *(f"{scores['per_task'][t]:.4f}" for t in result["tasks"]), tuned)
     console.print(table)
     if result.get("routing"):
-        console.print(f"Twin/EMR routing: {result['routing']}")
+        console.print(f"Routed baselines' routing: {result['routing']}")
         for m in result["methods"]:
             acc = (m.get("routing") or {}).get("accuracy") or {}
             if acc.get(split) is not None:
                 console.print(f"  {m['name']} routing accuracy ({split}): {acc[split]:.4f}")
+    print_protocols(console, result)
+
+
+def print_protocols(console: Console, result: dict) -> None:
+    """The routed methods at every base storage: C and P under the three protocols (oracle = task given)."""
+    split = result["split"]
+    rows = [(m["name"], m["params"].get("base_storage", "fp32"), m) for m in result["methods"] if m.get("protocols")]
+    rows += [(m["name"], storage, v) for m in result["methods"] for storage, v in (m.get("variants") or {}).items()]
+    if not rows:
+        return
+    table = Table(title=f"Routed baselines under both routed protocols ({split} split; C counts base, payload, "
+                        "router)")
+    for col in ("Method", "base", "C", "oracle", "backbone-routed", "end-to-end"):
+        table.add_column(col, justify="left" if col in ("Method", "base") else "right")
+    fmt = lambda s: "–" if not s or not s.get(split) else f"{s[split]['performance']:.4f}"  # noqa: E731
+    for name, storage, m in rows:
+        prot = m["protocols"]
+        table.add_row(name, storage, f"{m['storage_cost']:.4f}", fmt(prot["oracle"]), fmt(prot["backbone_routed"]),
+                      fmt(prot["end_to_end"]))
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
