@@ -132,7 +132,8 @@ def main() -> int:  # noqa: C901
         lost = sorted({(d[0], d[2]) for d in dominance if not d[6]})
         lines.append(f"- weak dominance on test over every baseline point: {met(not lost)}"
                      + (f"; not dominated: {', '.join(f'{n} ({p})' for n, p in lost)}" if lost else ""))
-    lines.append(f"- runs: {', '.join(str(r) for r in args.runs)}; baselines: {bpath}; individual fp32 test P "
+    lines.append(f"- runs: {', '.join(str(r) for r in args.runs)}; baselines: "
+                 f"{bpath if bpath.is_file() else 'none (not run: no dominance check)'}; individual fp32 test P "
                  f"{np.mean([json.loads((r / 'search' / 'reference.json').read_text())['individual']['test']['performance'] for r in args.runs]):.4f}")
     body = "\n".join(lines)
     print(body)
