@@ -12,7 +12,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from mergetool.core.errors import MergetoolError
 from mergetool.core.grouping import all_shared, all_singletons, canonical, key
 from mergetool.core.results import EvalResult
 from mergetool.evaluation.engine import Evaluator, default_prefix_budget
@@ -191,15 +190,12 @@ def solution_key(entry) -> str:
 
 
 def configuration(session: Session, entry) -> tuple[np.ndarray, Optional[list[int]]]:
-    """(G, the menu index of each component's codec or None) of a front entry or a bare grouping."""
+    """(G, the menu index of each component's codec or None) of a front entry or a bare grouping: the
+    search's own reading of a record (CandidateSpace.of_record, which refuses codecs off the menu)."""
     if not isinstance(entry, dict):
         return np.asarray(entry), None
-    labels, menu = entry.get("codecs"), session.store.codec_names
-    if labels is not None and (len(labels) != session.plan.L or any(c not in menu for c in labels)):
-        raise MergetoolError(f"solution {entry.get('id')}'s codecs are not the recipe's codec menu "
-                             f"({', '.join(menu)}), one per component", key="codecs",
-                             fix="use the recipe the run was searched with")
-    return np.asarray(entry["grouping"]), None if labels is None else [menu.index(c) for c in labels]
+    space = CandidateSpace(session.plan.T, session.plan.L, tuple(session.store.codec_names))
+    return space.split(space.of_record(entry))
 
 
 def test_scores(session: Session, search_dir: Path, solutions: list) -> dict:
