@@ -56,9 +56,10 @@ def baseline_points(baselines: dict) -> list[dict]:
     """Every baseline point with C: {name, C, protocol -> test P}; static methods and references are task-given."""
     out = []
     for m in baselines.get("methods", []):
-        for v in [m] + list(m.get("variants") or []):
-            name = m["name"] + (f" [{v['base_storage']}]" if v is not m and v.get("base_storage") else "")
-            prot = v.get("protocols") or m.get("protocols") if v is m else v.get("protocols")
+        first = (m.get("storage_breakdown") or {}).get("storage")
+        for storage, v in [(first, m), *(m.get("variants") or {}).items()]:  # variants: {base storage: entry}
+            name = m["name"] + (f" [{storage}]" if storage else "")
+            prot = v.get("protocols")
             if prot:
                 test = {p: (prot.get(p) or {}).get("test") for p in PROTOCOLS}
                 test = {p: t["performance"] for p, t in test.items() if t}

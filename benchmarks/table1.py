@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
 
 from mergetool.pipeline.session import select, solution_key  # noqa: E402
+from mergetool.search.genome import codec_summary  # noqa: E402
 
 
 def mergetool(*args: str) -> None:
@@ -42,6 +43,24 @@ def fmt(values: list) -> str:
     if not vals:
         return "–"
     return f"{np.mean(vals):.4f}" + (f" ± {np.std(vals):.4f}" if len(vals) > 1 else "")
+
+
+def baseline_rows(m: dict) -> list[str]:
+    """A baseline's table rows: the entry, then its variants at other base storages, each under three protocols
+    (static methods and references are task-given only)."""
+    first = (m.get("storage_breakdown") or {}).get("storage")
+    out = []
+    for storage, v in [(first, m), *(m.get("variants") or {}).items()]:
+        prot = v.get("protocols") or {}
+        test = {k: (((prot.get(k) or {}).get("test")) or {}).get("performance") for k in
+                ("oracle", "backbone_routed", "end_to_end")}
+        if not prot:
+            test["oracle"] = (v.get("test") or {}).get("performance")
+        val = ((prot.get("oracle") or {}).get("validation") or v.get("validation") or {}).get("performance")
+        name = m["name"] + (f" [{storage}]" if storage and storage != "fp32" else "")
+        out.append(f"| {name} | {v['storage_cost']:.4f} | {fmt([val])} | {fmt([test['oracle']])} | "
+                   f"{fmt([test['backbone_routed']])} | {fmt([test['end_to_end']])} |")
+    return out
 
 
 def cheapest(recipe_path: Path, device: str) -> str:
@@ -76,7 +95,7 @@ def main() -> int:
     ap.add_argument("recipe", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--evaluations", type=int, default=300)
-    ap.add_argument("--methods", default="wa,ta,ties,bc,twin,emr")
+    ap.add_argument("--methods", default="wa,ta,ties,bc,twin,emr,tall,tswitch,bitdelta")
     ap.add_argument("--workdir", type=Path, default=None, help="reuse a previous run (searches resume)")
     ap.add_argument("--run", type=Path, nargs="+", default=None,
                     help="finished run directories to tabulate instead of searching (seed and budget from run.json)")
@@ -111,14 +130,12 @@ def main() -> int:
         mergetool("baselines", str(first), "--split", "test", "--methods", args.methods, "--device", args.device)
     baselines = json.loads((first / "baselines" / "baselines.json").read_text())
 
-    rows = ["| method | C | P (validation) | P (test) | routed test accuracy |", "|---|---|---|---|---|"]
+    rows = ["| method | C | P (validation) | P (test, task given) | backbone-routed (test) | end-to-end (test) |",
+            "|---|---|---|---|---|---|"]
     for m in baselines["methods"]:
-        test = (m.get("test") or {}).get("performance")
-        routed = fmt([test]) if m["kind"] == "dynamic" else ""  # Twin/EMR always run through their router
-        rows.append(f"| {m['name']} | {m['storage_cost']:.4f} | {m['validation']['performance']:.4f} | "
-                    f"{fmt([test])} | {routed} |")
-    picks: dict[str, dict[str, list]] = {g: {"C": [], "val": [], "test": [], "routed": [], "routing": []}
-                                          for g in ("G1", "G2", "G3")}
+        rows += baseline_rows(m)
+    picks: dict[str, dict[str, list]] = {g: {k: [] for k in ("C", "val", "test", "backbone", "routed", "routing",
+                                                             "codecs")} for g in ("G1", "G2", "G3")}
     for seed, run in runs.items():
         if run != first:
             (run / "baselines").mkdir(exist_ok=True)
@@ -135,6 +152,7 @@ def main() -> int:
             p = picks[g]
             p["C"].append(f["storage_cost"])
             p["val"].append(f["performance"])
+            p["codecs"].append(codec_summary(f.get("codecs")))
             p["test"].append((tests.get(solution_key(f)) or {}).get("performance"))
             if g in ("G2", "G3"):
                 lib = run / "libraries" / f"{g}-solution-{f['id']}"
@@ -146,7 +164,8 @@ def main() -> int:
                     mergetool("evaluate", str(lib), "--recipe", str(args.recipe), "--split", "test", "--out", str(report),
                               "--device", args.device)
                 ev = json.loads(report.read_text())
-                p["routed"].append(ev["mean"].get("routed"))
+                p["backbone"].append(ev["mean"].get("backbone_routed"))
+                p["routed"].append(ev["mean"].get("end_to_end", ev["mean"].get("routed")))
                 p["routing"].append(ev.get("routing_accuracy"))
                 if p["test"][-1] is None:
                     p["test"][-1] = ev["mean"].get("oracle")
@@ -155,16 +174,21 @@ def main() -> int:
     for g, p in picks.items():
         label = {"G1": "MERGE G1 (cheapest beating its static merge)", "G2": f"MERGE G2 (cheapest beating {best})",
                  "G3": "MERGE G3 (best performance)"}[g]
-        rows.append(f"| {label} | {fmt(p['C'])} | {fmt(p['val'])} | {fmt(p['test'])} | {fmt(p['routed'])} |")
+        codecs = "; ".join(sorted({c for c in p["codecs"] if c})) if any(p["codecs"]) else ""
+        rows.append(f"| {label}{f' [{codecs}]' if codecs else ''} | {fmt(p['C'])} | {fmt(p['val'])} | "
+                    f"{fmt(p['test'])} | {fmt(p['backbone'])} | {fmt(p['routed'])} |")
     routing = [a for g in ("G2", "G3") for a in picks[g]["routing"] if a is not None]
     indiv = next((m for m in baselines["methods"] if m["id"] == "individual"), None)
     body = "\n".join(rows + [
         "",
         f"- seeds {args.seeds}, {'/'.join(map(str, budgets))} real evaluations each; MERGE rows are mean ± std over seeds "
         f"(selected on validation, reported on test); baselines tuned on validation",
-        "- P: the task of each input is given (MERGE, individual, static), except Twin and EMR, which always "
-        "route (so their P is routed); routed test accuracy: MERGE libraries run by their own router on the "
-        "test split",
+        "- three protocols (issue #13): task given (oracle chain or weights, the input's own head); "
+        "backbone-routed (the router picks the chain or merge weights, the input's own head runs on it: the "
+        "Twin/EMR papers' protocol); end-to-end (the router also picks the head; a misroute is wrong: what "
+        "`predict` does). MERGE's routed figures come from `mergetool evaluate` on the exported G2/G3 "
+        "libraries; routed baselines use the project's router on their own features; `[fp16]` rows are the "
+        "same method with its base stored in fp16 (C counts the base at its stored precision)",
         f"- routing accuracy of the exported G2/G3 libraries on test: {fmt(routing)}",
         "- G3 test / individual models' test: "
         + (f"{np.mean([t for t in picks['G3']['test'] if t]) / indiv['test']['performance']:.4f}"
