@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
-from table1 import fmt, mergetool  # noqa: E402
+from table1 import exported_test, fmt  # noqa: E402
 
 from mergetool.core.errors import MergetoolError  # noqa: E402
 from mergetool.search.front import pick  # noqa: E402
@@ -40,14 +40,7 @@ def merge_at(run: Path, recipe: Path, budget: float, device: str) -> dict:
         f = pick(front, budget)
     except MergetoolError:  # nothing on the front fits the budget
         return {}
-    lib = run / "libraries" / f"solution-{f['id']}"
-    if not (lib / "manifest.json").is_file():
-        mergetool("export", str(run), "--solution", str(f["id"]), "--out", str(lib), "--force", "--device", device)
-    report = lib.parent / f"{lib.name}-test.json"
-    if not report.is_file():
-        mergetool("evaluate", str(lib), "--recipe", str(recipe), "--split", "test", "--out", str(report),
-                  "--device", device)
-    ev = json.loads(report.read_text())
+    ev = exported_test(run, f["id"], recipe, device)
     return {"id": f["id"], "C": f["storage_cost"], "codecs": codec_summary(f.get("codecs")),
             "routing": ev.get("routing_accuracy"), **{p: ev["mean"].get(p) for p in PROTOCOLS}}
 
