@@ -41,8 +41,23 @@ def merge_at(run: Path, recipe: Path, budget: float, device: str) -> dict:
     except MergetoolError:  # nothing on the front fits the budget
         return {}
     ev = exported_test(run, f["id"], recipe, device)
-    return {"id": f["id"], "C": f["storage_cost"], "codecs": codec_summary(f.get("codecs")),
+    return {"id": f["id"], "C": f["storage_cost"], "C_routed": routed_cost(run / "libraries" / f"solution-{f['id']}"), "codecs": codec_summary(f.get("codecs")),
             "routing": ev.get("routing_accuracy"), **{p: ev["mean"].get(p) for p in PROTOCOLS}}
+
+
+def routed_cost(lib: Path) -> float:
+    """The library's C plus what routing needs (the baselines' convention): the router MLP's tensors and the
+    router's feature weights when it does not route on the chains' shared prefix, in units of b⁺·d."""
+    from safetensors import safe_open
+
+    m = json.loads((lib / "manifest.json").read_text())
+    bits = 0
+    with safe_open(str(lib / m["router"]["weights"]), framework="pt") as fh:
+        for k in fh.keys():
+            t = fh.get_tensor(k)
+            bits += t.numel() * t.element_size() * 8
+    bits += 8 * m["router"]["feature_storage"]["bytes"]
+    return m["storage_cost"] + bits / (m["storage"]["base_bits"] * m["storage"]["d"])
 
 
 def baseline_points(baselines: dict) -> list[dict]:
@@ -75,8 +90,8 @@ def main() -> int:  # noqa: C901
     bpath = args.baselines or args.runs[0] / "baselines" / "baselines.json"
     baselines = json.loads(bpath.read_text()) if bpath.is_file() else {"methods": []}
     points = baseline_points(baselines)
-    rows = ["| budget | seed run | solution | C | codecs | oracle / indiv. | backbone-routed / indiv. | "
-            "end-to-end / indiv. | routing accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| budget | seed run | solution | C | C with router | codecs | oracle / indiv. | backbone-routed / indiv. | "
+            "end-to-end / indiv. | routing accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
     goal: dict[str, list] = {"oracle": [], "backbone_routed": [], "stretch": [], "routing": [], "gap": []}
     dominance = []
     for run in args.runs:
@@ -86,10 +101,11 @@ def main() -> int:  # noqa: C901
         for budget in (0.40, 0.30):
             r = merge_at(run, args.recipe, budget, args.device)
             if not r:
-                rows.append(f"| {budget:.2f} | {run.name} ({n} evals) | – | – | nothing on the front fits | | | | |")
+                rows.append(f"| {budget:.2f} | {run.name} ({n} evals) | – | – | – | nothing on the front fits | | | | |")
                 continue
             ratio = {p: (r[p] / indiv if r.get(p) is not None else None) for p in PROTOCOLS}
-            rows.append(f"| {budget:.2f} | {run.name} ({n} evals) | {r['id']} | {r['C']:.4f} | {r['codecs']} | "
+            rows.append(f"| {budget:.2f} | {run.name} ({n} evals) | {r['id']} | {r['C']:.4f} | {r['C_routed']:.4f} | "
+                        f"{r['codecs']} | "
                         + " | ".join("–" if ratio[p] is None else f"{ratio[p]:.2%}" for p in PROTOCOLS)
                         + f" | {fmt([r['routing']])} |")
             if budget == 0.40:
