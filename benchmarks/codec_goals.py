@@ -23,14 +23,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
-from table1 import exported_test, fmt  # noqa: E402
+from table1 import PROTOCOLS, baseline_variants, exported_test, fmt  # noqa: E402
 
 from mergetool.core.errors import MergetoolError  # noqa: E402
+from mergetool.core.storage import storage_cost  # noqa: E402
 from mergetool.search.front import pick  # noqa: E402
 from mergetool.search.genome import codec_summary  # noqa: E402
-
-PROTOCOLS = ("oracle", "backbone_routed", "end_to_end")
-GOALS = {"oracle": (0.40, 0.995), "backbone_routed": (0.40, 0.99)}  # protocol: (C budget, share of individual)
 
 
 def merge_at(run: Path, recipe: Path, budget: float, device: str) -> dict:
@@ -41,8 +39,9 @@ def merge_at(run: Path, recipe: Path, budget: float, device: str) -> dict:
     except MergetoolError:  # nothing on the front fits the budget
         return {}
     ev = exported_test(run, f["id"], recipe, device)
-    return {"id": f["id"], "C": f["storage_cost"], "C_routed": routed_cost(run / "libraries" / f"solution-{f['id']}"), "codecs": codec_summary(f.get("codecs")),
-            "routing": ev.get("routing_accuracy"), **{p: ev["mean"].get(p) for p in PROTOCOLS}}
+    return {"id": f["id"], "C": f["storage_cost"], "C_routed": routed_cost(run / "libraries" / f"solution-{f['id']}"),
+            "codecs": codec_summary(f.get("codecs")), "routing": ev.get("routing_accuracy"),
+            **{p: ev["mean"].get(p) for p in PROTOCOLS}}
 
 
 def routed_cost(lib: Path) -> float:
@@ -57,24 +56,18 @@ def routed_cost(lib: Path) -> float:
             t = fh.get_tensor(k)
             bits += t.numel() * t.element_size() * 8
     bits += 8 * m["router"]["feature_storage"]["bytes"]
-    return m["storage_cost"] + bits / (m["storage"]["base_bits"] * m["storage"]["d"])
+    return m["storage_cost"] + storage_cost(bits, d=m["storage"]["d"], base_bits=m["storage"]["base_bits"])
 
 
 def baseline_points(baselines: dict) -> list[dict]:
-    """Every baseline point with C: {name, C, protocol -> test P}; static methods and references are task-given."""
+    """Every baseline point with C: {name, C, protocol -> test P}; static methods are task-given only."""
     out = []
     for m in baselines.get("methods", []):
-        first = (m.get("storage_breakdown") or {}).get("storage")
-        for storage, v in [(first, m), *(m.get("variants") or {}).items()]:  # variants: {base storage: entry}
-            name = m["name"] + (f" [{storage}]" if storage else "")
-            prot = v.get("protocols")
-            if prot:
-                test = {p: (prot.get(p) or {}).get("test") for p in PROTOCOLS}
-                test = {p: t["performance"] for p, t in test.items() if t}
-            else:
-                test = {"oracle": (v.get("test") or {}).get("performance")} if v.get("test") else {}
+        for storage, v, P in baseline_variants(m):
+            test = {p: x for p, x in P["test"].items() if x is not None}
             if test and v.get("storage_cost") is not None and m.get("kind") != "individual":
-                out.append({"name": name, "C": float(v["storage_cost"]), "test": test})
+                out.append({"name": m["name"] + (f" [{storage}]" if storage else ""), "C": float(v["storage_cost"]),
+                            "test": test})
     return out
 
 

@@ -57,21 +57,33 @@ def fmt(values: list) -> str:
     return f"{np.mean(vals):.4f}" + (f" ± {np.std(vals):.4f}" if len(vals) > 1 else "")
 
 
-def baseline_rows(m: dict) -> list[str]:
-    """A baseline's table rows: the entry, then its variants at other base storages, each under three protocols
-    (static methods and references are task-given only)."""
+PROTOCOLS = ("oracle", "backbone_routed", "end_to_end")
+
+
+def baseline_variants(m: dict):
+    """A baseline entry as `mergetool baselines` writes it, then its variants at other base storages (a dict by
+    storage): (storage or None, the entry, {protocol: P} on `split`); static methods and references have no
+    `protocols`, so their P is task-given only."""
     first = (m.get("storage_breakdown") or {}).get("storage")
-    out = []
     for storage, v in [(first, m), *(m.get("variants") or {}).items()]:
-        prot = v.get("protocols") or {}
-        test = {k: (((prot.get(k) or {}).get("test")) or {}).get("performance") for k in
-                ("oracle", "backbone_routed", "end_to_end")}
-        if not prot:
-            test["oracle"] = (v.get("test") or {}).get("performance")
-        val = ((prot.get("oracle") or {}).get("validation") or v.get("validation") or {}).get("performance")
+        prot = v.get("protocols")
+        if prot:
+            scores = {k: (prot.get(k) or {}) for k in PROTOCOLS}
+        else:
+            scores = {"oracle": {"validation": v.get("validation"), "test": v.get("test")}}
+        yield storage, v, {split: {k: (x.get(split) or {}).get("performance") for k, x in scores.items()}
+                           for split in ("validation", "test")}
+
+
+def baseline_rows(m: dict) -> list[str]:
+    """A baseline's table rows: the entry, then its variants, each under the three protocols."""
+    out = []
+    for storage, v, P in baseline_variants(m):
         name = m["name"] + (f" [{storage}]" if storage and storage != "fp32" else "")
-        out.append(f"| {name} | {v['storage_cost']:.4f} | {fmt([val])} | {fmt([test['oracle']])} | "
-                   f"{fmt([test['backbone_routed']])} | {fmt([test['end_to_end']])} |")
+        test = P["test"]
+        out.append(f"| {name} | {v['storage_cost']:.4f} | {fmt([P['validation']['oracle']])} | "
+                   f"{fmt([test['oracle']])} | {fmt([test.get('backbone_routed')])} | "
+                   f"{fmt([test.get('end_to_end')])} |")
     return out
 
 
