@@ -236,6 +236,64 @@ def test_refresh_summary(tmp_path):
     assert "EMR-Merging" in g2 and "id 1" in g2 and "| 0.9000 | 1.0000 | 0.7000 |" in g2
 
 
+def test_a_stopped_run_resumes_from_its_finished_parts(done, tmp_path):
+    """Every finished baseline is kept in RUN/baselines/parts; a re-run reads them back (same table, same
+    progress count); a lost part (here: Twin, whose shared expert is the read-back TIES merge) is scored again to
+    the same figures; other settings score every part again."""
+    import shutil
+
+    from mergetool.baselines import count_steps, run_baselines
+    from mergetool.pipeline.rundir import read_references
+    from mergetool.pipeline.session import Session, settings_for
+    from mergetool.recipe import load_recipe
+
+    recipe_path, run, _ = done
+    shutil.copytree(recipe_path.parent, tmp_path / "copy")  # the fixture's run stays as it is for the other tests
+    recipe_path, run = tmp_path / "copy" / recipe_path.name, tmp_path / "copy" / "runs" / "toy"
+    first = json.loads((run / "baselines" / "baselines.json").read_text())
+    parts = run / "baselines" / "parts"
+    names = ["individual", "static-wa", "static-ta", "static-ties", "static-bc", "twin", "emr"]
+    assert sorted(p.stem for p in parts.glob("*.json")) == sorted(names) and first["resumed"] == []
+    (parts / "twin.json").unlink()
+    (parts / "emr.json").write_text("{not json")  # a part cut short is scored again too
+    recipe = load_recipe(recipe_path)
+    args = dict(split="test", methods=["wa", "ta", "ties", "bc", "twin", "emr"], twin_ranks=[2, 8], parts=parts,
+                racing=settings_for(recipe).racing, reference=read_references(run / "search" / "reference.json"))
+    said = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(static, "STATIC", SMALL)
+        again = run_baselines(Session(recipe, device="cpu"), progress=said.append, **args)
+        total = count_steps(recipe, split="test", methods=args["methods"], twin_ranks=[2, 8], routing="router",
+                            storages=("fp32", "fp16"))
+    assert again["resumed"] == names[:5] and len(said) == total
+    assert sum(w.endswith("(resumed)") for w in said) > 0 and not any("twin" in w and "resumed" in w for w in said)
+    assert json.dumps(again["methods"], sort_keys=True) == json.dumps(first["methods"], sort_keys=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(static, "STATIC", SMALL)
+        other = run_baselines(Session(recipe, device="cpu"), **{**args, "twin_ranks": [2], "methods": ["wa"]})
+    assert other["resumed"] == []  # another rank grid: another fingerprint, nothing is read back
+    assert json.loads((parts / "static-wa.json").read_text())["fingerprint"] != \
+        json.loads((parts / "static-ta.json").read_text())["fingerprint"]
+
+
+def test_fresh_scores_every_part_again(done, tmp_path):
+    import shutil
+
+    recipe_path, run, _ = done
+    shutil.copytree(recipe_path.parent, tmp_path / "copy")
+    recipe_path, run = tmp_path / "copy" / recipe_path.name, tmp_path / "copy" / "runs" / "toy"
+    stamp = {p.name: p.stat().st_mtime_ns for p in (run / "baselines" / "parts").glob("*.json")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(static, "STATIC", SMALL)
+        resumed = runner.invoke(app, ["baselines", str(recipe_path), "--methods", "wa,ta", "--quiet"])
+        fresh = runner.invoke(app, ["baselines", str(recipe_path), "--methods", "wa", "--quiet", "--fresh"])
+    assert resumed.exit_code == 0 and fresh.exit_code == 0, resumed.output + fresh.output
+    assert "resumed" not in resumed.stdout  # validation split only: another fingerprint than the test-split parts
+    assert "resumed" not in fresh.stdout
+    left = sorted(p.name for p in (run / "baselines" / "parts").glob("*.json"))
+    assert left == ["individual.json", "static-wa.json"] and all(n in stamp for n in left)
+
+
 @pytest.mark.parametrize("case", ["missing", "split", "no_test_split", "no_router_split", "ranks"])
 def test_bad_input(case, trained_zoo, tmp_path):
     recipe = tmp_path / "toy.yaml"
@@ -274,9 +332,9 @@ def test_raced_grid_picks_what_the_full_grid_picks(trained_zoo, tmp_path):
     from mergetool.testing.toy import trained_recipe
 
     session = Session(parse_recipe(trained_recipe(trained_zoo), tmp_path / "toy.yaml"), device="cpu")
-    full_best, full_rows = static.tune(session, "bc", "cpu")
+    full_best, full_rows = static.tune(session, "bc")
     racing = RacingSettings(0.5, 0.9)
-    raced_best, raced_rows = static.tune(session, "bc", "cpu", racing=racing)
+    raced_best, raced_rows = static.tune(session, "bc", racing=racing)
     assert all(r["performance"] is not None for r in full_rows)
     assert raced_best.params == full_best.params and raced_best.performance == full_best.performance
     out = [r for r in raced_rows if r.get("raced_out")]

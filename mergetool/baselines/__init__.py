@@ -43,10 +43,12 @@ from mergetool.baselines import static
 from mergetool.baselines.common import ROUTING_NOTE, SPLITS, BaselineRun, entry
 from mergetool.baselines.delta import MODELS
 from mergetool.baselines.dynamic import router_ready
+from mergetool.baselines.parts import BaselineParts
 from mergetool.baselines.routed import ROUTED, count_routed_steps, run_emr, run_payload, run_twin
-from mergetool.baselines.static import STATIC, grid_points
+from mergetool.baselines.static import grid_points
 from mergetool.baselines.storage import STORAGES
 from mergetool.core.errors import MergetoolError
+from mergetool.core.version import __version__
 from mergetool.pipeline.rundir import recipe_hash
 from mergetool.pipeline.session import picked, references, test_scores, write_summary
 from mergetool.search.journal import read_journal
@@ -75,7 +77,7 @@ def count_steps(recipe, *, split: str, methods: Sequence[str], twin_ranks: Seque
     """The number of progress messages run_baselines sends (for a progress bar's total)."""
     t, r = int(split == "test"), int(routing == "router")
     n = (2 + recipe.quantization.enabled) * (1 + t)  # individual fp32 (and b-bit), pre-trained
-    for key, (_, _, _, grid) in STATIC.items():
+    for key, (_, _, _, grid) in static.STATIC.items():
         if key in methods or (key == "ties" and "twin" in methods):
             n += len(grid_points(grid)) + (t if key in methods else 0)
     grids = {k: MODELS[k][1].grid for k in MODELS} | (grids or {})
@@ -83,35 +85,42 @@ def count_steps(recipe, *, split: str, methods: Sequence[str], twin_ranks: Seque
 
 
 def run_baselines(session, *, split: str = "validation", methods: Sequence[str] = METHODS,
-                  twin_ranks: Sequence[int] = TWIN_RANKS, routing: str = "auto", device: str = "auto",
+                  twin_ranks: Sequence[int] = TWIN_RANKS, routing: str = "auto",
                   progress: Optional[Callable[[str], None]] = None, racing: Optional[RacingSettings] = None,
                   reference: Optional[dict] = None, storages: Sequence[str] = BASE_STORAGES,
-                  grids: Optional[dict] = None) -> dict:
+                  grids: Optional[dict] = None, parts: Optional[Path] = None) -> dict:
     """Score every baseline; tune on validation, and also score the tuned ones on test if split=test.
 
     `racing` races the static grids (static.tune); `reference` is the search's reference.json, whose
     individual fp32 scores (the same evaluator, so the same numbers) are taken instead of recomputed.
     `storages` are the base precisions the routed methods are reported at (the first is the entry itself);
-    `grids` overrides the tuned grid of tall / tswitch / bitdelta (delta.py's defaults)."""
+    `grids` overrides the tuned grid of tall / tswitch / bitdelta (delta.py's defaults). `parts` is a folder
+    where each finished baseline is kept (parts.py), so that a stopped run resumes; the result says which
+    parts were read back (`resumed`)."""
     _check_request(session, split, methods, storages)
     run = BaselineRun(session, split == "test", resolve_routing(session, routing), progress or (lambda _: None))
     run.racing, run.reference, run.storages = racing, reference or {}, tuple(storages)
-    _individual_and_pretrained(run)
-    tuned = _static(run, methods, device)
-    if "twin" in methods:
-        run_twin(run, tuned["ties"], twin_ranks)
-    if "emr" in methods:
-        run_emr(run)
     grids = {k: tuple(MODELS[k][1].grid) for k in MODELS} | dict(grids or {})
+    kept = BaselineParts(parts, {"recipe": recipe_hash(session.recipe), "split": split, "routing": run.routing,
+                                 "storages": run.storages, "twin_ranks": sorted(set(twin_ranks)), "grids": grids,
+                                 "static_grids": {k: v[3] for k, v in static.STATIC.items()},
+                                 "racing": racing, "individual": run.reference.get("individual"),
+                                 "version": __version__})
+    kept.run(run, "individual", lambda: _individual_and_pretrained(run))
+    tuned = _static(run, methods, kept)
+    if "twin" in methods:
+        kept.run(run, "twin", lambda: run_twin(run, tuned["ties"], twin_ranks))
+    if "emr" in methods:
+        kept.run(run, "emr", lambda: run_emr(run))
     for key in (m for m in MODELS if m in methods):
-        run_payload(run, key, grids[key])
+        kept.run(run, key, lambda k=key: run_payload(run, k, grids[k]))
     p = session.plan
     return {"split": split, "recipe_sha256": recipe_hash(session.recipe), "d": p.d, "b_plus": p.base_bits,
             "tasks": list(p.tasks), "routing": ROUTING_NOTE[run.routing] if set(ROUTED) & set(methods) else None,
             "base_storages": list(run.storages),
             "grids": {k: v[3] for k, v in static.STATIC.items()} | {"twin_rank": sorted(set(twin_ranks))}
             | {f"{k}_{MODELS[k][1].param}": list(v) for k, v in grids.items()},
-            "methods": run.out}
+            "methods": run.out, "resumed": kept.resumed}
 
 
 def _check_request(session, split: str, methods: Sequence[str], storages: Sequence[str] = BASE_STORAGES) -> None:
@@ -168,21 +177,29 @@ def _individual_and_pretrained(run: BaselineRun) -> None:
     pre.clear()
 
 
-def _static(run: BaselineRun, methods: Sequence[str], device: str) -> dict:
-    """The tuned static merges asked for (TIES also when Twin needs it as its shared expert)."""
-    tuned = {}
+def _static(run: BaselineRun, methods: Sequence[str], kept: BaselineParts) -> dict:
+    """The tuned static merges asked for (TIES also when Twin needs it as its shared expert), each a part."""
+    tuned: dict = {}
     for key in [m for m in static.STATIC if m in methods or (m == "ties" and "twin" in methods)]:
-        best, rows = static.tune(run.s, key, device, lambda what: run.say(f"tuning {what}"), racing=run.racing)
-        tuned[key] = best
-        if key not in methods:
-            continue
+        best = kept.run(run, f"static-{key}", lambda k=key: _tune_static(run, k, k in methods, tuned))
+        if key not in tuned:  # read back from its part: the merge is rebuilt from the tuned parameters
+            tuned[key] = static.Scored(best["params"], best["performance"], best["per_task"], best["storage_cost"],
+                                       static.merged_store(run.s, static.STATIC[key][1], best["params"]))
+    return tuned
+
+
+def _tune_static(run: BaselineRun, key: str, reported: bool, tuned: dict) -> dict:
+    best, rows = static.tune(run.s, key, lambda what: run.say(f"tuning {what}"), racing=run.racing)
+    tuned[key] = best
+    if reported:
         if run.test:
             run.say(f"{key} (test)")
         tst = static.score(run.s, best.store, run.shared, "test")[:2] if run.test else None
         name, method, _, grid = static.STATIC[key]
         run.out.append(entry(name, key, "static", best.storage_cost, (best.performance, best.per_task), tst,
                               {"method": method, **best.params}, grid=rows))
-    return tuned
+    return {"params": best.params, "performance": best.performance, "per_task": best.per_task,
+            "storage_cost": best.storage_cost}
 
 
 def refresh_summary(session, run_dir: Path, baselines: dict) -> Optional[Path]:

@@ -78,12 +78,18 @@ def pretrained_store(session) -> ExpertStore:
                           full_only=True)
 
 
+def merged_store(session, method: str, params: dict) -> ExpertStore:
+    """The all-shared static merge `method` with `params`, unquantised (experts built on demand)."""
+    return ExpertStore(variant(session.recipe, method, params), session.plan, session.base, session.tasks,
+                       quantization=FULL, full_only=True)
+
+
 def grid_points(grid: dict) -> list[dict]:
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
 
 
-def tune(session, key: str, device: str, progress: Optional[Callable[[str], None]] = None,
+def tune(session, key: str, progress: Optional[Callable[[str], None]] = None,
          racing: Optional[RacingSettings] = None) -> tuple[Scored, list[dict]]:
     """Every grid point of a static method on validation; the best (first on ties) and the grid.
 
@@ -97,8 +103,7 @@ def tune(session, key: str, device: str, progress: Optional[Callable[[str], None
         params = {**fixed, **point}
         if progress:
             progress(f"{key} {params}")
-        store = ExpertStore(variant(session.recipe, method, params), session.plan, session.base, session.tasks,
-                            quantization=FULL, full_only=True)
+        store = merged_store(session, method, params)
         if racing is not None and best is not None:
             sub = session.score_store(store, G, "validation", subset=subset, part="subset").subset
             if not could_beat(sub, best_subset, racing):

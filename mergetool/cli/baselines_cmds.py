@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,9 +40,14 @@ def baselines(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     no_racing: Annotated[bool, typer.Option("--no-racing", help="Score every grid point on all validation inputs "
                                             "(default: race them as the search does, with search.racing).")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Score every baseline again (default: resume, reading back "
+                                        "the baselines a stopped run finished under the same settings).")]
+    = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Score the baselines of the paper's Table I and write RUN/baselines/baselines.json (C by Eq. 8)."""
+    """Score the baselines of the paper's Table I and write RUN/baselines/baselines.json (C by Eq. 8).
+
+    Each finished baseline is kept in RUN/baselines/parts/, so a stopped run resumes where it stopped."""
 
     from mergetool.baselines import (  # lazy: loads torch
         METHODS,
@@ -83,6 +89,9 @@ def baselines(
     session = Session(recipe, device=device, plan=plan)
     console = Console(stderr=True, quiet=quiet)
     routing = resolve_routing(session, routing)
+    parts = run_dir / "baselines" / "parts"
+    if fresh and parts.is_dir():
+        shutil.rmtree(parts)
     total = count_steps(recipe, split=split, methods=chosen, twin_ranks=ranks, routing=routing, storages=storages)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
@@ -94,11 +103,15 @@ def baselines(
             started[0] = True
 
         result = run_baselines(session, split=split, methods=chosen, twin_ranks=ranks, routing=routing,
-                               storages=storages, device=device, progress=progress, racing=None if no_racing else settings_for(recipe).racing,
+                               storages=storages, progress=progress, parts=parts,
+                               racing=None if no_racing else settings_for(recipe).racing,
                                reference=read_references(run_dir / "search" / "reference.json"))
         bar.update(task, completed=total, description="done")
     path = write_json_atomic(run_dir / "baselines" / "baselines.json", result)
     print_table(Console(), result)
+    if result["resumed"]:
+        Console().print(f"resumed {len(result['resumed'])} finished part(s) from {parts}: "
+                        f"{', '.join(result['resumed'])} (--fresh scores them again)")
     summary = refresh_summary(session, run_dir, result)
     Console().print(f"wrote {path}" + (f" (summary: {summary})" if summary else ""))
     if (run_dir / "search" / "front.json").is_file():  # the front with these baselines' points beside it
