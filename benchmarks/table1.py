@@ -5,7 +5,8 @@
         (finished runs are tabulated as they are; the other seeds are searched; baselines from the first run)
 
 For every seed: `mergetool search` (own run directory), then the baselines (run once, on the first
-seed's run directory, copied to the others: they do not depend on the search seed), G1/G2/G3 selected
+seed's run directory, copied to the others: they do not depend on the search seed; routed ones at an fp32
+base and at the recipe's `base_storage`, MERGE's own, or fp16 without one), G1/G2/G3 selected
 on validation and scored on test, and libraries exported at G2 and G3 (`export --solution`) whose
 routed test accuracy comes from `mergetool evaluate`. Writes its block into BENCHMARKS.md.
 """
@@ -151,7 +152,9 @@ def main() -> int:
     budgets = sorted({len((r / "search" / "evaluations.jsonl").read_text().splitlines()) for r in runs.values()})
     first = runs[args.seeds[0]]
     if not (first / "baselines" / "baselines.json").is_file():
-        mergetool("baselines", str(first), "--split", "test", "--methods", args.methods, "--device", args.device)
+        stored = data.get("base_storage") or "fp32"  # the papers' fp32 base, and MERGE's own base precision
+        mergetool("baselines", str(first), "--split", "test", "--methods", args.methods, "--device", args.device,
+                  "--base-storage", "fp32,fp16" if stored == "fp32" else f"fp32,{stored}")
     baselines = json.loads((first / "baselines" / "baselines.json").read_text())
 
     rows = ["| method | C | P (validation) | P (test, task given) | backbone-routed (test) | end-to-end (test) |",
