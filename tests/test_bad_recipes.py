@@ -70,6 +70,10 @@ def cases(base, tasks, data, root: Path, zoo_factory):
                               "outside (0, 1]"),
         "density_negative": (good(base, tasks, data, extra="merge: {method: ties, parameters: {density: -1}}\n"),
                              "outside (0, 1]"),
+        "pcb_ratio_above_one": (good(base, tasks, data, extra="merge: {method: pcb, parameters: {ratio: 1.5}}\n"),
+                                "outside (0, 1]"),
+        "pcb_ratio_zero": (good(base, tasks, data, extra="merge: {method: pcb, parameters: {ratio: 0}}\n"),
+                           "outside (0, 1]"),
         "bits_16": (good(base, tasks, data, extra="quantization: {bits: 16}\n"), "2..8, or 32"),
         "router_lr_inf": (good(base, tasks, data, extra="router: {lr: .inf}\n"), "router.lr"),
         "racing_confidence_nan": (good(base, tasks, data, extra="search: {racing: {confidence: .nan}}\n"),
@@ -195,6 +199,8 @@ CASE_IDS = [
     "text_not_a_string", "evaluator_module_missing", "evaluator_function_missing", "evaluator_wrong_signature",
     "package_parent_missing", "broken_shard_index", "task_specific_matches_nothing", "rule_matches_nothing",
     "task_name_300_characters",
+    # PCB-Merging (issue 18)
+    "pcb_ratio_above_one", "pcb_ratio_zero",
     # codecs (issue 13)
     "codec_bits_out_of_range", "codec_bits_zero", "codec_density_zero", "codec_density_above_one", "codec_unknown",
     "codec_missing_setting", "codec_malformed", "codec_menu_empty", "codec_menu_repeated", "codec_delta_on_adapters",

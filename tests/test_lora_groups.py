@@ -42,7 +42,7 @@ def test_refactor_reconstructs_a_rank_r_merge_exactly():
 
 
 def test_lowrank_refactor_matches_dense_svd():
-    from mergetool.merge.methods import lora_delta, refactor_lora
+    from mergetool.merge.adapters.lora import lora_delta, refactor_lora
 
     g = torch.Generator().manual_seed(0)
     A, B = torch.randn(3, 9, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)

@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from mergetool.core.errors import MergetoolError
+from mergetool.merge.adapters.lora import lora_delta, refactor_lora
 from mergetool.merge.methods import (
     METHOD_ALIASES,
     check_method,
-    lora_delta,
     merge_group,
-    refactor_lora,
     resolve_method,
     uses_randomness,
 )
@@ -244,3 +243,55 @@ def test_lazy_tensors_stream_from_safetensors(tmp_path):
     out = merge_group(lazy[0], lazy[1:], "ties", {"density": 0.5})
     ref = merge_group(tensors[0]["w"], [t["w"] for t in tensors[1:]], "ties", {"density": 0.5}, fast=False)
     assert torch.equal(out, ref)
+
+
+# --- PCB-Merging (native kernel), expected values by hand ----------------------------------------
+def _pcb_by_hand(t1: list[float], t2: list[float], keep_top: int) -> list[float]:
+    """PCB's formula on two 4-entry task vectors, entry by entry (no outlier is clipped at d = 4)."""
+    import math
+
+    def minmax(v):
+        lo, hi = min(v), max(v)
+        return [(x - lo) / (hi - lo) for x in v]
+
+    total = [a + b for a, b in zip(t1, t2)]
+    weights = []
+    for t in (t1, t2):
+        intra = [math.exp(2 * m * m) for m in minmax([abs(x) for x in t])]
+        beta = [i * math.tanh(x * s) for i, x, s in zip(intra, t, total)]
+        floor = sorted(beta)[len(beta) - 1 - keep_top]  # entries at or below it weigh 0
+        weights.append(minmax([max(b, floor) for b in beta]))
+    return [(w1 * a + w2 * b) / max(w1 + w2, 1e-12) for w1, w2, a, b in zip(*weights, t1, t2)]
+
+
+@pytest.mark.parametrize("ratio,keep_top", [(1.0, 3), (0.5, 1)])
+def test_pcb_merge_on_literal_tensors(ratio, keep_top):
+    from mergetool.merge.native_methods import pcb_merge
+
+    t1, t2 = [1.0, -2.0, 3.0, 0.5], [2.0, 1.0, -1.0, 0.5]
+    expected = _pcb_by_hand(t1, t2, keep_top)
+    got = pcb_merge(BASE, [BASE + T(t1), BASE + T(t2)], ratio=ratio, lam=0.5)
+    assert got.tolist() == pytest.approx([1 + 0.5 * e for e in expected], abs=1e-6)
+    # ratio 1 keeps every entry but each task's lowest β (min-max gives it weight 0): entry 2 of τ2 here
+    if ratio == 1.0:
+        assert expected[2] == pytest.approx(3.0)
+
+
+def test_pcb_through_merge_group_and_the_recipe_checks():
+    a, b = BASE + T([1.0, -2.0, 3.0, 0.5]), BASE + T([2.0, 1.0, -1.0, 0.5])
+    from mergetool.merge.native_methods import pcb_merge
+
+    assert resolve_method("PCB") == "pcb" and not uses_randomness("pcb")
+    assert torch.equal(merge_group(BASE, [a, b], "pcb", {"ratio": 0.5, "lambda": 0.7}),
+                       pcb_merge(BASE, [a, b], ratio=0.5, lam=0.7))
+    assert torch.equal(merge_group(BASE, [a], "pcb", {}), a)  # a singleton is its own tensor
+    same = merge_group(BASE, [BASE.clone(), BASE.clone()], "pcb", {})
+    assert torch.equal(same, BASE)  # no task vector: every weight is 0, θ_pre stays
+    check_method("pcb", {"ratio": 0.2, "lambda": 1.0, "weight": 1.0}, 3)
+    for params, key in (({"ratio": 0.0}, "ratio"), ({"ratio": 1.5}, "ratio"), ({"density": 0.2}, "density"),
+                        ({"lambda": "big"}, "lambda"), ({"lambda": float("nan")}, "lambda")):
+        with pytest.raises(MergetoolError) as e:
+            check_method("pcb", params, 3)
+        assert e.value.key == key
+    with pytest.raises(MergetoolError, match="needs the base"):
+        merge_group(None, [a, b], "pcb", {})

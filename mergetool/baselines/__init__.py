@@ -6,7 +6,7 @@ the base's mergeable parameters; task heads are not counted (as for the search's
     individual (fp32)      all-singletons, full precision                    C = T·mergeable/d
     individual (b-bit)     all-singletons, the recipe's quantiser            C ≈ T·b/32 + metadata
     pre-trained            the base's backbone with each task's head         C = 1
-    WA, TA, TIES, BC       static whole-model merges, tuned on validation    C = 1
+    WA, TA, TIES, BC, PCB  static whole-model merges, tuned on validation    C = 1
     Twin-Merging           TIES shared expert + rank-r task deltas, per input  C = 1 + T·r(m+n)/d + router
     EMR-Merging            θ_pre + unified vector + 1-bit masks + rescalers    C = 2 + T/32 + T/d + router
     TALL masks             θ_pre + τ_MTL + T bit-packed masks                  C = 2 + T/32 + router
@@ -15,8 +15,8 @@ the base's mergeable parameters; task heads are not counted (as for the search's
 (fp32 base; with an fp16 base θ_pre and the dense vectors cost half: see routed.py and `--base-storage`.)
 
 Hyperparameters are tuned on the validation split only: λ ∈ {0.3, 0.5, 0.7, 1.0} (TA, BC), density ∈
-{0.2, 0.5, 0.8} (TIES, BC; BC gamma 0.01), SVD rank ∈ TWIN_RANKS (Twin; its shared expert is the
-tuned TIES merge). The best validation P wins (the first grid point, i.e. the smaller rank, on ties).
+{0.2, 0.5, 0.8} (TIES, BC; BC gamma 0.01), PCB ratio ∈ {0.05, 0.1, 0.2} × λ ∈ {0.7, 1.0, 1.3}, SVD rank
+∈ TWIN_RANKS (Twin; its shared expert is the tuned TIES merge). The best validation P wins (the first grid point, i.e. the smaller rank, on ties).
 
 EMR needs θ_pre to rebuild each task where its mask is 0, so C counts it; the paper's Table I (1.25 for
 8 tasks) leaves it out, reported as `paper_convention` in its storage breakdown.
@@ -54,7 +54,7 @@ from mergetool.pipeline.session import picked, references, test_scores, write_su
 from mergetool.search.journal import read_journal
 from mergetool.search.types import RacingSettings
 
-METHODS = ("wa", "ta", "ties", "bc", "twin", "emr", "tall", "tswitch", "bitdelta")
+METHODS = ("wa", "ta", "ties", "bc", "pcb", "twin", "emr", "tall", "tswitch", "bitdelta")
 TWIN_RANKS = (4, 16, 64)
 ROUTINGS = ("auto", "router", "oracle")
 BASE_STORAGES = ("fp32", "fp16")  # the default `storages`: the papers' fp32 base, then an fp16 one

@@ -3,7 +3,7 @@
 - individual: all-singletons G, full precision (C = T) and quantised to the recipe's bits (the
   search's own store, so C ≈ T·b/32 plus metadata, exact to the bytes);
 - pre-trained: the base's tensors in every component, each task with its own head (C = 1);
-- static WA / TA / TIES / BC: all-shared G, quantisation off, the recipe's method swapped for the
+- static WA / TA / TIES / BC / PCB: all-shared G, quantisation off, the recipe's method swapped for the
   baseline's, its hyperparameters tuned on validation over GRIDS (C = 1).
 
 mergekit defaults are overridden on purpose: TIES density defaults to 1.0 (no trimming) and
@@ -33,6 +33,9 @@ STATIC = {
     "ties": ("Ties-Merging", "ties", {"lambda": 1.0}, {"density": [0.2, 0.5, 0.8]}),
     "bc": ("Breadcrumbs", "breadcrumbs", {"gamma": 0.01},
            {"lambda": [0.3, 0.5, 0.7, 1.0], "density": [0.2, 0.5, 0.8]}),
+    # PCB's ratio is the share of each task vector kept (merge/native_methods.py); its merge is a weighted mean
+    # of the task vectors, so λ ≈ 1 (the paper's search bounds are 0.8..1.3)
+    "pcb": ("PCB-Merging", "pcb", {}, {"ratio": [0.05, 0.1, 0.2], "lambda": [0.7, 1.0, 1.3]}),
 }
 
 

@@ -1,7 +1,8 @@
 """The intra-group merge F of MERGE (paper Sec. III-B, Eq. 5), as plain tensor functions.
 
-Every method is delegated to mergekit's in-memory API (`merge_tensors`); mergekit is imported
-lazily because its import takes seconds. mergekit's from-disk `run_merge` path is never used.
+Every method but the native ones is delegated to mergekit's in-memory API (`merge_tensors`); mergekit is
+imported lazily because its import takes seconds. Native methods (`pcb`: PCB-Merging) are mergetool's own
+kernels (native_methods.py), for methods mergekit does not have. mergekit's from-disk `run_merge` path is never used.
 The deterministic task-vector methods (task_arithmetic, ties, breadcrumbs, breadcrumbs_ties) run
 by default through `mergetool.merge.fast_kernels.gta_merge`, a streaming kernel that is bitwise equal to
 mergekit's `merge_tensors` (tested against it) but needs no argsort and no T-fold stacked copy;
@@ -38,6 +39,7 @@ from torch import Tensor
 from mergetool.core.compat import bind_merge_parameters
 from mergetool.core.errors import MergetoolError
 from mergetool.merge.fast_kernels import fast_method, gta_merge
+from mergetool.merge.native_methods import NATIVE_METHODS
 from mergetool.models.streaming import TensorLike, as_tensor
 
 METHOD_ALIASES = {"wa": "linear", "ta": "task_arithmetic", "tm": "ties", "bc": "breadcrumbs"}
@@ -60,10 +62,12 @@ def _method_names() -> list[str]:
 
 
 def resolve_method(name: str) -> str:
-    """Alias or mergekit name → canonical mergekit method name."""
+    """Alias, mergekit name or native name (native_methods.py) → canonical method name."""
     key = str(name).strip().lower()
     key = METHOD_ALIASES.get(key, key)
-    names = _method_names()
+    if key in NATIVE_METHODS:
+        return key
+    names = sorted([*_method_names(), *NATIVE_METHODS])
     if key in names:
         return key
     choices = names + sorted(METHOD_ALIASES)
@@ -104,7 +108,7 @@ def _layout(spec, n_tasks: int) -> tuple[list[Hashable], Optional[int], bool]:
 
 # shares of a tensor: (low, high, low included, high included); mergekit takes density 2 or -1 silently
 SHARES = {"density": (0, 1, False, True), "select_topk": (0, 1, False, True), "gamma": (0, 1, True, False),
-          "epsilon": (0, 1, True, False)}
+          "epsilon": (0, 1, True, False), "ratio": (0, 1, False, True)}
 
 
 def _check_range(key: str, value: Any) -> None:
@@ -153,6 +157,8 @@ def check_method(name: str, parameters: Mapping, n_tasks: int) -> None:
     from mergekit.merge_methods.base import ParameterScope
 
     method = resolve_method(name)
+    if method in NATIVE_METHODS:
+        return _check_native(method, parameters)
     spec = _spec(method)
     known = {p.name: p for p in spec.parameters}
     allowed = sorted(set(known) | {"weight"})
@@ -196,6 +202,19 @@ def check_method(name: str, parameters: Mapping, n_tasks: int) -> None:
         _check_arity(method, spec, n_tasks)
 
 
+def _check_native(method: str, parameters: Mapping) -> None:
+    """A native method's parameters: known names, one finite number each, shares in their interval."""
+    allowed = sorted([*NATIVE_METHODS[method].defaults, "weight"])
+    for key, value in (parameters or {}).items():
+        if key not in allowed:
+            raise MergetoolError(f"unknown parameter {key!r} for merge method {method!r}", key=str(key),
+                                 fix=f"{_did_you_mean(str(key), allowed)}parameters of {method}: {', '.join(allowed)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MergetoolError(f"invalid value {value!r} for parameter {key!r} of {method!r}", key=str(key),
+                                 fix="give one number (the same for every task of a group)")
+        _check_range(str(key), value)
+
+
 def _type_name(p) -> str:
     t = p.value_type if p is not None else float
     return getattr(t, "__name__", str(t))
@@ -209,6 +228,8 @@ def uses_randomness(method: str) -> bool:
     from mergekit.sparsify import SparsificationMethod
 
     canonical = resolve_method(method)
+    if canonical in NATIVE_METHODS:
+        return False
     if canonical in _RANDOM_METHODS:
         return True
     m = _mergekit().get(canonical)
@@ -280,6 +301,8 @@ def merge_group(
         return _equal_buffer(base, members, seed_key)
 
     canonical = resolve_method(method)
+    if canonical in NATIVE_METHODS:
+        return _native_merge(base, members, canonical, parameters, seed_key, out_dtype or first.dtype)
     spec = _spec(canonical)
     _check_arity(canonical, spec, len(members))
     ids, base_index, with_base = _layout(spec, len(members))
@@ -308,6 +331,14 @@ def merge_group(
             key=seed_key,
             fix="check the method's parameters and that all models have equal shapes",
         ) from None
+
+
+def _native_merge(base, members, method: str, parameters: Mapping, seed_key, out_dtype) -> Tensor:
+    if base is None:
+        raise MergetoolError(f"merge method {method!r} needs the base model's tensor {seed_key or ''}", key=seed_key,
+                             fix="the base model must contain every tensor of a merged component")
+    merged = NATIVE_METHODS[method].call(as_tensor(base), [as_tensor(m) for m in members], parameters)
+    return merged.to(out_dtype)
 
 
 def _equal_buffer(base: Optional[TensorLike], members: Sequence[TensorLike], seed_key: Optional[str]) -> Tensor:
@@ -354,31 +385,3 @@ def _fast_merge(tensors, canonical, kwargs, ids, dtype, out_dtype, seed_key) -> 
     bound = bind_merge_parameters(method, group, kwargs)
     work = dtype or functools.reduce(torch.promote_types, [t.dtype for t in tensors])
     return gta_merge(tensors[0], tensors[1:], method, bound, ids=ids[1:], work=work, out_dtype=out_dtype)
-
-
-def lora_delta(A: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """ΔW = scaling · B @ A for A (r × in) and B (out × r), computed in ≥ float32."""
-    dtype = torch.promote_types(A.dtype, B.dtype)
-    work = torch.promote_types(dtype, torch.float32)
-    return (scaling * (B.to(work) @ A.to(work))).to(dtype)
-
-
-def refactor_lora(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Best rank-r factorisation of delta (truncated SVD): (B', A') with B' @ A' ≈ delta.
-
-    Singular values are split as sqrt on both sides. If rank exceeds min(delta.shape) the
-    extra rows/columns are zero, so the shapes are always (out × rank) and (rank × in).
-    """
-    if delta.ndim != 2:
-        raise ValueError(f"refactor_lora needs a 2-D delta, got shape {tuple(delta.shape)}")
-    if rank < 1:
-        raise ValueError(f"rank must be ≥ 1, got {rank}")
-    work = delta.to(torch.promote_types(delta.dtype, torch.float32))
-    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
-    k = min(rank, S.numel())
-    root = S[:k].sqrt()
-    B = work.new_zeros(delta.shape[0], rank)
-    A = work.new_zeros(rank, delta.shape[1])
-    B[:, :k] = U[:, :k] * root
-    A[:k] = root[:, None] * Vh[:k]
-    return B.to(delta.dtype), A.to(delta.dtype)

@@ -15,10 +15,38 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mergetool.merge.methods import lora_delta, merge_group, refactor_lora
+from mergetool.merge.methods import merge_group
 
 LoraPair = tuple[str, str, float]  # (A name, B name, scaling)
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def lora_delta(A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """ΔW = scaling · B @ A for A (r × in) and B (out × r), computed in ≥ float32."""
+    dtype = torch.promote_types(A.dtype, B.dtype)
+    work = torch.promote_types(dtype, torch.float32)
+    return (scaling * (B.to(work) @ A.to(work))).to(dtype)
+
+
+def refactor_lora(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-r factorisation of delta (truncated SVD): (B', A') with B' @ A' ≈ delta.
+
+    Singular values are split as sqrt on both sides. If rank exceeds min(delta.shape) the
+    extra rows/columns are zero, so the shapes are always (out × rank) and (rank × in).
+    """
+    if delta.ndim != 2:
+        raise ValueError(f"refactor_lora needs a 2-D delta, got shape {tuple(delta.shape)}")
+    if rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    work = delta.to(torch.promote_types(delta.dtype, torch.float32))
+    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+    k = min(rank, S.numel())
+    root = S[:k].sqrt()
+    B = work.new_zeros(delta.shape[0], rank)
+    A = work.new_zeros(rank, delta.shape[1])
+    B[:, :k] = U[:, :k] * root
+    A[:k] = root[:, None] * Vh[:k]
+    return B.to(delta.dtype), A.to(delta.dtype)
 
 
 def lora_pairs(names: Sequence[str]) -> dict[str, tuple[str, str]]:
