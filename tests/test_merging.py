@@ -295,3 +295,33 @@ def test_pcb_through_merge_group_and_the_recipe_checks():
         assert e.value.key == key
     with pytest.raises(MergetoolError, match="needs the base"):
         merge_group(None, [a, b], "pcb", {})
+
+
+# --- Fisher merging and RegMean (weighted kernels), expected values by hand --------------------
+def test_fisher_merge_on_literal_tensors():
+    from mergetool.merge.weighted_kernels import fisher_merge
+
+    got = fisher_merge([T([1.0, 2.0]), T([3.0, 6.0])], [T([1.0, 0.0]), T([3.0, 0.0])])
+    # entry 0: (1·1 + 3·3) / (1 + 3); entry 1: no Fisher anywhere, the floor gives the plain mean
+    assert got.tolist() == pytest.approx([2.5, 4.0], abs=1e-5) and got.dtype == torch.float32
+    assert fisher_merge([T([1.0]), T([3.0])], [T([2.0]), T([2.0])]).tolist() == pytest.approx([2.0])
+
+
+def test_regmean_on_literal_tensors():
+    from mergetool.merge.weighted_kernels import regmean_merge, scaled_gram
+
+    assert scaled_gram(T([[2.0, 1.0], [1.0, 2.0]]), 0.5).tolist() == [[2.0, 0.5], [0.5, 2.0]]
+    # each task saw inputs on its own coordinate: the merge keeps each task's weights on its own subspace
+    w1, w2 = T([[1.0, 0.0], [2.0, 0.0]]), T([[0.0, 1.0], [0.0, 3.0]])
+    g1, g2 = T([[1.0, 0.0], [0.0, 0.0]]), T([[0.0, 0.0], [0.0, 1.0]])
+    assert torch.allclose(regmean_merge([w1, w2], [g1, g2], 1.0), T([[1.0, 1.0], [2.0, 3.0]]))
+    # equal Gram matrices: the plain average; α = 0 (only the diagonals): per input column a weighted mean
+    g = T([[2.0, 1.0], [1.0, 3.0]])
+    assert torch.allclose(regmean_merge([w1, w2], [g, g], 0.9), (w1 + w2) / 2)
+    h1, h2 = T([[1.0, 5.0], [5.0, 3.0]]), T([[3.0, -2.0], [-2.0, 1.0]])
+    got = regmean_merge([w1, w2], [h1, h2], 0.0)
+    assert got[:, 0].tolist() == pytest.approx(((1 * w1[:, 0] + 3 * w2[:, 0]) / 4).tolist())
+    assert got[:, 1].tolist() == pytest.approx(((3 * w1[:, 1] + 1 * w2[:, 1]) / 4).tolist())
+    # a singular sum (no input ever on coordinate 1) falls back to the least-norm solution
+    z = T([[1.0, 0.0], [0.0, 0.0]])
+    assert torch.allclose(regmean_merge([w1, w2], [z, z], 1.0), T([[0.5, 0.0], [1.0, 0.0]]))

@@ -7,6 +7,7 @@ the base's mergeable parameters; task heads are not counted (as for the search's
     individual (b-bit)     all-singletons, the recipe's quantiser            C ≈ T·b/32 + metadata
     pre-trained            the base's backbone with each task's head         C = 1
     WA, TA, TIES, BC, PCB  static whole-model merges, tuned on validation    C = 1
+    Fisher, RegMean        static merges weighted by router-split statistics  C = 1 (data_merges.py)
     Twin-Merging           TIES shared expert + rank-r task deltas, per input  C = 1 + T·r(m+n)/d + router
     EMR-Merging            θ_pre + unified vector + 1-bit masks + rescalers    C = 2 + T/32 + T/d + router
     TALL masks             θ_pre + τ_MTL + T bit-packed masks                  C = 2 + T/32 + router
@@ -41,6 +42,7 @@ from typing import Callable, Optional, Sequence
 
 from mergetool.baselines import static
 from mergetool.baselines.common import ROUTING_NOTE, SPLITS, BaselineRun, entry
+from mergetool.baselines.data_merges import check_router_splits, count_data_merge_steps, run_fisher, run_regmean
 from mergetool.baselines.delta import MODELS
 from mergetool.baselines.dynamic import router_ready
 from mergetool.baselines.parts import BaselineParts
@@ -54,7 +56,7 @@ from mergetool.pipeline.session import picked, references, test_scores, write_su
 from mergetool.search.journal import read_journal
 from mergetool.search.types import RacingSettings
 
-METHODS = ("wa", "ta", "ties", "bc", "pcb", "twin", "emr", "tall", "tswitch", "bitdelta")
+METHODS = ("wa", "ta", "ties", "bc", "pcb", "fisher", "regmean", "twin", "emr", "tall", "tswitch", "bitdelta")
 TWIN_RANKS = (4, 16, 64)
 ROUTINGS = ("auto", "router", "oracle")
 BASE_STORAGES = ("fp32", "fp16")  # the default `storages`: the papers' fp32 base, then an fp16 one
@@ -80,6 +82,7 @@ def count_steps(recipe, *, split: str, methods: Sequence[str], twin_ranks: Seque
     for key, (_, _, _, grid) in static.STATIC.items():
         if key in methods or (key == "ties" and "twin" in methods):
             n += len(grid_points(grid)) + (t if key in methods else 0)
+    n += count_data_merge_steps(methods, len(recipe.tasks), bool(t))
     grids = {k: MODELS[k][1].grid for k in MODELS} | (grids or {})
     return n + count_routed_steps(methods, storages, grids, twin_ranks, test=bool(t), router=bool(r))
 
@@ -108,6 +111,9 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
                                  "version": __version__})
     kept.run(run, "individual", lambda: _individual_and_pretrained(run))
     tuned = _static(run, methods, kept)
+    for key, fn in (("fisher", run_fisher), ("regmean", run_regmean)):
+        if key in methods:
+            kept.run(run, f"static-{key}", lambda f=fn: f(run))
     if "twin" in methods:
         kept.run(run, "twin", lambda: run_twin(run, tuned["ties"], twin_ranks))
     if "emr" in methods:
@@ -135,6 +141,7 @@ def _check_request(session, split: str, methods: Sequence[str], storages: Sequen
         raise MergetoolError(f"unknown baseline {unknown[0]!r}", key="--methods",
                              fix=f"choose from {', '.join(METHODS)}")
     check_storages(storages)
+    check_router_splits(session, methods)
     if split == "test" and not session.has_split("test"):
         raise MergetoolError("--split test needs a test split for every task", key="--split",
                              fix="add `test:` to each task of the recipe, or use --split validation")
@@ -171,7 +178,7 @@ def _individual_and_pretrained(run: BaselineRun) -> None:
         run.out.append(entry(f"Individual ({q.bits}-bit)", f"individual_{q.bits}bit", "individual",
                               s.store.storage_cost(run.singles), val, tst,
                               {"bits": q.bits, "granularity": q.granularity, "mode": q.mode}))
-    pre = static.pretrained_store(s)
+    pre = static.fixed_store(s)
     val, tst = run.evaluate(lambda sp: static.score(s, pre, run.shared, sp)[:2], "pre-trained")
     run.out.append(entry("Pre-trained", "pretrained", "pretrained", pre.storage_cost(run.shared), val, tst))
     pre.clear()

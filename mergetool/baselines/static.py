@@ -56,17 +56,21 @@ def variant(recipe, method: str, params: dict):
                                      "quantization": QuantizationConfig(bits=32)})
 
 
-class PretrainedStore(ExpertStore):
-    """Every expert is the pre-trained base's own tensors, unquantised."""
+class FixedModelStore(ExpertStore):
+    """Every expert is one fixed model's tensors, unquantised: `state`'s (a static merge computed whole, as Fisher
+    merging and RegMean are), or the pre-trained base's when `state` is None."""
+
+    state: Optional[dict] = None
 
     def _build(self, component: int, members: tuple[int, ...], codec: int = 0) -> Expert:
         comp = self.plan.components[component]
-        out = {n: quantize(self.base.get(n), FULL) for n in comp.tensors}
+        out = {n: quantize(self.state[n] if self.state is not None else self.base.get(n), FULL)
+               for n in comp.tensors}
         bits = sum(tensor_data_bits(q, self.plan.base_bits) for q in out.values())
         return Expert(component, members, out, bits, 0)
 
     def expert_bits(self, component: int, members, codec: int = 0) -> int:
-        """C of the base's own tensors: counted from the expert (the count path would merge the tasks)."""
+        """C of the fixed tensors: counted from the expert (the count path would merge the tasks)."""
         return self.expert(component, members, codec).bits
 
 
@@ -75,10 +79,13 @@ def score(session, store: ExpertStore, G, split: str) -> tuple[float, dict, floa
     return r.performance, r.per_task, r.storage_cost
 
 
-def pretrained_store(session) -> ExpertStore:
+def fixed_store(session, state: Optional[dict] = None) -> ExpertStore:
+    """The store of one fixed model (FixedModelStore): `state`, or the pre-trained base."""
     s = session
-    return PretrainedStore(variant(s.recipe, "linear", {}), s.plan, s.base, s.tasks, quantization=FULL,
-                          full_only=True)
+    store = FixedModelStore(variant(s.recipe, "linear", {}), s.plan, s.base, s.tasks, quantization=FULL,
+                            full_only=True)
+    store.state = state
+    return store
 
 
 def merged_store(session, method: str, params: dict) -> ExpertStore:

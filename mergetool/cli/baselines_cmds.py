@@ -24,9 +24,10 @@ def baselines(
                                             "validation; test also scores the tuned baselines on test.")]
     = "validation",
     methods: Annotated[str, typer.Option(help="Merging baselines to run (individual and pre-trained always run): "
-                                              "wa, ta, ties, bc, pcb (static), twin, emr, tall (TALL masks), tswitch "
+                                              "wa, ta, ties, bc, pcb, fisher, regmean (static; fisher and regmean read "
+                                              "each task's `router` split), twin, emr, tall (TALL masks), tswitch "
                                               "(T-Switch-like), bitdelta (BitDelta).")]
-    = "wa,ta,ties,bc,pcb,twin,emr,tall,tswitch,bitdelta",
+    = "wa,ta,ties,bc,pcb,fisher,regmean,twin,emr,tall,tswitch,bitdelta",
     twin_ranks: Annotated[str, typer.Option("--twin-ranks", help="Twin-Merging SVD ranks tuned on validation.")]
     = "4,16,64",
     routing: Annotated[str, typer.Option(help="Routing of twin, emr, tall, tswitch, bitdelta: auto (router when every "

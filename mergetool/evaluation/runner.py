@@ -251,6 +251,10 @@ class TaskModel:
     def _target(self, name: str) -> torch.Tensor:
         return self._params[self._name[name]]
 
+    def tensor(self, name: str) -> torch.Tensor:
+        """The module's parameter (or buffer) that holds tensor `name` (a component's or the task's own)."""
+        return self._target(name)
+
     def _untie(self) -> None:
         """Give a tensor of its own to every checkpoint name that shares one with another."""
         missing = [o for o in self._name.values() if o not in self._params]

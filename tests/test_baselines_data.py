@@ -1,0 +1,107 @@
+"""Fisher merging and RegMean baselines (issue #18) on the trained toy zoo: the statistics they read, the CLI
+entries, and the refusal without a `router` split. The merge formulas are tested on literal tensors in
+test_merging.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mergetool.cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def session(trained_zoo, tmp_path_factory):
+    from mergetool.pipeline.session import Session
+    from mergetool.recipe import parse_recipe
+    from mergetool.testing.toy import trained_recipe
+
+    return Session(parse_recipe(trained_recipe(trained_zoo), tmp_path_factory.mktemp("data") / "toy.yaml"),
+                   device="cpu")
+
+
+def test_fisher_is_the_mean_squared_gradient_of_the_own_prediction(session):
+    """F_t by hand: loss.backward() of log p(ŷ|x) one input at a time, grad² averaged."""
+    from mergetool.baselines.data_merges import fisher_diagonal, mergeable, router_batches, task_model
+
+    fisher, seen = fisher_diagonal(session, 1, torch.device("cpu"), limit=3)
+    assert seen == 3 and set(fisher) == set(mergeable(session))
+    model = task_model(session, 1, torch.device("cpu"))
+    names = [n for n in mergeable(session) if n.endswith("query.weight")][:1] + mergeable(session)[:1]
+    by_hand = {n: torch.zeros_like(fisher[n]) for n in names}
+    for batch in router_batches(session, 1, 3, 1):
+        for p in model.module.parameters():
+            p.grad = None
+            p.requires_grad_(True)
+        logp = torch.log_softmax(model.module(**batch).logits.float(), -1)[0]
+        logp[logp.argmax()].backward()
+        for n in names:
+            by_hand[n] += model.tensor(n).grad ** 2
+    for n in names:
+        assert torch.allclose(fisher[n], by_hand[n] / 3, rtol=1e-4, atol=1e-12), n
+        assert float(fisher[n].sum()) > 0
+
+
+def test_regmean_grams_are_the_layer_inputs_gram(session):
+    """G_t = XᵀX over the unpadded tokens that reach the layer: symmetric, PSD, trace = Σ‖x‖²."""
+    from mergetool.baselines.data_merges import gram_matrices, mergeable, router_batches, task_model
+
+    grams, seen = gram_matrices(session, 0, torch.device("cpu"), limit=5)
+    assert seen == 5 and grams and set(grams) <= set(mergeable(session))
+    name = next(n for n in grams if n.endswith("query.weight"))
+    model = task_model(session, 0, torch.device("cpu"))
+    layer = next(m for m in model.module.modules()
+                 if isinstance(m, torch.nn.Linear) and m.weight is model.tensor(name))
+    rows = []
+    handle = layer.register_forward_pre_hook(lambda m, inp: rows.append(inp[0].detach()))
+    with torch.inference_mode():
+        for batch in router_batches(session, 0, 5, 16):
+            model.module(**batch)
+            rows[-1] = rows[-1][batch["attention_mask"].bool()]
+    handle.remove()
+    X = torch.cat(rows).double()
+    assert torch.allclose(grams[name], X.T @ X, rtol=1e-9, atol=1e-9)
+
+
+def test_cli_fisher_and_regmean_entries(trained_zoo, tmp_path, monkeypatch):
+    from mergetool.baselines import data_merges
+    from tests.test_baselines import small_recipe
+
+    monkeypatch.setattr(data_merges, "FISHER_EXAMPLES", 24)  # the statistics of fewer inputs: a fast test
+    monkeypatch.setattr(data_merges, "GRAM_EXAMPLES", 24)
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(small_recipe(trained_zoo))
+    result = runner.invoke(app, ["baselines", str(recipe), "--methods", "fisher,regmean", "--quiet"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "runs" / "toy" / "baselines" / "baselines.json").read_text())
+    by = {m["id"]: m for m in data["methods"]}
+    assert list(by) == ["individual", "individual_8bit", "pretrained", "fisher", "regmean"]
+    fisher, regmean = by["fisher"], by["regmean"]
+    for m in (fisher, regmean):
+        assert m["kind"] == "static" and m["storage_cost"] == pytest.approx(1.0)
+        assert m["params"]["examples"] == 3 * 24 and m["params"]["estimation_seconds"] >= 0
+    assert regmean["params"]["alpha"] in (0.5, 0.7, 0.9) and len(regmean["grid"]) == 3
+    assert regmean["validation"]["performance"] == max(g["performance"] for g in regmean["grid"])
+    # a static merge sits between the pre-trained model and the individual ones here
+    assert by["individual"]["validation"]["performance"] >= fisher["validation"]["performance"]
+    assert "Fisher Merging" in result.stdout and "RegMean" in result.stdout
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_refused_without_a_router_split(method, trained_zoo, tmp_path):
+    from mergetool.testing.toy import trained_recipe
+
+    text = "\n".join(line.split(", router:")[0] + ", batch_size: 32}" if "router:" in line else line
+                     for line in trained_recipe(trained_zoo, evaluations=4, population=4).splitlines())
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(text)
+    result = runner.invoke(app, ["baselines", str(recipe), "--methods", f"ta,{method}", "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "router" in lines[0] and method in lines[0] and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
