@@ -8,6 +8,7 @@ the base's mergeable parameters; task heads are not counted (as for the search's
     pre-trained            the base's backbone with each task's head         C = 1
     WA, TA, TIES, BC, PCB  static whole-model merges, tuned on validation    C = 1
     Fisher, RegMean        static merges weighted by router-split statistics  C = 1 (data_merges.py)
+    AdaMerging             TA with λ learned on unlabelled inputs (task-/layer-wise)  C = 1 (adamerging.py)
     Twin-Merging           TIES shared expert + rank-r task deltas, per input  C = 1 + T·r(m+n)/d + router
     EMR-Merging            θ_pre + unified vector + 1-bit masks + rescalers    C = 2 + T/32 + T/d + router
     TALL masks             θ_pre + τ_MTL + T bit-packed masks                  C = 2 + T/32 + router
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from mergetool.baselines import static
+from mergetool.baselines.adamerging import AdaMergingSettings, count_adamerging_steps, run_adamerging
 from mergetool.baselines.common import ROUTING_NOTE, SPLITS, BaselineRun, entry
 from mergetool.baselines.data_merges import check_router_splits, count_data_merge_steps, run_fisher, run_regmean
 from mergetool.baselines.delta import MODELS
@@ -56,7 +58,8 @@ from mergetool.pipeline.session import picked, references, test_scores, write_su
 from mergetool.search.journal import read_journal
 from mergetool.search.types import RacingSettings
 
-METHODS = ("wa", "ta", "ties", "bc", "pcb", "fisher", "regmean", "twin", "emr", "tall", "tswitch", "bitdelta")
+METHODS = ("wa", "ta", "ties", "bc", "pcb", "fisher", "regmean", "adamerging", "twin", "emr", "tall", "tswitch",
+           "bitdelta")
 TWIN_RANKS = (4, 16, 64)
 ROUTINGS = ("auto", "router", "oracle")
 BASE_STORAGES = ("fp32", "fp16")  # the default `storages`: the papers' fp32 base, then an fp16 one
@@ -83,6 +86,7 @@ def count_steps(recipe, *, split: str, methods: Sequence[str], twin_ranks: Seque
         if key in methods or (key == "ties" and "twin" in methods):
             n += len(grid_points(grid)) + (t if key in methods else 0)
     n += count_data_merge_steps(methods, len(recipe.tasks), bool(t))
+    n += count_adamerging_steps(bool(t)) if "adamerging" in methods else 0
     grids = {k: MODELS[k][1].grid for k in MODELS} | (grids or {})
     return n + count_routed_steps(methods, storages, grids, twin_ranks, test=bool(t), router=bool(r))
 
@@ -91,16 +95,19 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
                   twin_ranks: Sequence[int] = TWIN_RANKS, routing: str = "auto",
                   progress: Optional[Callable[[str], None]] = None, racing: Optional[RacingSettings] = None,
                   reference: Optional[dict] = None, storages: Sequence[str] = BASE_STORAGES,
-                  grids: Optional[dict] = None, parts: Optional[Path] = None) -> dict:
+                  grids: Optional[dict] = None, parts: Optional[Path] = None,
+                  adamerging: AdaMergingSettings = AdaMergingSettings()) -> dict:
     """Score every baseline; tune on validation, and also score the tuned ones on test if split=test.
 
     `racing` races the static grids (static.tune); `reference` is the search's reference.json, whose
     individual fp32 scores (the same evaluator, so the same numbers) are taken instead of recomputed.
     `storages` are the base precisions the routed methods are reported at (the first is the entry itself);
-    `grids` overrides the tuned grid of tall / tswitch / bitdelta (delta.py's defaults). `parts` is a folder
+    `grids` overrides the tuned grid of tall / tswitch / bitdelta (delta.py's defaults); `adamerging` are
+    AdaMerging's optimiser settings (the paper's by default). `parts` is a folder
     where each finished baseline is kept (parts.py), so that a stopped run resumes; the result says which
     parts were read back (`resumed`)."""
     _check_request(session, split, methods, storages)
+    adamerging.checked()
     run = BaselineRun(session, split == "test", resolve_routing(session, routing), progress or (lambda _: None))
     run.racing, run.reference, run.storages = racing, reference or {}, tuple(storages)
     grids = {k: tuple(MODELS[k][1].grid) for k in MODELS} | dict(grids or {})
@@ -108,12 +115,15 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
                                  "storages": run.storages, "twin_ranks": sorted(set(twin_ranks)), "grids": grids,
                                  "static_grids": {k: v[3] for k, v in static.STATIC.items()},
                                  "racing": racing, "individual": run.reference.get("individual"),
+                                 "adamerging": adamerging if "adamerging" in methods else None,
                                  "version": __version__})
     kept.run(run, "individual", lambda: _individual_and_pretrained(run))
     tuned = _static(run, methods, kept)
     for key, fn in (("fisher", run_fisher), ("regmean", run_regmean)):
         if key in methods:
             kept.run(run, f"static-{key}", lambda f=fn: f(run))
+    if "adamerging" in methods:
+        kept.run(run, "static-adamerging", lambda: run_adamerging(run, adamerging))
     if "twin" in methods:
         kept.run(run, "twin", lambda: run_twin(run, tuned["ties"], twin_ranks))
     if "emr" in methods:

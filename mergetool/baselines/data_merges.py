@@ -29,7 +29,7 @@ from mergetool.pipeline.router_training import read_texts
 FISHER_EXAMPLES = 256  # inputs per task for the Fisher diagonal
 GRAM_EXAMPLES = 256  # inputs per task for RegMean's Gram matrices
 REGMEAN_ALPHAS = (0.5, 0.7, 0.9)
-DATA_MERGES = ("fisher", "regmean")
+DATA_MERGES = ("fisher", "regmean", "adamerging")  # the baselines that read the router split
 
 
 def check_router_splits(session, methods) -> None:

@@ -24,10 +24,10 @@ def baselines(
                                             "validation; test also scores the tuned baselines on test.")]
     = "validation",
     methods: Annotated[str, typer.Option(help="Merging baselines to run (individual and pre-trained always run): "
-                                              "wa, ta, ties, bc, pcb, fisher, regmean (static; fisher and regmean read "
-                                              "each task's `router` split), twin, emr, tall (TALL masks), tswitch "
+                                              "wa, ta, ties, bc, pcb, fisher, regmean, adamerging (static; fisher, "
+                                              "regmean and adamerging read each task's `router` split), twin, emr, tall (TALL masks), tswitch "
                                               "(T-Switch-like), bitdelta (BitDelta).")]
-    = "wa,ta,ties,bc,pcb,fisher,regmean,twin,emr,tall,tswitch,bitdelta",
+    = "wa,ta,ties,bc,pcb,fisher,regmean,adamerging,twin,emr,tall,tswitch,bitdelta",
     twin_ranks: Annotated[str, typer.Option("--twin-ranks", help="Twin-Merging SVD ranks tuned on validation.")]
     = "4,16,64",
     routing: Annotated[str, typer.Option(help="Routing of twin, emr, tall, tswitch, bitdelta: auto (router when every "
@@ -41,6 +41,8 @@ def baselines(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     no_racing: Annotated[bool, typer.Option("--no-racing", help="Score every grid point on all validation inputs "
                                             "(default: race them as the search does, with search.racing).")] = False,
+    adamerging_steps: Annotated[int, typer.Option("--adamerging-steps", help="AdaMerging's Adam steps (lr 1e-3, "
+                                                  "batch 16 per task, λ from 0.3: the paper's settings).")] = 500,
     fresh: Annotated[bool, typer.Option("--fresh", help="Score every baseline again (default: resume, reading back "
                                         "the baselines a stopped run finished under the same settings).")]
     = False,
@@ -54,6 +56,7 @@ def baselines(
         METHODS,
         ROUTINGS,
         SPLITS,
+        AdaMergingSettings,
         check_storages,
         count_steps,
         refresh_summary,
@@ -80,6 +83,9 @@ def baselines(
     if not ranks or min(ranks) < 1:
         raise MergetoolError(f"bad --twin-ranks {twin_ranks!r}", key="--twin-ranks",
                              fix="give ranks ≥ 1, e.g. 4,16,64")
+    if adamerging_steps < 1:
+        raise MergetoolError(f"--adamerging-steps is {adamerging_steps}", key="--adamerging-steps",
+                             fix="give a positive number of steps (the paper's 500)")
     run_dir, recipe = resolve_run(run)
     info = run_dir / "run.json"
     record = read_json_record(info)
@@ -105,6 +111,7 @@ def baselines(
 
         result = run_baselines(session, split=split, methods=chosen, twin_ranks=ranks, routing=routing,
                                storages=storages, progress=progress, parts=parts,
+                               adamerging=AdaMergingSettings(steps=adamerging_steps, seed=recipe.search.seed),
                                racing=None if no_racing else settings_for(recipe).racing,
                                reference=read_references(run_dir / "search" / "reference.json"))
         bar.update(task, completed=total, description="done")
