@@ -120,7 +120,7 @@ def main() -> int:
     ap.add_argument("recipe", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--evaluations", type=int, default=300)
-    ap.add_argument("--methods", default="wa,ta,ties,bc,twin,emr,tall,tswitch,bitdelta")
+    ap.add_argument("--methods", default="wa,ta,ties,bc,pcb,fisher,regmean,adamerging,twin,emr,tall,tswitch,bitdelta")
     ap.add_argument("--workdir", type=Path, default=None, help="reuse a previous run (searches resume)")
     ap.add_argument("--run", type=Path, nargs="+", default=None,
                     help="finished run directories to tabulate instead of searching (seed and budget from run.json)")
