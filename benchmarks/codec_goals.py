@@ -65,7 +65,7 @@ def baseline_points(baselines: dict) -> list[dict]:
     for m in baselines.get("methods", []):
         for storage, v, P in baseline_variants(m):
             test = {p: x for p, x in P["test"].items() if x is not None}
-            if test and v.get("storage_cost") is not None and m.get("kind") != "individual":
+            if test and v.get("storage_cost") is not None and m.get("kind") not in ("individual", "mtl"):
                 out.append({"name": m["name"] + (f" [{storage}]" if storage else ""), "C": float(v["storage_cost"]),
                             "test": test})
     return out

@@ -149,3 +149,59 @@ def test_adamerging_cli_entries_and_bad_steps(trained_zoo, tmp_path):
     for m in (task, layer):
         assert m["kind"] == "static" and m["storage_cost"] == pytest.approx(1.0) and m["params"]["steps"] == 3
         assert m["params"]["wall_seconds"] > 0 and set(m["params"]["lambda_mean_per_task"]) == set(data["tasks"])
+
+
+# --- traditional MTL ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mtl_folder(trained_zoo, tmp_path_factory):
+    """The toy tasks trained together: one encoder, a head per task (demo/mtl.py's trainer)."""
+    from mergetool.demo.mtl import train_mtl
+
+    out = tmp_path_factory.mktemp("mtl")
+    classes = {t: [f"class{c}" for c in range(n)] for t, n in zip(trained_zoo["tasks"], (2, 3, 4))}
+    result = train_mtl(trained_zoo["base"], trained_zoo["data"], classes, out, epochs=2, lr=5e-3, batch_size=64)
+    return out, result
+
+
+def test_mtl_trains_one_encoder_with_a_head_per_task(mtl_folder, trained_zoo):
+    from safetensors.torch import load_file
+
+    out, result = mtl_folder
+    states = {t: load_file(out / t / "model.safetensors") for t in trained_zoo["tasks"]}
+    first = states["task0"]
+    encoder = [n for n in first if not n.startswith("classifier.")]
+    for t, st in states.items():
+        assert all(torch.equal(st[n], first[n]) for n in encoder), t
+        assert st["classifier.weight"].shape[0] == {"task0": 2, "task1": 3, "task2": 4}[t]
+    base = load_file(trained_zoo["base"] / "model.safetensors")
+    moved = [n for n in encoder if n.replace("bert.", "", 1) in base]
+    assert moved and any(not torch.equal(first[n], base[n.replace("bert.", "", 1)]) for n in moved)  # it trained
+    for t, n in zip(trained_zoo["tasks"], (2, 3, 4)):
+        assert result["tasks"][t]["validation_accuracy"] > 1.0 / n  # above chance on every task
+
+
+def test_baselines_mtl_row(mtl_folder, trained_zoo, tmp_path):
+    from tests.test_baselines import small_recipe
+
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(small_recipe(trained_zoo))
+    result = runner.invoke(app, ["baselines", str(recipe), "--methods", "wa", "--mtl", str(mtl_folder[0]),
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "runs" / "toy" / "baselines" / "baselines.json").read_text())
+    by = {m["id"]: m for m in data["methods"]}
+    assert list(by) == ["individual", "individual_8bit", "pretrained", "mtl", "wa"]
+    assert by["mtl"]["storage_cost"] == pytest.approx(1.0) and by["mtl"]["kind"] == "mtl"
+    assert by["mtl"]["validation"]["performance"] > by["pretrained"]["validation"]["performance"]
+
+
+@pytest.mark.parametrize("case", ["missing", "not_one_encoder"])
+def test_baselines_mtl_refused(case, trained_zoo, tmp_path):
+    from tests.test_baselines import small_recipe
+
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(small_recipe(trained_zoo))
+    folder = tmp_path / "nowhere" if case == "missing" else trained_zoo["base"].parent  # the fine-tunes: 3 encoders
+    result = runner.invoke(app, ["baselines", str(recipe), "--methods", "wa", "--mtl", str(folder), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "--mtl" in result.stderr and "Traceback" not in result.output

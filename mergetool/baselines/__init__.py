@@ -44,9 +44,15 @@ from typing import Callable, Optional, Sequence
 from mergetool.baselines import static
 from mergetool.baselines.adamerging import AdaMergingSettings, count_adamerging_steps, run_adamerging
 from mergetool.baselines.common import ROUTING_NOTE, SPLITS, BaselineRun, entry
-from mergetool.baselines.data_merges import check_router_splits, count_data_merge_steps, run_fisher, run_regmean
+from mergetool.baselines.data_merges import (
+    check_router_splits,
+    count_data_merge_steps,
+    run_fisher,
+    run_regmean,
+)
 from mergetool.baselines.delta import MODELS
 from mergetool.baselines.dynamic import router_ready
+from mergetool.baselines.mtl import run_mtl
 from mergetool.baselines.parts import BaselineParts
 from mergetool.baselines.routed import ROUTED, count_routed_steps, run_emr, run_payload, run_twin
 from mergetool.baselines.static import grid_points
@@ -78,10 +84,11 @@ def resolve_routing(session, requested: str) -> str:
 
 
 def count_steps(recipe, *, split: str, methods: Sequence[str], twin_ranks: Sequence[int], routing: str,
-                storages: Sequence[str] = BASE_STORAGES, grids: Optional[dict] = None) -> int:
+                storages: Sequence[str] = BASE_STORAGES, grids: Optional[dict] = None, mtl: bool = False) -> int:
     """The number of progress messages run_baselines sends (for a progress bar's total)."""
     t, r = int(split == "test"), int(routing == "router")
     n = (2 + recipe.quantization.enabled) * (1 + t)  # individual fp32 (and b-bit), pre-trained
+    n += (2 + t) if mtl else 0
     for key, (_, _, _, grid) in static.STATIC.items():
         if key in methods or (key == "ties" and "twin" in methods):
             n += len(grid_points(grid)) + (t if key in methods else 0)
@@ -96,14 +103,15 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
                   progress: Optional[Callable[[str], None]] = None, racing: Optional[RacingSettings] = None,
                   reference: Optional[dict] = None, storages: Sequence[str] = BASE_STORAGES,
                   grids: Optional[dict] = None, parts: Optional[Path] = None,
-                  adamerging: AdaMergingSettings = AdaMergingSettings()) -> dict:
+                  adamerging: AdaMergingSettings = AdaMergingSettings(), mtl: Optional[Path] = None) -> dict:
     """Score every baseline; tune on validation, and also score the tuned ones on test if split=test.
 
     `racing` races the static grids (static.tune); `reference` is the search's reference.json, whose
     individual fp32 scores (the same evaluator, so the same numbers) are taken instead of recomputed.
     `storages` are the base precisions the routed methods are reported at (the first is the entry itself);
     `grids` overrides the tuned grid of tall / tswitch / bitdelta (delta.py's defaults); `adamerging` are
-    AdaMerging's optimiser settings (the paper's by default). `parts` is a folder
+    AdaMerging's optimiser settings (the paper's by default); `mtl` a folder of per-task checkpoints of a
+    multi-task model (baselines/mtl.py), scored as the "Traditional MTL" row. `parts` is a folder
     where each finished baseline is kept (parts.py), so that a stopped run resumes; the result says which
     parts were read back (`resumed`)."""
     _check_request(session, split, methods, storages)
@@ -116,8 +124,11 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
                                  "static_grids": {k: v[3] for k, v in static.STATIC.items()},
                                  "racing": racing, "individual": run.reference.get("individual"),
                                  "adamerging": adamerging if "adamerging" in methods else None,
+                                 "mtl": str(mtl) if mtl is not None else None,
                                  "version": __version__})
     kept.run(run, "individual", lambda: _individual_and_pretrained(run))
+    if mtl is not None:
+        kept.run(run, "mtl", lambda: run_mtl(run, mtl))
     tuned = _static(run, methods, kept)
     for key, fn in (("fisher", run_fisher), ("regmean", run_regmean)):
         if key in methods:

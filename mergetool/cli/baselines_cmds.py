@@ -23,11 +23,11 @@ def baselines(
     split: Annotated[str, typer.Option(help="validation | test: the split the table reports. Tuning always uses "
                                             "validation; test also scores the tuned baselines on test.")]
     = "validation",
-    methods: Annotated[str, typer.Option(help="Merging baselines to run (individual and pre-trained always run): "
-                                              "wa, ta, ties, bc, pcb, fisher, regmean, adamerging (static; fisher, "
-                                              "regmean and adamerging read each task's `router` split), twin, emr, tall (TALL masks), tswitch "
-                                              "(T-Switch-like), bitdelta (BitDelta).")]
-    = "wa,ta,ties,bc,pcb,fisher,regmean,adamerging,twin,emr,tall,tswitch,bitdelta",
+    methods: Annotated[Optional[str], typer.Option(
+        help="Merging baselines to run (individual and pre-trained always run): wa, ta, ties, bc, pcb, fisher, "
+             "regmean, adamerging (static; fisher, regmean and adamerging read each task's `router` split), twin, "
+             "emr, tall (TALL masks), tswitch (T-Switch-like), bitdelta (BitDelta). Default: all of them, less "
+             "fisher, regmean and adamerging when a task has no `router` split.", show_default=False)] = None,
     twin_ranks: Annotated[str, typer.Option("--twin-ranks", help="Twin-Merging SVD ranks tuned on validation.")]
     = "4,16,64",
     routing: Annotated[str, typer.Option(help="Routing of twin, emr, tall, tswitch, bitdelta: auto (router when every "
@@ -43,6 +43,10 @@ def baselines(
                                             "(default: race them as the search does, with search.racing).")] = False,
     adamerging_steps: Annotated[int, typer.Option("--adamerging-steps", help="AdaMerging's Adam steps (lr 1e-3, "
                                                   "batch 16 per task, λ from 0.3: the paper's settings).")] = 500,
+    mtl: Annotated[Optional[Path], typer.Option("--mtl", help="Also score a traditional multi-task model: a folder "
+                                                 "with one checkpoint per task name (shared encoder, own head), as "
+                                                 "`python examples/build_demo_zoo.py --mtl` writes for the demo.",
+                                                 show_default=False)] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Score every baseline again (default: resume, reading back "
                                         "the baselines a stopped run finished under the same settings).")]
     = False,
@@ -63,6 +67,7 @@ def baselines(
         resolve_routing,
         run_baselines,
     )
+    from mergetool.baselines.data_merges import DATA_MERGES  # lazy: loads torch
     from mergetool.pipeline.checks import check_recipe  # lazy: loads torch
     from mergetool.pipeline.session import Session, settings_for  # lazy: loads torch
 
@@ -70,7 +75,7 @@ def baselines(
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")
     if routing not in ROUTINGS:
         raise MergetoolError(f"unknown routing {routing!r}", key="--routing", fix="use auto, router or oracle")
-    chosen = [m.strip().lower() for m in methods.split(",") if m.strip()]
+    chosen = [m.strip().lower() for m in (methods or ",".join(METHODS)).split(",") if m.strip()]
     unknown = [m for m in chosen if m not in METHODS]
     if unknown:
         raise MergetoolError(f"unknown baseline {unknown[0]!r}", key="--methods", fix=f"choose from {', '.join(METHODS)}")
@@ -95,11 +100,15 @@ def baselines(
     plan = check_recipe(recipe)
     session = Session(recipe, device=device, plan=plan)
     console = Console(stderr=True, quiet=quiet)
+    if methods is None and not session.has_split("router"):  # the default set: what this recipe's data allows
+        chosen = [m for m in chosen if m not in DATA_MERGES]
+        console.print(f"note: {', '.join(DATA_MERGES)} left out: they need a `router` split for every task")
     routing = resolve_routing(session, routing)
     parts = run_dir / "baselines" / "parts"
     if fresh and parts.is_dir():
         shutil.rmtree(parts)
-    total = count_steps(recipe, split=split, methods=chosen, twin_ranks=ranks, routing=routing, storages=storages)
+    total = count_steps(recipe, split=split, methods=chosen, twin_ranks=ranks, routing=routing, storages=storages,
+                        mtl=mtl is not None)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task("baselines", total=total)
@@ -110,7 +119,7 @@ def baselines(
             started[0] = True
 
         result = run_baselines(session, split=split, methods=chosen, twin_ranks=ranks, routing=routing,
-                               storages=storages, progress=progress, parts=parts,
+                               storages=storages, progress=progress, parts=parts, mtl=mtl,
                                adamerging=AdaMergingSettings(steps=adamerging_steps, seed=recipe.search.seed),
                                racing=None if no_racing else settings_for(recipe).racing,
                                reference=read_references(run_dir / "search" / "reference.json"))

@@ -127,7 +127,7 @@ def settings_hash(task: str, settings: dict) -> str:
 
 # ---------------------------------------------------------------- training helpers
 
-def _batches(lengths: Sequence[int], batch_size: int, rng: Optional[random.Random]) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], batch_size: int, rng: Optional[random.Random]) -> list[list[int]]:
     """Index batches of similar length (less padding). With `rng`: shuffled, length-sorted
     within chunks of 50 batches, batch order shuffled. Without: sorted by length."""
     idx = list(range(len(lengths)))
@@ -144,7 +144,7 @@ def _batches(lengths: Sequence[int], batch_size: int, rng: Optional[random.Rando
     return out
 
 
-def _collate(ids: list[list[int]], pad_id: int, device) -> dict:
+def collate(ids: list[list[int]], pad_id: int, device) -> dict:
     import torch
 
     width = max(len(x) for x in ids)
@@ -156,7 +156,7 @@ def _collate(ids: list[list[int]], pad_id: int, device) -> dict:
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
-def _accuracy(model, ids: list[list[int]], labels: list[int], pad_id: int, device) -> float:
+def accuracy(model, ids: list[list[int]], labels: list[int], pad_id: int, device) -> float:
     import torch
 
     if not ids:
@@ -164,8 +164,8 @@ def _accuracy(model, ids: list[list[int]], labels: list[int], pad_id: int, devic
     model.eval()
     correct = 0
     with torch.inference_mode():
-        for batch in _batches([len(x) for x in ids], EVAL_BATCH_SIZE, None):
-            logits = model(**_collate([ids[i] for i in batch], pad_id, device)).logits
+        for batch in length_batches([len(x) for x in ids], EVAL_BATCH_SIZE, None):
+            logits = model(**collate([ids[i] for i in batch], pad_id, device)).logits
             pred = logits.argmax(-1).cpu().tolist()
             correct += sum(int(p == labels[i]) for p, i in zip(pred, batch))
     return correct / len(ids)
@@ -205,7 +205,7 @@ def _idle_share(window: float) -> Optional[float]:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """No "newly initialized classifier" notices or tqdm bars (we have our own progress)."""
     from transformers.utils import logging as hf_logging
 
@@ -220,6 +220,27 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def optimizer_and_schedule(model, lr: float, total: int):
+    """The zoo's optimiser: AdamW (weight decay on ≥2-D non-LayerNorm weights), linear warm-up over
+    WARMUP_FRACTION of the `total` steps, then linear decay to 0."""
+    import torch
+
+    warmup = max(1, int(WARMUP_FRACTION * total))
+    decay = {n for n, p in model.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n}
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
+    ]
+    try:  # the fused kernel is ~5x faster on CPU (22M params: the step is a big share)
+        optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    return optimizer, schedule
+
+
 def _train_task(task: str, splits: dict, names: list[str], out_model: Path, *,
                 epochs: int, lr: float, seed: int, device, progress) -> dict:
     """Fine-tune the base model on splits['train']; save to `out_model`; return metrics."""
@@ -230,7 +251,7 @@ def _train_task(task: str, splits: dict, names: list[str], out_model: Path, *,
     torch.manual_seed(seed)
     rng = random.Random(seed)
     base = base_model_path()
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = AutoModelForSequenceClassification.from_pretrained(
             base, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id,
@@ -249,26 +270,14 @@ def _train_task(task: str, splits: dict, names: list[str], out_model: Path, *,
 
     steps_per_epoch = math.ceil(len(train_ids) / BATCH_SIZE)
     total = max(1, steps_per_epoch * epochs)
-    warmup = max(1, int(WARMUP_FRACTION * total))
-    decay = {n for n, p in model.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n}
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": WEIGHT_DECAY},
-        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
-    ]
-    try:  # the fused kernel is ~5x faster on CPU (22M params: the step is a big share)
-        optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(groups, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-    )
+    optimizer, schedule = optimizer_and_schedule(model, lr, total)
 
     bar = progress.add_task(f"{task}", total=total) if progress is not None else None
     lengths = [len(x) for x in train_ids]
     for epoch in range(epochs):
         model.train()
-        for batch in _batches(lengths, BATCH_SIZE, rng):
-            inputs = _collate([train_ids[i] for i in batch], pad_id, device)
+        for batch in length_batches(lengths, BATCH_SIZE, rng):
+            inputs = collate([train_ids[i] for i in batch], pad_id, device)
             target = torch.tensor([train_y[i] for i in batch], device=device)
             loss = model(**inputs, labels=target).loss
             loss.backward()
@@ -278,13 +287,13 @@ def _train_task(task: str, splits: dict, names: list[str], out_model: Path, *,
             optimizer.zero_grad(set_to_none=True)
             if bar is not None:
                 progress.update(bar, advance=1, description=f"{task} ep {epoch + 1}/{epochs} loss {loss.item():.3f}")
-    val_acc = _accuracy(model, val_ids, val_y, pad_id, device)
-    test_acc = _accuracy(model, test_ids, test_y, pad_id, device)
+    val_acc = accuracy(model, val_ids, val_y, pad_id, device)
+    test_acc = accuracy(model, test_ids, test_y, pad_id, device)
     if bar is not None:
         progress.update(bar, description=f"{task} test acc {test_acc:.3f}")
 
     model.to("cpu")
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(out_model, safe_serialization=True)
         tokenizer.save_pretrained(out_model)
     for path in out_model.iterdir():  # safetensors writes 0600; the zoo is shared
@@ -295,7 +304,7 @@ def _train_task(task: str, splits: dict, names: list[str], out_model: Path, *,
 # ---------------------------------------------------------------- zoo
 
 @contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
+def locked(folder: Path) -> Iterator[None]:
     """Serialise concurrent builds of the same zoo (POSIX; no-op elsewhere)."""
     try:
         import fcntl
@@ -324,7 +333,7 @@ def _is_cached(folder: Path, task: str, entry: Optional[dict], digest: str) -> b
     return all(p.exists() for p in files)
 
 
-def _install(tmp_dir: Path, final: Path) -> None:
+def install_atomically(tmp_dir: Path, final: Path) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         shutil.rmtree(final)
@@ -365,7 +374,7 @@ def build_zoo(
     dev = resolve_device(device)
     folder.mkdir(parents=True, exist_ok=True)
 
-    with _locked(folder):
+    with locked(folder):
         manifest = read_manifest(folder)
         manifest.setdefault("tasks", {})
         plans = {}
@@ -409,8 +418,8 @@ def build_zoo(
                                           lr=settings["lr"], seed=seed, device=dev, progress=bar)
                     if manifest["tasks"].pop(task, None) is not None:  # stale until re-committed
                         _write_manifest(folder, manifest)
-                    _install(tmp / "data", folder / "data" / task)
-                    _install(tmp / "model", folder / "models" / task)
+                    install_atomically(tmp / "data", folder / "data" / task)
+                    install_atomically(tmp / "model", folder / "models" / task)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
                 manifest["tasks"][task] = {
