@@ -110,7 +110,7 @@ def fit(model: AdaMergingModel, batches: list[list[dict]], settings: AdaMergingS
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
         progress(step)
     return history
 
