@@ -268,12 +268,15 @@ def test_a_stopped_run_resumes_from_its_finished_parts(done, tmp_path):
     assert again["resumed"] == names[:5] and len(said) == total
     assert sum(w.endswith("(resumed)") for w in said) > 0 and not any("twin" in w and "resumed" in w for w in said)
     assert json.dumps(again["methods"], sort_keys=True) == json.dumps(first["methods"], sort_keys=True)
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:  # a part's own settings (TA's grid) change: that part alone re-runs
+        mp.setattr(static, "STATIC", {**SMALL, "ta": ("Task Arithmetic", "task_arithmetic", {}, {"lambda": [0.5]})})
+        other = run_baselines(Session(recipe, device="cpu"), **{**args, "methods": ["wa", "ta"]})
+    assert other["resumed"] == ["individual", "static-wa"]
+    assert len({m["id"]: m for m in other["methods"]}["ta"]["grid"]) == 1
+    with pytest.MonkeyPatch.context() as mp:  # the run's settings change: every part is scored again
         mp.setattr(static, "STATIC", SMALL)
-        other = run_baselines(Session(recipe, device="cpu"), **{**args, "twin_ranks": [2], "methods": ["wa"]})
-    assert other["resumed"] == []  # another rank grid: another fingerprint, nothing is read back
-    assert json.loads((parts / "static-wa.json").read_text())["fingerprint"] != \
-        json.loads((parts / "static-ta.json").read_text())["fingerprint"]
+        other = run_baselines(Session(recipe, device="cpu"), **{**args, "storages": ("fp32",), "methods": ["wa"]})
+    assert other["resumed"] == []
 
 
 def test_fresh_scores_every_part_again(done, tmp_path):

@@ -120,27 +120,24 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
     run.racing, run.reference, run.storages = racing, reference or {}, tuple(storages)
     grids = {k: tuple(MODELS[k][1].grid) for k in MODELS} | dict(grids or {})
     kept = BaselineParts(parts, {"recipe": recipe_hash(session.recipe), "split": split, "routing": run.routing,
-                                 "storages": run.storages, "twin_ranks": sorted(set(twin_ranks)), "grids": grids,
-                                 "static_grids": {k: v[3] for k, v in static.STATIC.items()},
-                                 "racing": racing, "individual": run.reference.get("individual"),
-                                 "adamerging": adamerging if "adamerging" in methods else None,
-                                 "mtl": str(mtl) if mtl is not None else None,
+                                 "storages": run.storages, "racing": racing, "individual": run.reference.get("individual"),
                                  "version": __version__})
     kept.run(run, "individual", lambda: _individual_and_pretrained(run))
     if mtl is not None:
-        kept.run(run, "mtl", lambda: run_mtl(run, mtl))
+        kept.run(run, "mtl", lambda: run_mtl(run, mtl), own=str(mtl))
     tuned = _static(run, methods, kept)
     for key, fn in (("fisher", run_fisher), ("regmean", run_regmean)):
         if key in methods:
             kept.run(run, f"static-{key}", lambda f=fn: f(run))
     if "adamerging" in methods:
-        kept.run(run, "static-adamerging", lambda: run_adamerging(run, adamerging))
+        kept.run(run, "static-adamerging", lambda: run_adamerging(run, adamerging), own=repr(adamerging))
     if "twin" in methods:
-        kept.run(run, "twin", lambda: run_twin(run, tuned["ties"], twin_ranks))
+        kept.run(run, "twin", lambda: run_twin(run, tuned["ties"], twin_ranks),
+                 own={"ranks": sorted(set(twin_ranks)), "shared": static.STATIC["ties"]})
     if "emr" in methods:
         kept.run(run, "emr", lambda: run_emr(run))
     for key in (m for m in MODELS if m in methods):
-        kept.run(run, key, lambda k=key: run_payload(run, k, grids[k]))
+        kept.run(run, key, lambda k=key: run_payload(run, k, grids[k]), own=list(grids[key]))
     p = session.plan
     return {"split": split, "recipe_sha256": recipe_hash(session.recipe), "d": p.d, "b_plus": p.base_bits,
             "tasks": list(p.tasks), "routing": ROUTING_NOTE[run.routing] if set(ROUTED) & set(methods) else None,
@@ -209,7 +206,8 @@ def _static(run: BaselineRun, methods: Sequence[str], kept: BaselineParts) -> di
     """The tuned static merges asked for (TIES also when Twin needs it as its shared expert), each a part."""
     tuned: dict = {}
     for key in [m for m in static.STATIC if m in methods or (m == "ties" and "twin" in methods)]:
-        best = kept.run(run, f"static-{key}", lambda k=key: _tune_static(run, k, k in methods, tuned))
+        best = kept.run(run, f"static-{key}", lambda k=key: _tune_static(run, k, k in methods, tuned),
+                        own={"grid": static.STATIC[key], "reported": key in methods})
         if key not in tuned:  # read back from its part: the merge is rebuilt from the tuned parameters
             tuned[key] = static.Scored(best["params"], best["performance"], best["per_task"], best["storage_cost"],
                                        static.merged_store(run.s, static.STATIC[key][1], best["params"]))

@@ -28,13 +28,17 @@ class BaselineParts:
     """The finished parts of one baselines run in `folder` (None: nothing kept, every part runs)."""
 
     def __init__(self, folder: Optional[Path], settings: dict):
-        self.folder, self.tag = folder, fingerprint(settings)
+        self.folder, self.settings = folder, dict(settings)
         self.resumed: list[str] = []
+
+    def tag(self, own: Any = None) -> str:
+        """The fingerprint of a part: the run's settings and the part's `own` ones (None: none of its own)."""
+        return fingerprint(self.settings if own is None else {**self.settings, "part": own})
 
     def _path(self, key: str) -> Optional[Path]:
         return None if self.folder is None else self.folder / f"{key}.json"
 
-    def finished(self, key: str) -> Optional[dict]:
+    def finished(self, key: str, own: Any = None) -> Optional[dict]:
         """The stored part `key` when it was finished under the same settings; else None."""
         path = self._path(key)
         if path is None:
@@ -43,12 +47,13 @@ class BaselineParts:
             record = read_json_record(path)
         except MergetoolError:  # an unreadable part is scored again (and overwritten)
             return None
-        return record if record is not None and record.get("fingerprint") == self.tag else None
+        return record if record is not None and record.get("fingerprint") == self.tag(own) else None
 
-    def run(self, run, key: str, fn: Callable[[], Any]) -> Any:
+    def run(self, run, key: str, fn: Callable[[], Any], own: Any = None) -> Any:
         """fn() as part `key` of `run` (a BaselineRun): its entries go to run.out and its result is returned,
-        read back from disk instead when the part finished before under the same settings."""
-        done = self.finished(key)
+        read back from disk instead when the part finished before under the same settings (the run's, and
+        `own`: settings only this part depends on, so that changing them re-scores this part alone)."""
+        done = self.finished(key, own)
         if done is not None:
             for _ in range(int(done.get("messages", 0))):
                 run.say(f"{key} (resumed)")
@@ -68,6 +73,6 @@ class BaselineParts:
             run.say = say
         path = self._path(key)
         if path is not None:
-            write_json_atomic(path, {"fingerprint": self.tag, "entries": run.out[start:], "messages": count[0],
+            write_json_atomic(path, {"fingerprint": self.tag(own), "entries": run.out[start:], "messages": count[0],
                                      "result": result})
         return result
