@@ -1,7 +1,7 @@
 """Traditional multi-task learning (the paper's Table I "Traditional MTL" row, issue #18): one encoder trained
 on every task's labelled train split at once, with one classification head per task.
 
-`train_mtl` fine-tunes the base with the demo zoo's own optimiser (zoo.optimizer_and_schedule: AdamW, weight
+`train_mtl` fine-tunes the base with the demo zoo's own optimiser (training.optimizer_and_schedule: AdamW, weight
 decay 0.01, 10 % warm-up then linear decay, batch 32, gradient clipping 1.0): each batch holds one task's
 inputs, the batches of all tasks shuffled together (seeded), so every task is seen in proportion to its data.
 The result is written as one ordinary checkpoint per task (the shared encoder and that task's head), so
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from mergetool.core.errors import MergetoolError
-from mergetool.demo import zoo
+from mergetool.demo import training, zoo
 
 MTL_EPOCHS = 2  # the zoo's default for three of its four tasks
 MTL_LR = 1e-4  # within the zoo's per-task range (8e-5 .. 1.5e-4)
@@ -34,7 +34,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 def train_mtl(base: Path, data: Mapping[str, Mapping[str, Path]], classes: Mapping[str, list[str]], out: Path, *,
               epochs: int = MTL_EPOCHS, lr: float = MTL_LR, seed: int = 0, device=None,
-              batch_size: int = zoo.BATCH_SIZE) -> dict:
+              batch_size: int = training.BATCH_SIZE) -> dict:
     """Train the shared encoder and the heads on data[task]["train"]; write out/<task>/; per-task accuracies."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -42,7 +42,7 @@ def train_mtl(base: Path, data: Mapping[str, Mapping[str, Path]], classes: Mappi
     device = device or torch.device("cpu")
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    with zoo.quiet_transformers():
+    with training.quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(base)
         models, shared = {}, None
         for task, names in classes.items():
@@ -60,18 +60,18 @@ def train_mtl(base: Path, data: Mapping[str, Mapping[str, Path]], classes: Mappi
         encoded[task] = {}
         for split in ("train", "validation", "test"):
             rows = _read_rows(data[task][split]) if split in data[task] else []
-            ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=zoo.MAX_LENGTH)["input_ids"] if rows else []
+            ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=training.MAX_LENGTH)["input_ids"] if rows else []
             encoded[task][split] = (ids, [classes[task].index(r["label"]) for r in rows])
     steps = sum(math.ceil(len(encoded[t]["train"][0]) / batch_size) for t in classes) * epochs
-    optimizer, schedule = zoo.optimizer_and_schedule(container, lr, max(1, steps))
+    optimizer, schedule = training.optimizer_and_schedule(container, lr, max(1, steps))
     for _ in range(epochs):
         container.train()
         plan = [(t, b) for t in classes
-                for b in zoo.length_batches([len(x) for x in encoded[t]["train"][0]], batch_size, rng)]
+                for b in training.length_batches([len(x) for x in encoded[t]["train"][0]], batch_size, rng)]
         rng.shuffle(plan)
         for task, batch in plan:
             ids, y = encoded[task]["train"]
-            inputs = zoo.collate([ids[i] for i in batch], pad_id, device)
+            inputs = training.collate([ids[i] for i in batch], pad_id, device)
             loss = models[task](**inputs, labels=torch.tensor([y[i] for i in batch], device=device)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(container.parameters(), 1.0)
@@ -80,10 +80,10 @@ def train_mtl(base: Path, data: Mapping[str, Mapping[str, Path]], classes: Mappi
             optimizer.zero_grad(set_to_none=True)
     metrics = {}
     for task, m in models.items():
-        metrics[task] = {f"{split}_accuracy": round(zoo.accuracy(m, *encoded[task][split], pad_id, device), 4)
+        metrics[task] = {f"{split}_accuracy": round(training.accuracy(m, *encoded[task][split], pad_id, device), 4)
                          for split in ("validation", "test") if encoded[task][split][0]}
         m.to("cpu")
-        with zoo.quiet_transformers():
+        with training.quiet_transformers():
             m.save_pretrained(out / task, safe_serialization=True)
             tokenizer.save_pretrained(out / task)
     return {"tasks": metrics, "steps": steps, "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
