@@ -57,11 +57,7 @@ def baselines(
     Each finished baseline is kept in RUN/baselines/parts/, so a stopped run resumes where it stopped."""
 
     from mergetool.baselines import (  # lazy: loads torch
-        METHODS,
-        ROUTINGS,
-        SPLITS,
         AdaMergingSettings,
-        check_storages,
         count_steps,
         refresh_summary,
         resolve_routing,
@@ -71,26 +67,7 @@ def baselines(
     from mergetool.pipeline.checks import check_recipe  # lazy: loads torch
     from mergetool.pipeline.session import Session, settings_for  # lazy: loads torch
 
-    if split not in SPLITS:
-        raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")
-    if routing not in ROUTINGS:
-        raise MergetoolError(f"unknown routing {routing!r}", key="--routing", fix="use auto, router or oracle")
-    chosen = [m.strip().lower() for m in (methods or ",".join(METHODS)).split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown:
-        raise MergetoolError(f"unknown baseline {unknown[0]!r}", key="--methods", fix=f"choose from {', '.join(METHODS)}")
-    storages = [b.strip().lower() for b in base_storage.split(",") if b.strip()]
-    check_storages(storages)
-    try:
-        ranks = sorted({int(r) for r in twin_ranks.split(",") if r.strip()})
-    except ValueError:
-        ranks = []
-    if not ranks or min(ranks) < 1:
-        raise MergetoolError(f"bad --twin-ranks {twin_ranks!r}", key="--twin-ranks",
-                             fix="give ranks ≥ 1, e.g. 4,16,64")
-    if adamerging_steps < 1:
-        raise MergetoolError(f"--adamerging-steps is {adamerging_steps}", key="--adamerging-steps",
-                             fix="give a positive number of steps (the paper's 500)")
+    chosen, storages, ranks = checked_options(split, routing, methods, base_storage, twin_ranks, adamerging_steps)
     run_dir, recipe = resolve_run(run)
     info = run_dir / "run.json"
     record = read_json_record(info)
@@ -136,6 +113,34 @@ def baselines(
         from mergetool.pipeline.rundir import read_front
 
         Console().print(f"wrote {draw_pareto(run_dir, read_front(run_dir))}")
+
+
+def checked_options(split: str, routing: str, methods: Optional[str], base_storage: str, twin_ranks: str,
+                    adamerging_steps: int) -> tuple[list[str], list[str], list[int]]:
+    """The command's options checked before anything is read or written: (methods, base storages, Twin ranks)."""
+    from mergetool.baselines import METHODS, ROUTINGS, SPLITS, check_storages  # lazy: loads torch
+
+    if split not in SPLITS:
+        raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")
+    if routing not in ROUTINGS:
+        raise MergetoolError(f"unknown routing {routing!r}", key="--routing", fix="use auto, router or oracle")
+    chosen = [m.strip().lower() for m in (methods or ",".join(METHODS)).split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise MergetoolError(f"unknown baseline {unknown[0]!r}", key="--methods", fix=f"choose from {', '.join(METHODS)}")
+    storages = [b.strip().lower() for b in base_storage.split(",") if b.strip()]
+    check_storages(storages)
+    try:
+        ranks = sorted({int(r) for r in twin_ranks.split(",") if r.strip()})
+    except ValueError:
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        raise MergetoolError(f"bad --twin-ranks {twin_ranks!r}", key="--twin-ranks",
+                             fix="give ranks ≥ 1, e.g. 4,16,64")
+    if adamerging_steps < 1:
+        raise MergetoolError(f"--adamerging-steps is {adamerging_steps}", key="--adamerging-steps",
+                             fix="give a positive number of steps (the paper's 500)")
+    return chosen, storages, ranks
 
 
 def print_table(console: Console, result: dict) -> None:
