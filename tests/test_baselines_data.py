@@ -27,14 +27,15 @@ def session(trained_zoo, tmp_path_factory):
 
 def test_fisher_is_the_mean_squared_gradient_of_the_own_prediction(session):
     """F_t by hand: loss.backward() of log p(ŷ|x) one input at a time, grad² averaged."""
-    from mergetool.baselines.data_merges import fisher_diagonal, mergeable, router_batches, task_model
+    from mergetool.baselines.data_merges import fisher_diagonal, mergeable, task_model
+    from mergetool.baselines.dynamic import router_batches, router_tokenizer
 
     fisher, seen = fisher_diagonal(session, 1, torch.device("cpu"), limit=3)
     assert seen == 3 and set(fisher) == set(mergeable(session))
     model = task_model(session, 1, torch.device("cpu"))
     names = [n for n in mergeable(session) if n.endswith("query.weight")][:1] + mergeable(session)[:1]
     by_hand = {n: torch.zeros_like(fisher[n]) for n in names}
-    for batch in router_batches(session, 1, 3, 1):
+    for batch in router_batches(session, router_tokenizer(session), 1, 3, 1):
         for p in model.module.parameters():
             p.grad = None
             p.requires_grad_(True)
@@ -49,7 +50,8 @@ def test_fisher_is_the_mean_squared_gradient_of_the_own_prediction(session):
 
 def test_regmean_grams_are_the_layer_inputs_gram(session):
     """G_t = XᵀX over the unpadded tokens that reach the layer: symmetric, PSD, trace = Σ‖x‖²."""
-    from mergetool.baselines.data_merges import gram_matrices, mergeable, router_batches, task_model
+    from mergetool.baselines.data_merges import gram_matrices, mergeable, task_model
+    from mergetool.baselines.dynamic import router_batches, router_tokenizer
 
     grams, seen = gram_matrices(session, 0, torch.device("cpu"), limit=5)
     assert seen == 5 and grams and set(grams) <= set(mergeable(session))
@@ -60,7 +62,7 @@ def test_regmean_grams_are_the_layer_inputs_gram(session):
     rows = []
     handle = layer.register_forward_pre_hook(lambda m, inp: rows.append(inp[0].detach()))
     with torch.inference_mode():
-        for batch in router_batches(session, 0, 5, 16):
+        for batch in router_batches(session, router_tokenizer(session), 0, 5, 16):
             model.module(**batch)
             rows[-1] = rows[-1][batch["attention_mask"].bool()]
     handle.remove()

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 from torch.func import functional_call
 
-from mergetool.baselines.data_merges import mergeable, router_batches, task_model
+from mergetool.baselines.data_merges import mergeable, task_model
+from mergetool.baselines.dynamic import router_batches, router_tokenizer
 from mergetool.core.errors import MergetoolError
 
 
@@ -90,7 +91,8 @@ class AdaMergingModel:
 def task_batches(session, settings: AdaMergingSettings) -> list[list[dict]]:
     """Each task's unlabelled `router` inputs, tokenized in batches (the whole split, capped by recipe.router)."""
     cap = session.recipe.router.max_per_task
-    return [list(router_batches(session, t, cap, settings.batch_size)) for t in range(len(session.plan.tasks))]
+    tok = router_tokenizer(session)
+    return [list(router_batches(session, tok, t, cap, settings.batch_size)) for t in range(len(session.plan.tasks))]
 
 
 def fit(model: AdaMergingModel, batches: list[list[dict]], settings: AdaMergingSettings,

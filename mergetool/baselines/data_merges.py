@@ -16,15 +16,13 @@ The estimation cost (inputs used, wall time) is reported with each entry.
 from __future__ import annotations
 
 import time
-from typing import Iterator
 
 import torch
 
+from mergetool.baselines.dynamic import router_batches, router_tokenizer
 from mergetool.core.errors import MergetoolError
 from mergetool.evaluation.runner import TaskModel
-from mergetool.evaluation.tasks import load_tokenizer, tokenizer_dir
 from mergetool.merge.weighted_kernels import FISHER_FLOOR, fisher_merge, regmean_merge
-from mergetool.pipeline.router_training import read_texts
 
 FISHER_EXAMPLES = 256  # inputs per task for the Fisher diagonal
 GRAM_EXAMPLES = 256  # inputs per task for RegMean's Gram matrices
@@ -42,18 +40,6 @@ def check_router_splits(session, methods) -> None:
             raise MergetoolError(f"{wanted[0]} needs each task's `router` split (unlabelled inputs); task {name!r} "
                                  "has none", key=f"tasks.{name}.router",
                                  fix=f"add `router: {{path: ...}}` to task {name}, or leave {wanted[0]} out of --methods")
-
-
-def router_batches(session, t: int, limit: int, batch_size: int) -> Iterator[dict]:
-    """Task t's `router` inputs (at most `limit`, the seeded subset the router uses), tokenized in batches."""
-    s, name = session, session.plan.tasks[t]
-    tok = load_tokenizer(tokenizer_dir(s.base.path, s.tasks[t].path))
-    rows = read_texts(s.recipe.tasks[name].router, f"tasks.{name}.router", limit, s.recipe.search.seed)
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        pairs = [b for _, b in chunk] if chunk[0][1] is not None else None
-        yield dict(tok([a for a, _ in chunk], pairs, truncation=True, padding=True, return_tensors="pt",
-                       max_length=s.recipe.tasks[name].max_length))
 
 
 def mergeable(session) -> list[str]:
@@ -79,7 +65,7 @@ def fisher_diagonal(session, t: int, device, limit: int = FISHER_EXAMPLES) -> tu
         p.requires_grad_(True)
     seen = 0
     with torch.enable_grad():
-        for batch in router_batches(session, t, limit, 1):
+        for batch in router_batches(session, router_tokenizer(session), t, limit, 1):
             logits = model.forward({k: v.to(device) for k, v in batch.items()}).float()
             if logits.dim() != 2 or logits.shape[-1] < 2:
                 raise MergetoolError(f"fisher needs a classification head; task {session.plan.tasks[t]!r} has "
@@ -130,7 +116,7 @@ def gram_matrices(session, t: int, device, limit: int = GRAM_EXAMPLES) -> tuple[
     seen = 0
     try:
         with torch.inference_mode():
-            for batch in router_batches(session, t, limit, 16):
+            for batch in router_batches(session, router_tokenizer(session), t, limit, 16):
                 mask["tokens"] = batch["attention_mask"].bool().to(device)
                 model.forward({k: v.to(device) for k, v in batch.items()})
                 seen += len(batch["input_ids"])

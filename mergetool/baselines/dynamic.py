@@ -16,7 +16,7 @@ Router weights come from `route(t, batch) -> (n, T)`: `train_router` fits the pr
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -225,21 +225,32 @@ class Features:
             return ((h * m).sum(1) / m.sum(1).clamp(min=1.0)).float().cpu()
 
 
+def router_tokenizer(session):
+    """The one tokenizer every task's router inputs are encoded with (the base's, else the first task's)."""
+    return load_tokenizer(tokenizer_dir(session.base.path, session.tasks[0].path))
+
+
+def router_batches(session, tok, t: int, limit: Optional[int], batch_size: int) -> Iterator[dict]:
+    """Task t's `router` inputs (at most `limit`: the seeded subset the router trains on), tokenized in batches."""
+    s, name = session, session.plan.tasks[t]
+    rows = read_texts(s.recipe.tasks[name].router, f"tasks.{name}.router", limit, s.recipe.search.seed)
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        pairs = [b for _, b in chunk] if chunk[0][1] is not None else None
+        yield dict(tok([a for a, _ in chunk], pairs, truncation=True, padding=True, return_tensors="pt",
+                       max_length=s.recipe.tasks[name].max_length))
+
+
 def train_router(session, features: Features) -> tuple[Route, dict]:
     """The project's router (mergetool.routing: 3-layer MLP, recipe.router settings, seeded) trained on
     each task's `router` split; weights = softmax of its logits."""
     s, cfg, seed = session, session.recipe.router, session.recipe.search.seed
-    tok = load_tokenizer(tokenizer_dir(s.base.path, s.tasks[0].path))
+    tok = router_tokenizer(s)
     X, y = [], []
-    for t, name in enumerate(s.plan.tasks):
-        rows = read_texts(s.recipe.tasks[name].router, f"tasks.{name}.router", cfg.max_per_task, seed)
-        for i in range(0, len(rows), 32):
-            chunk = rows[i:i + 32]
-            pairs = [b for _, b in chunk] if chunk[0][1] is not None else None
-            enc = tok([a for a, _ in chunk], pairs, truncation=True, padding=True, return_tensors="pt",
-                      max_length=s.recipe.tasks[name].max_length)
-            X.append(features(dict(enc)))
-        y += [t] * len(rows)
+    for t in range(len(s.plan.tasks)):
+        for batch in router_batches(s, tok, t, cfg.max_per_task, 32):
+            X.append(features(batch))
+            y += [t] * len(batch["input_ids"])
     router = fit(torch.cat(X), torch.tensor(y), list(s.plan.tasks), cfg.hidden, cfg.epochs, cfg.lr, seed)
 
     def route(t: int, batch: dict) -> np.ndarray:

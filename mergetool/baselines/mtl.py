@@ -43,6 +43,7 @@ def check_one_encoder(session) -> None:
 def run_mtl(run, folder: Path) -> None:
     from mergetool.pipeline.session import Session
 
+    folder = Path(folder).expanduser().resolve()
     run.say("traditional MTL: checking its checkpoints")
     session = Session(mtl_recipe(run.s.recipe, folder), device=run.s.device)
     check_one_encoder(session)
@@ -54,4 +55,4 @@ def run_mtl(run, folder: Path) -> None:
 
     val, tst = run.evaluate(scored, "traditional MTL")
     run.out.append(entry("Traditional MTL", "mtl", "mtl", run.cost(run.p.d * run.p.base_bits), val, tst,
-                         {"folder": str(Path(folder).expanduser().resolve())}))
+                         {"folder": str(folder)}))

@@ -118,7 +118,7 @@ def baselines(
 def checked_options(split: str, routing: str, methods: Optional[str], base_storage: str, twin_ranks: str,
                     adamerging_steps: int) -> tuple[list[str], list[str], list[int]]:
     """The command's options checked before anything is read or written: (methods, base storages, Twin ranks)."""
-    from mergetool.baselines import METHODS, ROUTINGS, SPLITS, check_storages  # lazy: loads torch
+    from mergetool.baselines import METHODS, ROUTINGS, SPLITS, AdaMergingSettings, check_storages  # lazy: loads torch
 
     if split not in SPLITS:
         raise MergetoolError(f"unknown split {split!r}", key="--split", fix="use validation or test")
@@ -137,9 +137,7 @@ def checked_options(split: str, routing: str, methods: Optional[str], base_stora
     if not ranks or min(ranks) < 1:
         raise MergetoolError(f"bad --twin-ranks {twin_ranks!r}", key="--twin-ranks",
                              fix="give ranks ≥ 1, e.g. 4,16,64")
-    if adamerging_steps < 1:
-        raise MergetoolError(f"--adamerging-steps is {adamerging_steps}", key="--adamerging-steps",
-                             fix="give a positive number of steps (the paper's 500)")
+    AdaMergingSettings(steps=adamerging_steps).checked()
     return chosen, storages, ranks
 
 

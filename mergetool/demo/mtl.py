@@ -23,13 +23,10 @@ from typing import Mapping, Optional
 
 from mergetool.core.errors import MergetoolError
 from mergetool.demo import training, zoo
+from mergetool.evaluation.data import iter_records
 
 MTL_EPOCHS = 2  # the zoo's default for three of its four tasks
 MTL_LR = 1e-4  # within the zoo's per-task range (8e-5 .. 1.5e-4)
-
-
-def _read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def train_mtl(base: Path, data: Mapping[str, Mapping[str, Path]], classes: Mapping[str, list[str]], out: Path, *,
@@ -59,7 +56,7 @@ def train_mtl(base: Path, data: Mapping[str, Mapping[str, Path]], classes: Mappi
     for task in classes:
         encoded[task] = {}
         for split in ("train", "validation", "test"):
-            rows = _read_rows(data[task][split]) if split in data[task] else []
+            rows = [rec for _, rec in iter_records(data[task][split])] if split in data[task] else []
             ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=training.MAX_LENGTH)["input_ids"] if rows else []
             encoded[task][split] = (ids, [classes[task].index(r["label"]) for r in rows])
     steps = sum(math.ceil(len(encoded[t]["train"][0]) / batch_size) for t in classes) * epochs
