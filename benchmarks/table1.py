@@ -3,6 +3,10 @@
     python benchmarks/table1.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1 2 --evaluations 300
     python benchmarks/table1.py merge_recipes/demo-minilm-text4.yaml --run runs/demo-minilm-text4 --seeds 0 1 2
         (finished runs are tabulated as they are; the other seeds are searched; baselines from the first run)
+    python benchmarks/table1.py merge_recipes/demo-minilm-text4.yaml --methods wa,ta,ties,bc --seeds 0 1 \
+        --evaluations 150 --workdir runs/table1-variants --baselines-from runs/table1-codecs/baselines.json
+        (MERGE-WA/TA/TM/BC: one search per intra-group method at its paper's settings, in WORKDIR/<variant>/seed-N;
+        each variant's G1 is judged against its own all-shared merge, G2 against the best merging baseline)
 
 For every seed: `mergetool search` (own run directory), then the baselines (run once, on the first
 seed's run directory, copied to the others: they do not depend on the search seed; routed ones at an fp32
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import yaml
@@ -29,6 +34,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
 
+from mergetool.core.errors import MergetoolError  # noqa: E402
+from mergetool.merge.methods import paper_settings  # noqa: E402
 from mergetool.pipeline.session import select, solution_key  # noqa: E402
 from mergetool.search.genome import codec_summary  # noqa: E402
 
@@ -115,63 +122,66 @@ def cheapest(recipe_path: Path, device: str) -> str:
             f"{always.storage_cost(always.cheapest_grouping()):.4f} if every unit were quantised")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("recipe", type=Path)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--evaluations", type=int, default=300)
-    ap.add_argument("--methods", default="wa,ta,ties,bc,pcb,fisher,regmean,adamerging,twin,emr,tall,tswitch,bitdelta")
-    ap.add_argument("--workdir", type=Path, default=None, help="reuse a previous run (searches resume)")
-    ap.add_argument("--run", type=Path, nargs="+", default=None,
-                    help="finished run directories to tabulate instead of searching (seed and budget from run.json)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = (args.workdir or Path(tempfile.mkdtemp(prefix="mergetool-table1-"))).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    data = yaml.safe_load(args.recipe.read_text())
-    here = args.recipe.resolve().parent
-
+def search_runs(data: dict, here: Path, work: Path, seeds, evaluations: int, device: str,
+                merge: Optional[tuple[str, dict]] = None) -> dict[int, Path]:
+    """`mergetool search --resume` per seed into work/seed-N, the recipe's merge replaced by `merge` if given."""
     runs = {}
-    for run in args.run or []:
-        info = json.loads((run / "run.json").read_text())
-        search = (info.get("recipe") or {}).get("search") or {}
-        runs[int(info.get("seed", search.get("seed", 0)))] = run.resolve()
-    for seed in [s for s in args.seeds if s not in runs]:
+    for seed in seeds:
         d = dict(data, output=str(work / f"seed-{seed}"))
-        d["search"] = dict(data.get("search") or {}, seed=seed, evaluations=args.evaluations)
+        if merge:
+            d["merge"] = {"method": merge[0], "parameters": merge[1]}
+        d["search"] = dict(data.get("search") or {}, seed=seed, evaluations=evaluations)
         recipe = here / f".table1-{work.name}-seed{seed}.yaml"  # next to the original: relative paths hold
         recipe.write_text(yaml.safe_dump(d, sort_keys=False))
         try:
-            mergetool("search", str(recipe), "--resume", "--device", args.device)
+            mergetool("search", str(recipe), "--resume", "--device", device)
         finally:
             recipe.unlink()
         runs[seed] = work / f"seed-{seed}"
-    args.seeds = sorted(runs)
-    budgets = sorted({len((r / "search" / "evaluations.jsonl").read_text().splitlines()) for r in runs.values()})
-    first = runs[args.seeds[0]]
-    if not (first / "baselines" / "baselines.json").is_file():
-        stored = data.get("base_storage") or "fp32"  # the papers' fp32 base, and MERGE's own base precision
-        mergetool("baselines", str(first), "--split", "test", "--methods", args.methods, "--device", args.device,
-                  "--base-storage", "fp32,fp16" if stored == "fp32" else f"fp32,{stored}")
-    baselines = json.loads((first / "baselines" / "baselines.json").read_text())
+    return runs
 
-    rows = ["| method | C | P (validation) | P (test, task given) | backbone-routed (test) | end-to-end (test) |",
-            "|---|---|---|---|---|---|"]
-    for m in baselines["methods"]:
-        rows += baseline_rows(m)
-    picks: dict[str, dict[str, list]] = {g: {k: [] for k in ("C", "val", "test", "backbone", "routed", "routing",
-                                                             "codecs")} for g in ("G1", "G2", "G3")}
-    for seed, run in runs.items():
+
+def finished_runs(paths) -> dict[int, Path]:
+    """Finished run directories by their search seed (run.json)."""
+    runs = {}
+    for run in paths or []:
+        info = json.loads((run / "run.json").read_text())
+        search = (info.get("recipe") or {}).get("search") or {}
+        runs[int(info.get("seed", search.get("seed", 0)))] = run.resolve()
+    return runs
+
+
+def ensure_baselines(first: Path, data: dict, args) -> dict:
+    """The first run's baselines.json: copied from --baselines-from, else `mergetool baselines` on that run."""
+    target = first / "baselines" / "baselines.json"
+    if args.baselines_from and not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(args.baselines_from, target)
+    if not target.is_file():
+        stored = data.get("base_storage") or "fp32"  # the papers' fp32 base, and MERGE's own base precision
+        mergetool("baselines", str(first), "--split", "test", "--methods", args.baselines, "--device", args.device,
+                  "--base-storage", "fp32,fp16" if stored == "fp32" else f"fp32,{stored}")
+    return json.loads(target.read_text())
+
+
+def pick_scores(runs: dict[int, Path], first: Path, baselines: dict, recipe: Path, device: str) -> dict:
+    """Per G: its C, validation P, test P (task given), routed test figures and codecs, one entry per seed;
+    "static" holds each run's own all-shared merge (C, validation, test)."""
+    picks: dict = {g: {k: [] for k in ("C", "val", "test", "backbone", "routed", "routing", "codecs")}
+                   for g in ("G1", "G2", "G3", "static")}
+    for run in runs.values():
         if run != first:
             (run / "baselines").mkdir(exist_ok=True)
             shutil.copy(first / "baselines" / "baselines.json", run / "baselines" / "baselines.json")
         front = json.loads((run / "search" / "front.json").read_text())
         refs = json.loads((run / "search" / "reference.json").read_text())
         chosen = select(front, refs, baselines)
-        tests = json.loads((run / "search" / "test_scores.json").read_text()) \
-            if (run / "search" / "test_scores.json").is_file() else {}
+        tests_path = run / "search" / "test_scores.json"
+        tests = json.loads(tests_path.read_text()) if tests_path.is_file() else {}
+        static = refs["static_merge"]
+        picks["static"]["C"].append(static["storage_cost"])
+        picks["static"]["val"].append(static["validation"]["performance"])
+        picks["static"]["test"].append((static.get("test") or {}).get("performance"))
         for g in ("G1", "G2", "G3"):
             f = chosen.get(g)
             if f is None:
@@ -182,42 +192,154 @@ def main() -> int:
             p["codecs"].append(codec_summary(f.get("codecs")))
             p["test"].append((tests.get(solution_key(f)) or {}).get("performance"))
             if g in ("G2", "G3"):
-                ev = exported_test(run, f["id"], args.recipe, args.device)
+                ev = exported_test(run, f["id"], recipe, device)
                 p["backbone"].append(ev["mean"].get("backbone_routed"))
                 p["routed"].append(ev["mean"].get("end_to_end", ev["mean"].get("routed")))
                 p["routing"].append(ev.get("routing_accuracy"))
                 if p["test"][-1] is None:
                     p["test"][-1] = ev["mean"].get("oracle")
+    return picks
+
+
+def pick_row(label: str, p: dict) -> str:
+    codecs = "; ".join(sorted({c for c in p["codecs"] if c})) if any(p["codecs"]) else ""
+    return (f"| {label}{f' [{codecs}]' if codecs else ''} | {fmt(p['C'])} | {fmt(p['val'])} | "
+            f"{fmt(p['test'])} | {fmt(p['backbone'])} | {fmt(p['routed'])} |")
+
+
+def best_merging(baselines: dict) -> Optional[dict]:
+    """The merging baseline with the best validation P (what G2 must beat)."""
     merging = [m for m in baselines["methods"] if m["kind"] in ("static", "dynamic")]
-    best = max(merging, key=lambda m: m["validation"]["performance"])["name"] if merging else "–"
-    for g, p in picks.items():
-        label = {"G1": "MERGE G1 (cheapest beating its static merge)", "G2": f"MERGE G2 (cheapest beating {best})",
-                 "G3": "MERGE G3 (best performance)"}[g]
-        codecs = "; ".join(sorted({c for c in p["codecs"] if c})) if any(p["codecs"]) else ""
-        rows.append(f"| {label}{f' [{codecs}]' if codecs else ''} | {fmt(p['C'])} | {fmt(p['val'])} | "
-                    f"{fmt(p['test'])} | {fmt(p['backbone'])} | {fmt(p['routed'])} |")
+    return max(merging, key=lambda m: m["validation"]["performance"]) if merging else None
+
+
+def mean_of(values: list) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def bar(name: str, ours: Optional[float], theirs: Optional[float], what: str) -> str:
+    """One of the paper's bars, judged on test means: met (by how much) or missed (by how much)."""
+    if ours is None or theirs is None:
+        return f"{name}: not measured ({what})"
+    verdict = "met" if ours > theirs else ("tied" if ours == theirs else "missed")
+    return f"{name}: {verdict} ({ours:.4f} vs {theirs:.4f}, {ours - theirs:+.4f}; {what})"
+
+
+def baseline_table(baselines: dict) -> list[str]:
+    rows = ["| method | C | P (validation) | P (test, task given) | backbone-routed (test) | end-to-end (test) |",
+            "|---|---|---|---|---|---|"]
+    for m in baselines["methods"]:
+        rows += baseline_rows(m)
+    return rows
+
+
+PROTOCOL_NOTE = (
+    "- three protocols (issue #13): task given (oracle chain or weights, the input's own head); "
+    "backbone-routed (the router picks the chain or merge weights, the input's own head runs on it: the "
+    "Twin/EMR papers' protocol); end-to-end (the router also picks the head; a misroute is wrong: what "
+    "`predict` does). MERGE's routed figures come from `mergetool evaluate` on the exported G2/G3 "
+    "libraries; routed baselines use the project's router on their own features; `[fp16]`/`[int8]` rows are the "
+    "same method with its base stored at that precision (C counts the base at its stored precision)")
+
+
+def single_table(args, data: dict, work: Path) -> str:
+    """Table I for the recipe's own intra-group method (G1/G2/G3 over seeds)."""
+    runs = finished_runs(args.run)
+    runs.update(search_runs(data, args.recipe.resolve().parent, work, [s for s in args.seeds if s not in runs],
+                            args.evaluations, args.device))
+    args.seeds = sorted(runs)
+    budgets = sorted({len((r / "search" / "evaluations.jsonl").read_text().splitlines()) for r in runs.values()})
+    first = runs[args.seeds[0]]
+    baselines = ensure_baselines(first, data, args)
+    picks = pick_scores(runs, first, baselines, args.recipe, args.device)
+    best = best_merging(baselines)
+    labels = {"G1": "MERGE G1 (cheapest beating its static merge)",
+              "G2": f"MERGE G2 (cheapest beating {best['name'] if best else '–'})", "G3": "MERGE G3 (best performance)"}
+    rows = baseline_table(baselines) + [pick_row(labels[g], picks[g]) for g in ("G1", "G2", "G3")]
     routing = [a for g in ("G2", "G3") for a in picks[g]["routing"] if a is not None]
     indiv = next((m for m in baselines["methods"] if m["id"] == "individual"), None)
-    body = "\n".join(rows + [
+    g3 = mean_of(picks["G3"]["test"])
+    return "\n".join(rows + [
         "",
         f"- seeds {args.seeds}, {'/'.join(map(str, budgets))} real evaluations each; MERGE rows are mean ± std over seeds "
         f"(selected on validation, reported on test); baselines tuned on validation",
-        "- three protocols (issue #13): task given (oracle chain or weights, the input's own head); "
-        "backbone-routed (the router picks the chain or merge weights, the input's own head runs on it: the "
-        "Twin/EMR papers' protocol); end-to-end (the router also picks the head; a misroute is wrong: what "
-        "`predict` does). MERGE's routed figures come from `mergetool evaluate` on the exported G2/G3 "
-        "libraries; routed baselines use the project's router on their own features; `[fp16]` rows are the "
-        "same method with its base stored in fp16 (C counts the base at its stored precision)",
+        PROTOCOL_NOTE,
         f"- routing accuracy of the exported G2/G3 libraries on test: {fmt(routing)}",
         "- G3 test / individual models' test: "
-        + (f"{np.mean([t for t in picks['G3']['test'] if t]) / indiv['test']['performance']:.4f}"
-           if indiv and indiv.get("test") and any(picks["G3"]["test"]) else "–"),
+        + (f"{g3 / indiv['test']['performance']:.4f}" if indiv and indiv.get("test") and g3 else "–"),
         f"- run directories: {', '.join(str(r) for r in runs.values())}",
         cheapest(args.recipe, args.device),
     ])
+
+
+def variants_table(args, data: dict, work: Path) -> str:
+    """Table I's MERGE-WA/TA/TM/BC: one search per intra-group method at its paper's settings, per seed."""
+    keys = [k.strip() for k in args.methods.split(",") if k.strip()]
+    settings = {k: paper_settings(k) for k in keys}
+    runs = {k: search_runs(data, args.recipe.resolve().parent, work / k, args.seeds, args.evaluations,
+                           args.device, merge=settings[k]) for k in keys}
+    first = runs[keys[0]][args.seeds[0]]
+    baselines = ensure_baselines(first, data, args)
+    best = best_merging(baselines)
+    best_test = (best.get("test") or {}).get("performance") if best else None
+    rows, bars = baseline_table(baselines), []
+    for k in keys:
+        picks = pick_scores(runs[k], first, baselines, args.recipe, args.device)
+        name = f"MERGE-{k.upper()}"
+        method, params = settings[k]
+        rows.append(pick_row(f"{name}: its own merge, all shared ({method} {params})", picks["static"]))
+        rows += [pick_row(f"{name} {g}", picks[g]) for g in ("G1", "G2", "G3")]
+        bars.append("- " + bar(f"{name} G1 beats its own merge (task given)", mean_of(picks["G1"]["test"]),
+                               mean_of(picks["static"]["test"]), "test means over seeds"))
+        bars.append("- " + bar(f"{name} G2 beats {best['name'] if best else '–'} (backbone-routed)",
+                               mean_of(picks["G2"]["backbone"]), best_test, "the baseline's test P under its protocol"))
+    budgets = sorted({len((r / "search" / "evaluations.jsonl").read_text().splitlines())
+                      for rs in runs.values() for r in rs.values()})
+    return "\n".join(rows + ["", *bars, "",
+        f"- variants {', '.join(keys)} at their papers' settings (mergetool.merge.methods.PAPER_SETTINGS); seeds "
+        f"{args.seeds}, {'/'.join(map(str, budgets))} real evaluations each, racing as the recipe sets it; MERGE rows "
+        "are mean ± std over seeds (selected on validation, reported on test)",
+        PROTOCOL_NOTE,
+        f"- run directories: {work}/<variant>/seed-<seed>",
+    ])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--evaluations", type=int, default=300)
+    ap.add_argument("--methods", default=None,
+                    help="MERGE variants, one search each at its paper's settings: wa,ta,ties,bc (default: the "
+                         "recipe's own merge)")
+    ap.add_argument("--baselines", default="wa,ta,ties,bc,pcb,fisher,regmean,adamerging,twin,emr,tall,tswitch,bitdelta")
+    ap.add_argument("--baselines-from", type=Path, default=None,
+                    help="a finished baselines.json (same zoo, data and base storages) to use instead of running them")
+    ap.add_argument("--workdir", type=Path, default=None, help="reuse a previous run (searches resume)")
+    ap.add_argument("--run", type=Path, nargs="+", default=None,
+                    help="finished run directories to tabulate instead of searching (seed and budget from run.json)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    if args.methods and args.run:
+        ap.error("--run tabulates the recipe's own merge; with --methods, give --workdir (the searches resume)")
+    for key in (args.methods or "").split(","):
+        try:
+            key.strip() and paper_settings(key)
+        except MergetoolError as e:
+            ap.error(f"--methods: {e} ({e.fix})")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="mergetool-table1-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = yaml.safe_load(args.recipe.read_text())
+    body = variants_table(args, data, work) if args.methods else single_table(args, data, work)
     print(body)
     if not args.no_write:
-        if data.get("codecs"):  # the paper's Table I (whole experts) keeps its own block
+        if args.methods:
+            write_block("table1-variants", "Table I's MERGE variants (issue #18): demo zoo, one search per "
+                        "intra-group method", body, command_line(), args.seeds)
+        elif data.get("codecs"):  # the paper's Table I (whole experts) keeps its own block
             write_block("table1-codecs", "Table I with a codec menu (issue #13): demo zoo, three protocols", body,
                         command_line(), args.seeds)
         else:

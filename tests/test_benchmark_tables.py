@@ -49,3 +49,54 @@ def test_table1_rows_show_three_protocols_per_storage():
     assert rows[0] == "| TALL masks | 1.2500 | 0.8100 | 0.8000 | 0.7900 | 0.7800 |"
     assert rows[1] == "| TALL masks [fp16] | 0.7500 | 0.7100 | 0.7000 | 0.6900 | 0.6800 |"
     assert rows[2] == "| TA (tuned) | 1.0000 | 0.6000 | 0.5500 | – | – |"
+
+
+def _front_run(tmp_path: Path) -> Path:
+    """A finished run directory as `mergetool search` leaves it: front, references, test scores."""
+    import json
+    run = tmp_path / "seed-0"
+    (run / "search").mkdir(parents=True)
+    front = [{"id": i, "grouping": [[0, 0, 0], [int(j < i) for j in range(3)]], "storage_cost": c, "performance": p}
+             for i, c, p in ((1, 0.3, 0.70), (2, 0.5, 0.80), (3, 0.9, 0.90))]
+    (run / "search" / "front.json").write_text(json.dumps(front))
+    static = {"storage_cost": 0.25, "validation": {"performance": 0.65}, "test": {"performance": 0.60}}
+    (run / "search" / "reference.json").write_text(json.dumps({"static_merge": static, "individual": static}))
+    tests = {table1.solution_key(f): {"performance": f["performance"] - 0.05} for f in front}
+    (run / "search" / "test_scores.json").write_text(json.dumps(tests))
+    return run
+
+
+def test_table1_variant_picks_and_bars(tmp_path, monkeypatch):
+    run = _front_run(tmp_path)
+    exported = []
+    monkeypatch.setattr(table1, "exported_test", lambda r, sid, recipe, device: exported.append(sid) or
+                        {"mean": {"backbone_routed": 0.7, "end_to_end": 0.69, "oracle": 0.71}, "routing_accuracy": 0.99})
+    baselines = {"methods": [entry("TA", "ta", "static", 1.0, (0.75, {"a": 0.75}), (0.72, {"a": 0.72}))]}
+    picks = table1.pick_scores({0: run}, run, baselines, Path("r.yaml"), "cpu")
+    assert picks["static"]["test"] == [0.60] and picks["static"]["C"] == [0.25]
+    assert picks["G1"]["C"] == [0.3] and picks["G1"]["test"] == [pytest.approx(0.65)]  # cheapest above 0.65
+    assert picks["G2"]["C"] == [0.5]  # cheapest above TA's validation 0.75
+    assert picks["G3"]["C"] == [0.9] and exported == [2, 3]  # only G2/G3 are exported and routed
+    assert picks["G2"]["backbone"] == [0.7] and picks["G3"]["routed"] == [0.69]
+    assert table1.bar("G1", 0.65, 0.60, "x").startswith("G1: met (0.6500 vs 0.6000, +0.0500")
+    assert table1.bar("G2", 0.70, 0.72, "x").startswith("G2: missed (0.7000 vs 0.7200, -0.0200")
+    assert table1.bar("G2", None, 0.72, "x") == "G2: not measured (x)"
+
+
+def test_table1_variant_search_recipes_carry_the_papers_settings(tmp_path, monkeypatch):
+    import yaml
+    seen = []
+
+    def fake(*args):
+        seen.append(yaml.safe_load(Path(args[1]).read_text()))
+    monkeypatch.setattr(table1, "mergetool", fake)
+    data = {"name": "r", "merge": {"method": "ta", "parameters": {"lambda": 0.5}}, "search": {"population": 20}}
+    runs = table1.search_runs(data, tmp_path, tmp_path / "bc", [0, 1], 150, "cpu", merge=table1.paper_settings("bc"))
+    assert runs == {0: tmp_path / "bc" / "seed-0", 1: tmp_path / "bc" / "seed-1"}
+    assert [d["search"] for d in seen] == [{"population": 20, "seed": 0, "evaluations": 150},
+                                           {"population": 20, "seed": 1, "evaluations": 150}]
+    assert seen[0]["merge"] == {"method": "breadcrumbs", "parameters": {"density": 0.09, "gamma": 0.01, "lambda": 0.3}}
+    assert seen[0]["output"] == str(tmp_path / "bc" / "seed-0")
+    assert not list(tmp_path.glob(".table1-*"))  # the temporary recipes are gone
+    assert table1.search_runs(data, tmp_path, tmp_path / "own", [0], 10, "cpu")[0].name == "seed-0"
+    assert seen[-1]["merge"] == data["merge"]  # without --methods: the recipe's own merge

@@ -44,6 +44,28 @@ from mergetool.models.streaming import TensorLike, as_tensor
 
 METHOD_ALIASES = {"wa": "linear", "ta": "task_arithmetic", "tm": "ties", "bc": "breadcrumbs"}
 
+# The paper's intra-group methods at their own papers' recommended settings (MERGE-WA/TA/TM/BC, issue #18):
+# WA is the uniform mean; TA λ = 0.3 (Ilharco et al.); TIES keeps the top 20 % of |τ| with λ = 1 (Yadav et
+# al.); Breadcrumbs masks the bottom β = 90 % and the top γ = 1 % of |τ| (Davari & Belilovsky; in mergekit's
+# terms density 0.09 = kept share, gamma 0.01 = top share dropped) and, its α being tuned per task count
+# there, takes TA's λ = 0.3.
+PAPER_SETTINGS: dict[str, tuple[str, dict[str, float]]] = {
+    "wa": ("linear", {}),
+    "ta": ("task_arithmetic", {"lambda": 0.3}),
+    "tm": ("ties", {"density": 0.2, "lambda": 1.0}),
+    "bc": ("breadcrumbs", {"density": 0.09, "gamma": 0.01, "lambda": 0.3}),
+}
+
+
+def paper_settings(key: str) -> tuple[str, dict[str, float]]:
+    """(method, parameters) of an intra-group method at its paper's settings; `ties` is read as `tm`."""
+    k = {"ties": "tm"}.get(key.strip().lower(), key.strip().lower())
+    if k not in PAPER_SETTINGS:
+        raise MergetoolError(f"no paper settings for merge method {key!r}", key="methods",
+                             fix=f"use one of {', '.join(sorted(PAPER_SETTINGS))} (ties = tm)")
+    method, params = PAPER_SETTINGS[k]
+    return method, dict(params)
+
 # Defaults we pin on top of mergekit's (see module docstring).
 _PINNED_DEFAULTS: dict[str, dict[str, Any]] = {"task_arithmetic": {"normalize": False}}
 # Methods that sample at random outside the sparsifiers (arcee_fusion samples quantiles).
