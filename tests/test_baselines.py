@@ -71,6 +71,17 @@ def test_twin_formulas():
     bias = TwinModel(None, {"b": torch.tensor([1.0, 1.0])}, [SimpleNamespace(get={"b": torch.tensor([2.0, 3.0])}.get)], [1])
     assert torch.equal(bias.delta(0, "b", 1), torch.tensor([1.0, 2.0]))  # 1-D: always dense
     assert torch.equal(twin.delta(0, "w", 2), task1 - shared)  # rank 2 of 3×3 is stored whole
+    # the model's per-input state is the same formula over every tensor at once (one flat merge)
+    two = TwinModel(None, {"w": shared, "b": torch.tensor([1.0, 1.0, 1.0])},
+                    [SimpleNamespace(get={"w": task1, "b": torch.tensor([2.0, 3.0, 1.0])}.get),
+                     SimpleNamespace(get={"w": task2, "b": torch.tensor([1.0, 0.0, 1.0])}.get)], [1, 2])
+    for rank in (1, 2, 1):
+        state = two.state([0.25, 0.75], rank)
+        assert list(state) == ["w", "b"] and state["w"].shape == (3, 3)
+        for n in ("w", "b"):
+            by_hand = two.shared[n] + 0.25 * two.delta(0, n, rank) + 0.75 * two.delta(1, n, rank)
+            assert torch.allclose(state[n], by_hand, atol=1e-6)
+    assert torch.equal(state["b"], torch.tensor([1.25, 1.0 + 0.5 - 0.75, 1.0]))  # 1 + .25·[1, 2, 0] + .75·[0, −1, 0]
 
 
 # --- CLI on the trained toy zoo -----------------------------------------------------------------------

@@ -54,13 +54,13 @@ def twin_params(shape: Sequence[int], rank: int) -> int:
     return min(min(rank, m, n) * (m + n), numel)
 
 
-def twin_merge(shared: Tensor, deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """θ_s + Σ_t w_t · Δ_t."""
-    out = shared.float().clone()
-    for w, d in zip(weights, deltas):
-        if w:
-            out += float(w) * d
-    return out.to(shared.dtype)
+def twin_merge(shared: Tensor, deltas: Sequence[Tensor] | Tensor, weights: Sequence[float]) -> Tensor:
+    """θ_s + Σ_t w_t · Δ_t, as one matrix-vector product over the T deltas stacked on dim 0 (one allocation:
+    a per-input merge of a whole backbone is memory-bound, and T axpys with their temporaries cost 10× more)."""
+    stacked = deltas if isinstance(deltas, Tensor) else torch.stack([d.float() for d in deltas])
+    w = torch.tensor(np.asarray(weights, dtype=np.float32))
+    out = torch.addmv(shared.float().reshape(-1), stacked.float().reshape(len(w), -1).T, w)
+    return out.view(shared.shape).to(shared.dtype)
 
 
 def emr_unify(taus: Sequence[Tensor]) -> Tensor:
@@ -122,7 +122,7 @@ class TwinModel:
         self.plan, self.storage = plan, storage
         self.shared, self.shared_bits = stored_state(shared, storage)
         lo, hi = min(ranks), max(ranks)
-        self._rank, self._deltas = None, None
+        self._rank, self._flat = None, None
         self.parts: list[dict[str, dict]] = []
         for src in tasks:
             parts = {}
@@ -148,12 +148,15 @@ class TwinModel:
         return parts[0] if len(parts) == 1 else (parts[0] @ parts[1]).reshape(self.shared[name].shape)
 
     def state(self, weights: Sequence[float], rank: int) -> dict[str, Tensor]:
-        if self._rank != rank:  # the rank-r deltas, dense: a per-input merge is then T axpys per tensor
-            self._deltas, self._rank = None, rank
-            self._deltas = [{n: self.delta(t, n, rank) for n in self.shared} for t in range(len(self.parts))]
-        live = [(t, w) for t, w in enumerate(weights) if w]
-        return {n: twin_merge(s, [self._deltas[t][n] for t, _ in live], [w for _, w in live])
-                for n, s in self.shared.items()}
+        """θ_s + Σ_t w_t · SVD_r(Δ_t) for every tensor: one flat merge (twin_merge), returned as views by name."""
+        if self._rank != rank:  # the rank-r deltas, dense, flattened and stacked (T, P)
+            self._flat, self._rank = None, rank
+            flat = lambda ts: torch.cat([x.float().reshape(-1) for x in ts])  # noqa: E731
+            self._flat = (flat(self.shared.values()),
+                          torch.stack([flat(self.delta(t, n, rank) for n in self.shared) for t in range(len(self.parts))]))
+        merged = twin_merge(*self._flat, weights)
+        sizes = [s.numel() for s in self.shared.values()]
+        return {n: v.view(s.shape).to(s.dtype) for (n, s), v in zip(self.shared.items(), merged.split(sizes))}
 
     def breakdown(self, rank: int) -> dict:
         """C of each stored part (merge/cost.py): the shared expert and the per-task rank-r deltas (dense or
