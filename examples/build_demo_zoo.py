@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
         )
         if args.mtl:
-            built = mtl.build_mtl(folder, device=args.device, seed=args.seed, force=args.force)
+            built = mtl.build_mtl(folder, device=args.device, seed=args.seed, force=args.force,
+                                  progress=not args.quiet)
             info = json.loads((built / "mtl.json").read_text())
             print(f"mtl: {built}  ({info['seconds']:.0f} s to train, {info['steps']} steps)")
             for task, acc in info["tasks"].items():

@@ -158,10 +158,14 @@ def test_adamerging_cli_entries_and_bad_steps(trained_zoo, tmp_path):
 def mtl_folder(trained_zoo, tmp_path_factory):
     """The toy tasks trained together: one encoder, a head per task (demo/mtl.py's trainer)."""
     from mergetool.demo.mtl import train_mtl
+    from mergetool.demo.training import progress_bar
 
     out = tmp_path_factory.mktemp("mtl")
     classes = {t: [f"class{c}" for c in range(n)] for t, n in zip(trained_zoo["tasks"], (2, 3, 4))}
-    result = train_mtl(trained_zoo["base"], trained_zoo["data"], classes, out, epochs=2, lr=5e-3, batch_size=64)
+    with progress_bar(False) as bar:
+        result = train_mtl(trained_zoo["base"], trained_zoo["data"], classes, out, epochs=2, lr=5e-3, batch_size=64,
+                           progress=bar)
+    assert [t.completed for t in bar.tasks] == [result["steps"]]  # the bar counted every step
     return out, result
 
 

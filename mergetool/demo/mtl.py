@@ -31,8 +31,9 @@ MTL_LR = 1e-4  # within the zoo's per-task range (8e-5 .. 1.5e-4)
 
 def train_mtl(base: Path, data: Mapping[str, Mapping[str, Path]], classes: Mapping[str, list[str]], out: Path, *,
               epochs: int = MTL_EPOCHS, lr: float = MTL_LR, seed: int = 0, device=None,
-              batch_size: int = training.BATCH_SIZE) -> dict:
-    """Train the shared encoder and the heads on data[task]["train"]; write out/<task>/; per-task accuracies."""
+              batch_size: int = training.BATCH_SIZE, progress=None) -> dict:
+    """Train the shared encoder and the heads on data[task]["train"]; write out/<task>/; per-task accuracies.
+    `progress`: a rich Progress (training.progress_bar) to show the steps on."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -61,7 +62,8 @@ def train_mtl(base: Path, data: Mapping[str, Mapping[str, Path]], classes: Mappi
             encoded[task][split] = (ids, [classes[task].index(r["label"]) for r in rows])
     steps = sum(math.ceil(len(encoded[t]["train"][0]) / batch_size) for t in classes) * epochs
     optimizer, schedule = training.optimizer_and_schedule(container, lr, max(1, steps))
-    for _ in range(epochs):
+    bar = progress.add_task("mtl", total=steps) if progress is not None else None
+    for epoch in range(epochs):
         container.train()
         plan = [(t, b) for t in classes
                 for b in training.length_batches([len(x) for x in encoded[t]["train"][0]], batch_size, rng)]
@@ -70,11 +72,9 @@ def train_mtl(base: Path, data: Mapping[str, Mapping[str, Path]], classes: Mappi
             ids, y = encoded[task]["train"]
             inputs = training.collate([ids[i] for i in batch], pad_id, device)
             loss = models[task](**inputs, labels=torch.tensor([y[i] for i in batch], device=device)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(container.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            training.train_step(loss, container, optimizer, schedule)
+            if bar is not None:
+                progress.update(bar, advance=1, description=f"mtl ep {epoch + 1}/{epochs} {task} loss {loss.item():.3f}")
     metrics = {}
     for task, m in models.items():
         metrics[task] = {f"{split}_accuracy": round(training.accuracy(m, *encoded[task][split], pad_id, device), 4)
@@ -91,7 +91,7 @@ def mtl_dir(zoo_dir: Optional[Path] = None) -> Path:
 
 
 def build_mtl(zoo_dir: Optional[Path] = None, *, device: str = "auto", seed: int = 0, epochs: int = MTL_EPOCHS,
-              lr: float = MTL_LR, force: bool = False) -> Path:
+              lr: float = MTL_LR, force: bool = False, progress: bool = True) -> Path:
     """The demo zoo's MTL model in ZOO/mtl/<task>/ (cached by settings hash); returns ZOO/mtl."""
     folder = zoo_dir or zoo.default_zoo_dir()
     manifest = zoo.read_manifest(folder)
@@ -111,8 +111,9 @@ def build_mtl(zoo_dir: Optional[Path] = None, *, device: str = "auto", seed: int
         try:
             start = time.time()
             data = {t: {s: zoo.split_path(t, s, folder) for s in ("train", "validation", "test")} for t in tasks}
-            result = train_mtl(zoo.base_model_path(), data, {t: tasks[t]["classes"] for t in tasks}, tmp,
-                               epochs=epochs, lr=lr, seed=seed, device=zoo.resolve_device(device))
+            with training.progress_bar(progress) as bar:
+                result = train_mtl(zoo.base_model_path(), data, {t: tasks[t]["classes"] for t in tasks}, tmp,
+                                   epochs=epochs, lr=lr, seed=seed, device=zoo.resolve_device(device), progress=bar)
             result.update(settings_hash=digest, seconds=round(time.time() - start, 1))
             (tmp / "mtl.json").write_text(json.dumps(result, indent=2) + "\n")
             zoo.install_atomically(tmp, final)

@@ -93,3 +93,22 @@ def optimizer_and_schedule(model, lr: float, total: int):
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
     )
     return optimizer, schedule
+
+
+def train_step(loss, model, optimizer, schedule) -> None:
+    """The zoo's update: backward, clip the gradient norm at 1.0, step the optimiser and the schedule, clear."""
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def progress_bar(enabled: bool = True):
+    """The demo's rich progress bar: description, bar, done/total, elapsed, remaining."""
+    from rich import progress as rp
+
+    return rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                       rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), disable=not enabled)

@@ -36,7 +36,9 @@ from mergetool.demo.training import (
     collate,
     length_batches,
     optimizer_and_schedule,
+    progress_bar,
     quiet_transformers,
+    train_step,
 )
 
 ZOO_FORMAT = 1
@@ -205,11 +207,7 @@ def _train_task(task: str, splits: dict, names: list[str], out_model: Path, *,
             inputs = collate([train_ids[i] for i in batch], pad_id, device)
             target = torch.tensor([train_y[i] for i in batch], device=device)
             loss = model(**inputs, labels=target).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(loss, model, optimizer, schedule)
             if bar is not None:
                 progress.update(bar, advance=1, description=f"{task} ep {epoch + 1}/{epochs} loss {loss.item():.3f}")
     val_acc = accuracy(model, val_ids, val_y, pad_id, device)
@@ -288,7 +286,6 @@ def build_zoo(
     unless `force`. `threads`: CPU threads (default: free cores, see auto_threads).
     """
     import torch
-    from rich import progress as rp
 
     folder = expand_user(out_dir) if out_dir is not None else default_zoo_dir()
     tasks = list(datasets.TASKS if tasks is None else tasks)
@@ -316,10 +313,8 @@ def build_zoo(
         if not plans:
             return folder
 
-        columns = [rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                   rp.TimeElapsedColumn(), rp.TimeRemainingColumn()]
         old_threads, own = torch.get_num_threads(), 0
-        with rp.Progress(*columns, disable=not progress) as bar, contextlib.ExitStack() as stack:
+        with progress_bar(progress) as bar, contextlib.ExitStack() as stack:
             stack.callback(torch.set_num_threads, old_threads)
             for task, (settings, digest) in plans.items():
                 start = time.time()
