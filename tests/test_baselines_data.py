@@ -133,6 +133,18 @@ def test_adamerging_lowers_the_entropy(session, layerwise):
     assert set(state) == set(model.names) and torch.equal(state[model.names[0]], merged[model.names[0]].detach())
 
 
+def test_adamerging_describes_its_steps_without_counting_them(session):
+    from mergetool.baselines import count_steps, run_baselines
+    from mergetool.baselines.adamerging import AdaMergingSettings
+
+    said, details = [], []
+    run_baselines(session, methods=["adamerging"], routing="oracle", adamerging=AdaMergingSettings(steps=2),
+                  progress=said.append, detail=details.append)
+    assert details == [f"adamerging_{k}: step {i}/2" for k in ("task", "layer") for i in (1, 2)]
+    assert len(said) == count_steps(session.recipe, split="validation", methods=["adamerging"], twin_ranks=[4],
+                                    routing="oracle")  # the bar's total still matches
+
+
 def test_adamerging_cli_entries_and_bad_steps(trained_zoo, tmp_path):
     from tests.test_baselines import small_recipe
 

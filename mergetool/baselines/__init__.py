@@ -103,7 +103,8 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
                   progress: Optional[Callable[[str], None]] = None, racing: Optional[RacingSettings] = None,
                   reference: Optional[dict] = None, storages: Sequence[str] = BASE_STORAGES,
                   grids: Optional[dict] = None, parts: Optional[Path] = None,
-                  adamerging: AdaMergingSettings = AdaMergingSettings(), mtl: Optional[Path] = None) -> dict:
+                  adamerging: AdaMergingSettings = AdaMergingSettings(), mtl: Optional[Path] = None,
+                  detail: Optional[Callable[[str], None]] = None) -> dict:
     """Score every baseline; tune on validation, and also score the tuned ones on test if split=test.
 
     `racing` races the static grids (static.tune); `reference` is the search's reference.json, whose
@@ -113,11 +114,13 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
     AdaMerging's optimiser settings (the paper's by default); `mtl` a folder of per-task checkpoints of a
     multi-task model (baselines/mtl.py), scored as the "Traditional MTL" row. `parts` is a folder
     where each finished baseline is kept (parts.py), so that a stopped run resumes; the result says which
-    parts were read back (`resumed`)."""
+    parts were read back (`resumed`). `progress(what)` is called once per counted step (count_steps);
+    `detail(what)` describes progress within a long step (AdaMerging's optimiser steps) without counting."""
     _check_request(session, split, methods, storages)
     adamerging.checked()
     run = BaselineRun(session, split == "test", resolve_routing(session, routing), progress or (lambda _: None))
     run.racing, run.reference, run.storages = racing, reference or {}, tuple(storages)
+    run.detail = detail or run.detail
     grids = {k: tuple(MODELS[k][1].grid) for k in MODELS} | dict(grids or {})
     kept = BaselineParts(parts, {"recipe": recipe_hash(session.recipe), "split": split, "routing": run.routing,
                                  "storages": run.storages, "racing": racing, "individual": run.reference.get("individual"),

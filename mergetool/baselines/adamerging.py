@@ -129,7 +129,8 @@ def run_adamerging(run, settings: AdaMergingSettings) -> None:
         run.say(f"{key}: learning the coefficients ({settings.steps} steps)")
         start = time.perf_counter()
         model = AdaMergingModel(run.s, layerwise, device, settings.init)
-        history = fit(model, batches, settings)
+        history = fit(model, batches, settings, progress=lambda step, k=key: run.detail(
+            f"{k}: step {step + 1}/{settings.steps}"))
         seconds = round(time.perf_counter() - start, 1)
         store = fixed_store(run.s, model.state())
         val, tst = run.evaluate(lambda sp: score(run.s, store, run.shared, sp)[:2], key)

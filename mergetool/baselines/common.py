@@ -50,6 +50,7 @@ class BaselineRun:
         self.racing: Optional[RacingSettings] = None
         self.reference: dict = {}
         self.storages: tuple[str, ...] = ("fp32",)
+        self.detail: Callable[[str], None] = lambda _: None  # progress within a step (the count does not move)
 
     def evaluate(self, fn, what: str):
         """fn(split) on validation and, when asked for, on test."""

@@ -97,6 +97,7 @@ def baselines(
 
         result = run_baselines(session, split=split, methods=chosen, twin_ranks=ranks, routing=routing,
                                storages=storages, progress=progress, parts=parts, mtl=mtl,
+                               detail=lambda what: bar.update(task, description=what),
                                adamerging=AdaMergingSettings(steps=adamerging_steps, seed=recipe.search.seed),
                                racing=None if no_racing else settings_for(recipe).racing,
                                reference=read_references(run_dir / "search" / "reference.json"))
