@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from mergetool.baselines import static
+from mergetool.baselines.adamerging import GRANULARITIES as ADAMERGING_KEYS
 from mergetool.baselines.adamerging import AdaMergingSettings, count_adamerging_steps, run_adamerging
 from mergetool.baselines.common import ROUTING_NOTE, SPLITS, BaselineRun, entry
 from mergetool.baselines.data_merges import (
@@ -132,8 +133,9 @@ def run_baselines(session, *, split: str = "validation", methods: Sequence[str] 
     for key, fn in (("fisher", run_fisher), ("regmean", run_regmean)):
         if key in methods:
             kept.run(run, f"static-{key}", lambda f=fn: f(run))
-    if "adamerging" in methods:
-        kept.run(run, "static-adamerging", lambda: run_adamerging(run, adamerging), own=repr(adamerging))
+    if "adamerging" in methods:  # a part per granularity: each is a long fit, kept as soon as it is scored
+        for key in ADAMERGING_KEYS:
+            kept.run(run, f"static-{key}", lambda k=key: run_adamerging(run, adamerging, [k]), own=repr(adamerging))
     if "twin" in methods:
         kept.run(run, "twin", lambda: run_twin(run, tuned["ties"], twin_ranks),
                  own={"ranks": sorted(set(twin_ranks)), "shared": static.STATIC["ties"]})

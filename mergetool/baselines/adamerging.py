@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.func import functional_call
@@ -117,15 +117,18 @@ def fit(model: AdaMergingModel, batches: list[list[dict]], settings: AdaMergingS
     return history
 
 
-def run_adamerging(run, settings: AdaMergingSettings) -> None:
-    """Task-wise and layer-wise AdaMerging, each fitted then scored like every static method."""
+GRANULARITIES = {"adamerging_task": (False, "AdaMerging (task-wise)"), "adamerging_layer": (True, "AdaMerging (layer-wise)")}
+
+
+def run_adamerging(run, settings: AdaMergingSettings, keys: Sequence[str] = tuple(GRANULARITIES)) -> None:
+    """AdaMerging at each granularity of `keys` (task-wise, layer-wise), fitted then scored like every static method."""
     from mergetool.baselines.common import entry
     from mergetool.baselines.static import fixed_store, score
 
     batches = task_batches(run.s, settings)
     device = run.evaluators["validation"].ev.device
-    for layerwise, key, name in ((False, "adamerging_task", "AdaMerging (task-wise)"),
-                                 (True, "adamerging_layer", "AdaMerging (layer-wise)")):
+    for key in keys:
+        layerwise, name = GRANULARITIES[key]
         run.say(f"{key}: learning the coefficients ({settings.steps} steps)")
         start = time.perf_counter()
         model = AdaMergingModel(run.s, layerwise, device, settings.init)
