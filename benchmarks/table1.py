@@ -4,7 +4,7 @@
     python benchmarks/table1.py merge_recipes/demo-minilm-text4.yaml --run runs/demo-minilm-text4 --seeds 0 1 2
         (finished runs are tabulated as they are; the other seeds are searched; baselines from the first run)
     python benchmarks/table1.py merge_recipes/demo-minilm-text4.yaml --methods wa,ta,ties,bc --seeds 0 1 \
-        --evaluations 150 --workdir runs/table1-variants --baselines-from runs/table1-codecs/baselines.json
+        --evaluations 150 --workdir runs/table1-variants --baselines-from runs/table1-codecs/seed-0/baselines/baselines.json
         (MERGE-WA/TA/TM/BC: one search per intra-group method at its paper's settings, in WORKDIR/<variant>/seed-N;
         each variant's G1 is judged against its own all-shared merge, G2 against the best merging baseline)
 
