@@ -286,7 +286,7 @@ def variants_table(args, data: dict, work: Path) -> str:
     rows, bars = baseline_table(baselines), []
     for k in keys:
         picks = pick_scores(runs[k], first, baselines, args.recipe, args.device)
-        name = f"MERGE-{k.upper()}"
+        name = "MERGE-" + ("TM" if k.lower() == "ties" else k.upper())  # the paper's names
         method, params = settings[k]
         rows.append(pick_row(f"{name}: its own merge, all shared ({method} {params})", picks["static"]))
         rows += [pick_row(f"{name} {g}", picks[g]) for g in ("G1", "G2", "G3")]
