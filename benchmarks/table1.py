@@ -36,7 +36,7 @@ from _report import command_line, write_block  # noqa: E402
 
 from mergetool.core.errors import MergetoolError  # noqa: E402
 from mergetool.merge.methods import paper_settings  # noqa: E402
-from mergetool.pipeline.session import select, solution_key  # noqa: E402
+from mergetool.pipeline.session import best_merging_baseline, select, solution_key  # noqa: E402
 from mergetool.search.genome import codec_summary  # noqa: E402
 
 
@@ -207,10 +207,10 @@ def pick_row(label: str, p: dict) -> str:
             f"{fmt(p['test'])} | {fmt(p['backbone'])} | {fmt(p['routed'])} |")
 
 
-def best_merging(baselines: dict) -> Optional[dict]:
-    """The merging baseline with the best validation P (what G2 must beat)."""
-    merging = [m for m in baselines["methods"] if m["kind"] in ("static", "dynamic")]
-    return max(merging, key=lambda m: m["validation"]["performance"]) if merging else None
+def budgets(runs) -> str:
+    """The runs' numbers of real evaluations, e.g. "150" or "148/150"."""
+    return "/".join(map(str, sorted({len((r / "search" / "evaluations.jsonl").read_text().splitlines())
+                                     for r in runs})))
 
 
 def mean_of(values: list) -> Optional[float]:
@@ -249,11 +249,10 @@ def single_table(args, data: dict, work: Path) -> str:
     runs.update(search_runs(data, args.recipe.resolve().parent, work, [s for s in args.seeds if s not in runs],
                             args.evaluations, args.device))
     args.seeds = sorted(runs)
-    budgets = sorted({len((r / "search" / "evaluations.jsonl").read_text().splitlines()) for r in runs.values()})
     first = runs[args.seeds[0]]
     baselines = ensure_baselines(first, data, args)
     picks = pick_scores(runs, first, baselines, args.recipe, args.device)
-    best = best_merging(baselines)
+    best = best_merging_baseline(baselines)
     labels = {"G1": "MERGE G1 (cheapest beating its static merge)",
               "G2": f"MERGE G2 (cheapest beating {best['name'] if best else '–'})", "G3": "MERGE G3 (best performance)"}
     rows = baseline_table(baselines) + [pick_row(labels[g], picks[g]) for g in ("G1", "G2", "G3")]
@@ -262,7 +261,7 @@ def single_table(args, data: dict, work: Path) -> str:
     g3 = mean_of(picks["G3"]["test"])
     return "\n".join(rows + [
         "",
-        f"- seeds {args.seeds}, {'/'.join(map(str, budgets))} real evaluations each; MERGE rows are mean ± std over seeds "
+        f"- seeds {args.seeds}, {budgets(runs.values())} real evaluations each; MERGE rows are mean ± std over seeds "
         f"(selected on validation, reported on test); baselines tuned on validation",
         PROTOCOL_NOTE,
         f"- routing accuracy of the exported G2/G3 libraries on test: {fmt(routing)}",
@@ -281,7 +280,7 @@ def variants_table(args, data: dict, work: Path) -> str:
                            args.device, merge=settings[k]) for k in keys}
     first = runs[keys[0]][args.seeds[0]]
     baselines = ensure_baselines(first, data, args)
-    best = best_merging(baselines)
+    best = best_merging_baseline(baselines)
     best_test = (best.get("test") or {}).get("performance") if best else None
     rows, bars = baseline_table(baselines), []
     for k in keys:
@@ -294,11 +293,9 @@ def variants_table(args, data: dict, work: Path) -> str:
                                mean_of(picks["static"]["test"]), "test means over seeds"))
         bars.append("- " + bar(f"{name} G2 beats {best['name'] if best else '–'} (backbone-routed)",
                                mean_of(picks["G2"]["backbone"]), best_test, "the baseline's test P under its protocol"))
-    budgets = sorted({len((r / "search" / "evaluations.jsonl").read_text().splitlines())
-                      for rs in runs.values() for r in rs.values()})
     return "\n".join(rows + ["", *bars, "",
         f"- variants {', '.join(keys)} at their papers' settings (mergetool.merge.methods.PAPER_SETTINGS); seeds "
-        f"{args.seeds}, {'/'.join(map(str, budgets))} real evaluations each, racing as the recipe sets it; MERGE rows "
+        f"{args.seeds}, {budgets(r for rs in runs.values() for r in rs.values())} real evaluations each, racing as the recipe sets it; MERGE rows "
         "are mean ± std over seeds (selected on validation, reported on test)",
         PROTOCOL_NOTE,
         f"- run directories: {work}/<variant>/seed-<seed>",

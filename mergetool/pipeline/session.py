@@ -223,6 +223,13 @@ def picked(front: list[dict], reference: dict, baselines: Optional[dict]) -> lis
     return list(out.values())
 
 
+def best_merging_baseline(baselines: Optional[dict]) -> Optional[dict]:
+    """The merging baseline (static or dynamic) with the best validation P: what G2 must beat."""
+    merging = [b for b in (baselines or {}).get("methods", []) if b.get("kind") in ("static", "dynamic")
+               and b.get("validation") is not None]
+    return max(merging, key=lambda b: b["validation"]["performance"]) if merging else None
+
+
 def select(front: list[dict], reference: dict, baselines: Optional[dict]) -> dict:
     """G1, G2, G3 as in the paper's Table I (selected on validation)."""
     def cheapest_above(p: float) -> Optional[dict]:
@@ -231,13 +238,10 @@ def select(front: list[dict], reference: dict, baselines: Optional[dict]) -> dic
 
     out = {"G1": cheapest_above(reference["static_merge"]["validation"]["performance"]), "G2": None,
            "G3": max(front, key=lambda f: f["performance"]) if front else None}
-    if baselines:
-        merging = [b for b in baselines.get("methods", []) if b.get("kind") in ("static", "dynamic")
-                   and b.get("validation") is not None]
-        if merging:
-            best = max(merging, key=lambda b: b["validation"]["performance"])
-            out["G2"] = cheapest_above(best["validation"]["performance"])
-            out["G2_baseline"] = best["name"]
+    best = best_merging_baseline(baselines)
+    if best is not None:
+        out["G2"] = cheapest_above(best["validation"]["performance"])
+        out["G2_baseline"] = best["name"]
     return out
 
 
