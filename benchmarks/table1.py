@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
 
 from mergetool.core.errors import MergetoolError  # noqa: E402
-from mergetool.merge.methods import paper_settings  # noqa: E402
+from mergetool.merge.methods import variant_key, variant_settings  # noqa: E402
 from mergetool.pipeline.session import best_merging_baseline, select, solution_key  # noqa: E402
 from mergetool.search.genome import codec_summary  # noqa: E402
 
@@ -275,7 +275,7 @@ def single_table(args, data: dict, work: Path) -> str:
 def variants_table(args, data: dict, work: Path) -> str:
     """Table I's MERGE-WA/TA/TM/BC: one search per intra-group method at its paper's settings, per seed."""
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]
-    settings = {k: paper_settings(k) for k in keys}
+    settings = {k: variant_settings(k) for k in keys}
     runs = {k: search_runs(data, args.recipe.resolve().parent, work / k, args.seeds, args.evaluations,
                            args.device, merge=settings[k]) for k in keys}
     first = runs[keys[0]][args.seeds[0]]
@@ -285,7 +285,7 @@ def variants_table(args, data: dict, work: Path) -> str:
     rows, bars = baseline_table(baselines), []
     for k in keys:
         picks = pick_scores(runs[k], first, baselines, args.recipe, args.device)
-        name = "MERGE-" + ("TM" if k.lower() == "ties" else k.upper())  # the paper's names
+        name = "MERGE-" + variant_key(k).upper()  # the paper's names
         method, params = settings[k]
         rows.append(pick_row(f"{name}: its own merge, all shared ({method} {params})", picks["static"]))
         rows += [pick_row(f"{name} {g}", picks[g]) for g in ("G1", "G2", "G3")]
@@ -294,7 +294,7 @@ def variants_table(args, data: dict, work: Path) -> str:
         bars.append("- " + bar(f"{name} G2 beats {best['name'] if best else '–'} (backbone-routed)",
                                mean_of(picks["G2"]["backbone"]), best_test, "the baseline's test P under its protocol"))
     return "\n".join(rows + ["", *bars, "",
-        f"- variants {', '.join(keys)} at their papers' settings (mergetool.merge.methods.PAPER_SETTINGS); seeds "
+        f"- variants {', '.join(keys)} at their papers' settings (mergetool.merge.methods.VARIANT_SETTINGS); seeds "
         f"{args.seeds}, {budgets(r for rs in runs.values() for r in rs.values())} real evaluations each, racing as the recipe sets it; MERGE rows "
         "are mean ± std over seeds (selected on validation, reported on test)",
         PROTOCOL_NOTE,
@@ -323,7 +323,7 @@ def main() -> int:
         ap.error("--run tabulates the recipe's own merge; with --methods, give --workdir (the searches resume)")
     for key in (args.methods or "").split(","):
         try:
-            key.strip() and paper_settings(key)
+            key.strip() and variant_key(key)
         except MergetoolError as e:
             ap.error(f"--methods: {e} ({e.fix})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

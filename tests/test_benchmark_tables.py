@@ -91,7 +91,7 @@ def test_table1_variant_search_recipes_carry_the_papers_settings(tmp_path, monke
         seen.append(yaml.safe_load(Path(args[1]).read_text()))
     monkeypatch.setattr(table1, "mergetool", fake)
     data = {"name": "r", "merge": {"method": "ta", "parameters": {"lambda": 0.5}}, "search": {"population": 20}}
-    runs = table1.search_runs(data, tmp_path, tmp_path / "bc", [0, 1], 150, "cpu", merge=table1.paper_settings("bc"))
+    runs = table1.search_runs(data, tmp_path, tmp_path / "bc", [0, 1], 150, "cpu", merge=table1.variant_settings("bc"))
     assert runs == {0: tmp_path / "bc" / "seed-0", 1: tmp_path / "bc" / "seed-1"}
     assert [d["search"] for d in seen] == [{"population": 20, "seed": 0, "evaluations": 150},
                                            {"population": 20, "seed": 1, "evaluations": 150}]

@@ -7,12 +7,13 @@ from mergetool.core.errors import MergetoolError
 from mergetool.merge.adapters.lora import lora_delta, refactor_lora
 from mergetool.merge.methods import (
     METHOD_ALIASES,
-    PAPER_SETTINGS,
+    VARIANT_SETTINGS,
     check_method,
     merge_group,
-    paper_settings,
     resolve_method,
     uses_randomness,
+    variant_key,
+    variant_settings,
 )
 
 T = torch.tensor
@@ -77,21 +78,22 @@ def test_breadcrumbs_drops_smallest_and_top_outliers():
     assert torch.equal(out, T([1.0, 1.0, 3.25, 2.0]))
 
 
-def test_paper_settings_are_the_papers_and_valid_recipes():
-    assert paper_settings("ties") == paper_settings("TM") == ("ties", {"density": 0.2, "lambda": 1.0})
-    assert paper_settings("ta") == ("task_arithmetic", {"lambda": 0.3})
-    assert paper_settings("wa") == ("linear", {})
-    for method, params in PAPER_SETTINGS.values():
+def test_variant_settings_are_the_papers_and_valid_recipes():
+    assert variant_settings("ties") == variant_settings("TM") == ("ties", {"density": 0.2, "lambda": 1.0})
+    assert [variant_key(k) for k in ("wa", "TA", "ties", " bc")] == ["wa", "ta", "tm", "bc"]
+    assert variant_settings("ta") == ("task_arithmetic", {"lambda": 0.3})
+    assert variant_settings("wa") == ("linear", {})
+    for method, params in VARIANT_SETTINGS.values():
         check_method(method, params, n_tasks=4)
     # Breadcrumbs: of |τ| = 1..100 it keeps ranks 91..99 (bottom 90 % and top 1 % masked), scaled by λ = 0.3
     tau = torch.arange(1.0, 101.0)
-    method, params = paper_settings("bc")
+    method, params = variant_settings("bc")
     out = merge_group(torch.zeros(100), [tau, torch.zeros(100)], method, params)
     kept = (out != 0).nonzero().flatten() + 1
     assert kept.tolist() == list(range(91, 100))
     assert torch.allclose(out[90:99], 0.3 * tau[90:99])
     with pytest.raises(MergetoolError, match="no paper settings"):
-        paper_settings("dare")
+        variant_settings("dare")
 
 
 def test_singleton_returns_member_unmerged():

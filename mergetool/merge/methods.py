@@ -49,7 +49,7 @@ METHOD_ALIASES = {"wa": "linear", "ta": "task_arithmetic", "tm": "ties", "bc": "
 # al.); Breadcrumbs masks the bottom β = 90 % and the top γ = 1 % of |τ| (Davari & Belilovsky; in mergekit's
 # terms density 0.09 = kept share, gamma 0.01 = top share dropped) and, its α being tuned per task count
 # there, takes TA's λ = 0.3.
-PAPER_SETTINGS: dict[str, tuple[str, dict[str, float]]] = {
+VARIANT_SETTINGS: dict[str, tuple[str, dict[str, float]]] = {
     "wa": ("linear", {}),
     "ta": ("task_arithmetic", {"lambda": 0.3}),
     "tm": ("ties", {"density": 0.2, "lambda": 1.0}),
@@ -57,13 +57,18 @@ PAPER_SETTINGS: dict[str, tuple[str, dict[str, float]]] = {
 }
 
 
-def paper_settings(key: str) -> tuple[str, dict[str, float]]:
-    """(method, parameters) of an intra-group method at its paper's settings; `ties` is read as `tm`."""
+def variant_key(key: str) -> str:
+    """The paper's key of a MERGE variant (wa, ta, tm, bc; `ties` is read as `tm`)."""
     k = {"ties": "tm"}.get(key.strip().lower(), key.strip().lower())
-    if k not in PAPER_SETTINGS:
+    if k not in VARIANT_SETTINGS:
         raise MergetoolError(f"no paper settings for merge method {key!r}", key="methods",
-                             fix=f"use one of {', '.join(sorted(PAPER_SETTINGS))} (ties = tm)")
-    method, params = PAPER_SETTINGS[k]
+                             fix=f"use one of {', '.join(sorted(VARIANT_SETTINGS))} (ties = tm)")
+    return k
+
+
+def variant_settings(key: str) -> tuple[str, dict[str, float]]:
+    """(method, parameters) of a MERGE variant's intra-group method at its paper's settings."""
+    method, params = VARIANT_SETTINGS[variant_key(key)]
     return method, dict(params)
 
 # Defaults we pin on top of mergekit's (see module docstring).
