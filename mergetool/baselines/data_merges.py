@@ -56,8 +56,9 @@ def task_model(session, t: int, device) -> TaskModel:
     return model
 
 
-def fisher_diagonal(session, t: int, device, limit: int = FISHER_EXAMPLES) -> tuple[dict, int]:
-    """({tensor: F_t}, inputs used): mean squared per-example gradient of log p(ŷ|x) of model t."""
+def fisher_diagonal(session, t: int, device, limit: int = FISHER_EXAMPLES, tok=None) -> tuple[dict, int]:
+    """({tensor: F_t}, inputs used): mean squared per-example gradient of log p(ŷ|x) of model t (`tok`: the
+    router tokenizer, loaded here if not given)."""
     model, names = task_model(session, t, device), mergeable(session)
     params = [model.tensor(n) for n in names]
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -65,7 +66,7 @@ def fisher_diagonal(session, t: int, device, limit: int = FISHER_EXAMPLES) -> tu
         p.requires_grad_(True)
     seen = 0
     with torch.enable_grad():
-        for batch in router_batches(session, router_tokenizer(session), t, limit, 1):
+        for batch in router_batches(session, tok or router_tokenizer(session), t, limit, 1):
             logits = model.forward({k: v.to(device) for k, v in batch.items()}).float()
             if logits.dim() != 2 or logits.shape[-1] < 2:
                 raise MergetoolError(f"fisher needs a classification head; task {session.plan.tasks[t]!r} has "
@@ -84,10 +85,10 @@ def fisher_diagonal(session, t: int, device, limit: int = FISHER_EXAMPLES) -> tu
 
 def fisher_state(session, device, say) -> tuple[dict, dict]:
     """The Fisher-merged tensors and the estimation cost."""
-    start, fishers, used = time.perf_counter(), [], 0
+    start, fishers, used, tok = time.perf_counter(), [], 0, router_tokenizer(session)
     for t, name in enumerate(session.plan.tasks):
         say(f"fisher: gradients on {name}")
-        f, n = fisher_diagonal(session, t, device, FISHER_EXAMPLES)
+        f, n = fisher_diagonal(session, t, device, FISHER_EXAMPLES, tok)
         fishers.append(f)
         used += n
     state = {n: fisher_merge([src.get(n) for src in session.tasks], [f[n] for f in fishers])
@@ -96,8 +97,9 @@ def fisher_state(session, device, say) -> tuple[dict, dict]:
                    "estimation_seconds": round(time.perf_counter() - start, 1)}
 
 
-def gram_matrices(session, t: int, device, limit: int = GRAM_EXAMPLES) -> tuple[dict, int]:
-    """({linear weight: X_tᵀ X_t}, inputs used) over the real (unpadded) tokens of task t's inputs."""
+def gram_matrices(session, t: int, device, limit: int = GRAM_EXAMPLES, tok=None) -> tuple[dict, int]:
+    """({linear weight: X_tᵀ X_t}, inputs used) over the real (unpadded) tokens of task t's inputs (`tok`: the
+    router tokenizer, loaded here if not given)."""
     model, names = task_model(session, t, device), set(mergeable(session))
     by_id = {id(model.tensor(n)): n for n in names}
     grams: dict = {}
@@ -116,7 +118,7 @@ def gram_matrices(session, t: int, device, limit: int = GRAM_EXAMPLES) -> tuple[
     seen = 0
     try:
         with torch.inference_mode():
-            for batch in router_batches(session, router_tokenizer(session), t, limit, 16):
+            for batch in router_batches(session, tok or router_tokenizer(session), t, limit, 16):
                 mask["tokens"] = batch["attention_mask"].bool().to(device)
                 model.forward({k: v.to(device) for k, v in batch.items()})
                 seen += len(batch["input_ids"])
@@ -131,9 +133,10 @@ class RegMeanStatistics:
 
     def __init__(self, session, device, say):
         start, self.session, self.grams, self.used = time.perf_counter(), session, [], 0
+        tok = router_tokenizer(session)
         for t, name in enumerate(session.plan.tasks):
             say(f"regmean: layer inputs of {name}")
-            g, n = gram_matrices(session, t, device, GRAM_EXAMPLES)
+            g, n = gram_matrices(session, t, device, GRAM_EXAMPLES, tok)
             self.grams.append(g)
             self.used += n
         self.seconds = round(time.perf_counter() - start, 1)
