@@ -100,3 +100,15 @@ def test_table1_variant_search_recipes_carry_the_papers_settings(tmp_path, monke
     assert not list(tmp_path.glob(".table1-*"))  # the temporary recipes are gone
     assert table1.search_runs(data, tmp_path, tmp_path / "own", [0], 10, "cpu")[0].name == "seed-0"
     assert seen[-1]["merge"] == data["merge"]  # without --methods: the recipe's own merge
+
+
+def test_table1_refuses_an_unknown_variant_before_writing(tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    monkeypatch.setattr(sys, "argv", ["table1.py", str(tmp_path / "r.yaml"), "--methods", "wa,dare",
+                                      "--workdir", str(work), "--no-write"])
+    with pytest.raises(SystemExit) as exit_info:
+        table1.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--methods" in err and "'dare'" in err and "ties = tm" in err
+    assert not work.exists()
