@@ -5,7 +5,11 @@
     python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --make-reference \
         --evaluations 300 --seeds 0 1 --workdir runs/ttt-reference
     # the comparison, one configuration after another (never concurrently), 2 seeds
-    python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1
+    python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1 --workdir runs/ttt
+    # or a configuration at a time, in separate sittings: each finished run is kept as
+    # WORKDIR/<seed>-<config>/result.json and read back, so a last call with every configuration writes the block
+    python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1 --workdir runs/ttt \
+        --configs '(i)' --no-write
 
 Configurations: (i) plain NSGA-II (no surrogate, no caches, no racing, capped at --plain-cap full
 evaluations); (ii) the default before racing (surrogate + caches); (iii) with racing; (iv) racing + bf16.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -71,16 +76,39 @@ def static_p(recipe, run_dir: Path, session: Session) -> float:
     return references(session, run_dir / "search")["static_merge"]["validation"]["performance"]
 
 
+def run_dir(workdir: Path, name: str, seed: int) -> Path:
+    return workdir / f"{seed}-{name[:5].strip('() ')}"
+
+
 def run_one(recipe, name: str, seed: int, evaluations: int, workdir: Path, device: str) -> dict:
     surrogate, caches, racing, precision = CONFIGS[name]
     clocked = Clocked(MergeProblem(Session(recipe, device=device), caches=caches))
     s = SearchSettings(population=recipe.search.population, evaluations=evaluations, surrogate=surrogate,
                        init=recipe.search.init, seed=seed, write_artifacts=False, precision=precision,
                        racing=RacingSettings() if racing else None)
-    res = run_search(clocked, s, workdir / f"{seed}-{name[:5].strip('() ')}" / "evaluations.jsonl")
+    res = run_search(clocked, s, run_dir(workdir, name, seed) / "evaluations.jsonl")
     return {"records": res.records, "times": clocked.finished, "front": res.front,
             "wall": time.perf_counter() - clocked.t0, "full": res.evaluations, "partial": res.partial,
             "examples": res.examples}
+
+
+def timed_run(recipe, name: str, seed: int, evaluations: int, workdir: Path, device: str) -> dict:
+    """run_one, kept as result.json in its folder so the comparison can be run one configuration at a time over
+    several sittings. A run killed before its result was written starts again from nothing: its clock would
+    not cover the evaluations its journal already holds."""
+    folder = run_dir(workdir, name, seed)
+    done = folder / "result.json"
+    if done.is_file():
+        run = json.loads(done.read_text())
+        if run.get("evaluations") == evaluations:
+            print(f"{name}, seed {seed}: measured earlier ({done})", flush=True)
+            return run
+    shutil.rmtree(folder, ignore_errors=True)
+    run = dict(run_one(recipe, name, seed, evaluations, workdir, device), evaluations=evaluations)
+    tmp = folder / "result.json.tmp"
+    tmp.write_text(json.dumps(run, default=float) + "\n")
+    tmp.replace(done)
+    return run
 
 
 def time_to(run: dict, point: tuple[float, float], target: float):
@@ -134,8 +162,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names (a prefix is enough)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--workdir", type=Path, default=None, help="journals (default: a fresh temp folder); "
-                    "with --make-reference a killed seed resumes from it")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="journals, and finished runs' results that a later call reads back (default: a fresh temp "
+                    "folder); with --make-reference a killed seed resumes from it")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe)
@@ -157,7 +186,7 @@ def main() -> int:
     for name in names:
         for seed in args.seeds:
             budget = min(args.plain_cap, evaluations) if name.startswith("(i)") else evaluations
-            run = run_one(recipe, name, seed, budget, workdir, args.device)
+            run = timed_run(recipe, name, seed, budget, workdir, args.device)
             hit, final = time_to(run, point, target)
             hits.setdefault(name, []).append((hit, run["wall"]))
             rows.append(f"| {name} | {seed} | {'not reached' if hit is None else f'{hit:.0f}'} | "

@@ -112,3 +112,28 @@ def test_table1_refuses_an_unknown_variant_before_writing(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--methods" in err and "'dare'" in err and "ties = tm" in err
     assert not work.exists()
+
+
+def test_time_to_target_keeps_finished_runs_and_restarts_killed_ones(tmp_path, monkeypatch):
+    ttt = pytest.importorskip("time_to_target")
+    calls = []
+
+    def fake_run(recipe, name, seed, evaluations, workdir, device):
+        calls.append((name, seed))
+        folder = ttt.run_dir(workdir, name, seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "evaluations.jsonl").write_text("{}\n")
+        return {"records": [{"i": 0, "performance": 0.5, "storage_cost": 1.0}], "times": [1.5],
+                "front": [], "wall": 2.0 + len(calls), "full": 1, "partial": 0, "examples": 10}
+
+    monkeypatch.setattr(ttt, "run_one", fake_run)
+    name = "(iii) + racing"
+    first = ttt.timed_run(None, name, 0, 5, tmp_path, "cpu")
+    again = ttt.timed_run(None, name, 0, 5, tmp_path, "cpu")  # a later sitting reads it back
+    assert calls == [(name, 0)] and again == first and first["wall"] == 3.0
+    ttt.timed_run(None, name, 0, 6, tmp_path, "cpu")  # another budget is another measurement
+    killed = ttt.run_dir(tmp_path, "(i) plain NSGA-II", 1)
+    killed.mkdir(parents=True)
+    (killed / "evaluations.jsonl").write_text('{"stale": true}\n')  # a run killed before its result
+    ttt.timed_run(None, "(i) plain NSGA-II", 1, 5, tmp_path, "cpu")
+    assert len(calls) == 3 and (killed / "evaluations.jsonl").read_text() == "{}\n"  # restarted from nothing
