@@ -131,12 +131,16 @@ def search_runs(data: dict, here: Path, work: Path, seeds, evaluations: int, dev
         if merge:
             d["merge"] = {"method": merge[0], "parameters": merge[1]}
         d["search"] = dict(data.get("search") or {}, seed=seed, evaluations=evaluations)
-        recipe = here / f".table1-{work.name}-seed{seed}.yaml"  # next to the original: relative paths hold
-        recipe.write_text(yaml.safe_dump(d, sort_keys=False))
+        # next to the original, so its relative paths hold; a name of its own, so that two table1.py runs
+        # (say, one tabulating finished variants while another searches) never remove each other's recipe
+        fd, name = tempfile.mkstemp(prefix=f".table1-{work.name}-seed{seed}-", suffix=".yaml", dir=here)
+        recipe = Path(name)
+        with os.fdopen(fd, "w") as f:
+            f.write(yaml.safe_dump(d, sort_keys=False))
         try:
             mergetool("search", str(recipe), "--resume", "--device", device)
         finally:
-            recipe.unlink()
+            recipe.unlink(missing_ok=True)
         runs[seed] = work / f"seed-{seed}"
     return runs
 
