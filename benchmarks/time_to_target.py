@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
 
-from mergetool.pipeline.rundir import read_json_record  # noqa: E402
+from mergetool.pipeline.rundir import read_json_record, write_json_atomic  # noqa: E402
 from mergetool.pipeline.session import MergeProblem, Session, references  # noqa: E402
 from mergetool.recipe import load_recipe  # noqa: E402
 from mergetool.search import SearchSettings, run_search  # noqa: E402
@@ -98,17 +98,20 @@ def timed_run(recipe, name: str, seed: int, evaluations: int, workdir: Path, dev
     not cover the evaluations its journal already holds."""
     folder = run_dir(workdir, name, seed)
     done = folder / "result.json"
-    if done.is_file():
-        run = json.loads(done.read_text())
-        if run.get("evaluations") == evaluations:
-            print(f"{name}, seed {seed}: measured earlier ({done})", flush=True)
-            return run
+    run = read_json_record(done)
+    if run and run.get("evaluations") == evaluations:
+        print(f"{name}, seed {seed}: measured earlier ({done})", flush=True)
+        return run
     shutil.rmtree(folder, ignore_errors=True)
-    run = dict(run_one(recipe, name, seed, evaluations, workdir, device), evaluations=evaluations)
-    tmp = folder / "result.json.tmp"
-    tmp.write_text(json.dumps(run, default=float) + "\n")
-    tmp.replace(done)
+    run = run_one(recipe, name, seed, evaluations, workdir, device)
+    run.update(evaluations=evaluations, records=[point(r, "i") for r in run["records"]],
+               front=[point(f, "grouping") for f in run["front"]])  # what time_to reads, in plain JSON
+    write_json_atomic(done, run)
     return run
+
+
+def point(record: dict, key: str) -> dict:
+    return {k: record[k] for k in (key, "performance", "storage_cost")}
 
 
 def time_to(run: dict, point: tuple[float, float], target: float):
@@ -135,17 +138,13 @@ def make_reference(args, recipe, workdir: Path) -> int:
     points, seeds, commands = list(old.get("points", [])), list(old.get("seeds", [])), list(old.get("commands", []))
     for seed in [s for s in args.seeds if s not in seeds]:
         run = run_one(recipe, "(iii) + racing", seed, args.evaluations, workdir, args.device)
-        points += [{"seed": seed, "grouping": f["grouping"], "performance": f["performance"],
-                    "storage_cost": f["storage_cost"]} for f in run["front"]]
+        points += [dict(seed=seed, **point(f, "grouping")) for f in run["front"]]
         seeds.append(seed)
         commands.append(command_line())
         front = nondominated([dict(p, i=k) for k, p in enumerate(points)])
-        out = {"recipe": recipe.name, "commands": commands, "seeds": seeds, "evaluations": args.evaluations,
-               "points": points, "front": [{k: f[k] for k in ("grouping", "performance", "storage_cost")}
-                                           for f in front]}
-        tmp = args.reference.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(args.reference)
+        write_json_atomic(args.reference, {"recipe": recipe.name, "commands": commands, "seeds": seeds,
+                                           "evaluations": args.evaluations, "points": points,
+                                           "front": [point(f, "grouping") for f in front]})
         print(f"seed {seed}: {run['full']} full + {run['partial']} partial evaluations, {run['wall']:.0f} s; "
               f"wrote {args.reference}: {len(front)} points from seeds {seeds}", flush=True)
     return 0
