@@ -4,12 +4,14 @@
     # seeds may be run in separate sittings (each is added to the file; a killed one resumes from --workdir)
     python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --make-reference \
         --evaluations 300 --seeds 0 1 --workdir runs/ttt-reference
-    # the comparison, one configuration after another (never concurrently), 2 seeds
-    python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1 --workdir runs/ttt
-    # or a configuration at a time, in separate sittings: each finished run is kept as
+    # the comparison, one configuration after another (never concurrently), 2 seeds, every configuration with
+    # (i)'s cap of 150 full evaluations; the HV point is the best static merge of the Table I baselines (RegMean)
+    python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1 --evaluations 150 \
+        --workdir runs/ttt --baselines runs/table1-codecs/baselines-pass5.json
+    # or a configuration and seed at a time, in separate sittings: each finished run is kept as
     # WORKDIR/<seed>-<config>/result.json and read back, so a last call with every configuration writes the block
-    python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1 --workdir runs/ttt \
-        --configs '(i)' --no-write
+    python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 --evaluations 150 \
+        --workdir runs/ttt --configs '(i)' --no-write
 
 Configurations: (i) plain NSGA-II (no surrogate, no caches, no racing, capped at --plain-cap full
 evaluations); (ii) the default before racing (surrogate + caches); (iii) with racing; (iv) racing + bf16.
@@ -65,15 +67,17 @@ class Clocked:
         return getattr(self.problem, name)
 
 
-def static_p(recipe, run_dir: Path, session: Session) -> float:
-    """The best static merge's validation P: the baselines' tuned best when the run has them, else the
-    recipe's own merge (all shared, fp32) from the search's reference.json."""
-    baselines = read_json_record(run_dir / "baselines" / "baselines.json")
-    if baselines:
-        static = [m for m in baselines["methods"] if m["kind"] == "static"]
-        if static:
-            return max(m["validation"]["performance"] for m in static)
-    return references(session, run_dir / "search")["static_merge"]["validation"]["performance"]
+def static_p(baselines_path: Path, run_dir: Path, session: Session) -> tuple[float, str]:
+    """(validation P, what it is) of the best static merge: the tuned best of a `mergetool baselines` result
+    when there is one (same zoo and validation inputs), else the recipe's own merge (all shared, fp32) from the
+    search's reference.json."""
+    baselines = read_json_record(baselines_path)
+    static = [m for m in (baselines or {}).get("methods", []) if m["kind"] == "static"]
+    if static:
+        best = max(static, key=lambda m: m["validation"]["performance"])
+        return best["validation"]["performance"], f"{best['name']}, the best static merge in {baselines_path}"
+    p = references(session, run_dir / "search")["static_merge"]["validation"]["performance"]
+    return p, f"the recipe's own merge: no baselines at {baselines_path}"
 
 
 def run_dir(workdir: Path, name: str, seed: int) -> Path:
@@ -164,6 +168,9 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="journals, and finished runs' results that a later call reads back (default: a fresh temp "
                     "folder); with --make-reference a killed seed resumes from it")
+    ap.add_argument("--baselines", type=Path, default=None,
+                    help="a `mergetool baselines` result on the same zoo and validation inputs, whose best static "
+                    "merge sets the HV point (default: the recipe output's baselines/baselines.json)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe)
@@ -175,7 +182,9 @@ def main() -> int:
         return make_reference(args, recipe, workdir)
     ref = json.loads(args.reference.read_text())
     session = Session(recipe, device=args.device)
-    point = (static_p(recipe, Path(recipe.output), session), float(session.plan.T))
+    baselines = args.baselines or Path(recipe.output) / "baselines" / "baselines.json"
+    static, static_name = static_p(baselines, Path(recipe.output), session)
+    point = (static, float(session.plan.T))
     del session
     target = args.share * hypervolume(ref["front"], point)
     names = [n for n in CONFIGS if any(n.startswith(c.strip()) for c in args.configs.split(","))]
@@ -192,7 +201,7 @@ def main() -> int:
                         f"{final / (target / args.share):.3f} | {run['full']} | {run['partial']} | "
                         f"{run['examples']} | {run['wall']:.0f} |")
             print(rows[-1], flush=True)
-    body = "\n".join(rows + ["", _goal(hits), f"- HV point: P = {point[0]:.4f} (best static merge, validation), "
+    body = "\n".join(rows + ["", _goal(hits), f"- HV point: P = {point[0]:.4f} (validation; {static_name}), "
                              f"C = T = {point[1]:g}; target = {args.share:g} × the reference front's HV "
                              f"({args.reference.name}: {'; '.join(ref['commands'])})"])
     print(body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -137,3 +138,18 @@ def test_time_to_target_keeps_finished_runs_and_restarts_killed_ones(tmp_path, m
     (killed / "evaluations.jsonl").write_text('{"stale": true}\n')  # a run killed before its result
     ttt.timed_run(None, "(i) plain NSGA-II", 1, 5, tmp_path, "cpu")
     assert len(calls) == 3 and (killed / "evaluations.jsonl").read_text() == "{}\n"  # restarted from nothing
+
+
+def test_time_to_target_hv_point_is_the_best_static_merge_of_the_named_baselines(tmp_path, monkeypatch):
+    ttt = pytest.importorskip("time_to_target")
+    methods = [{"kind": "mtl", "name": "Traditional MTL", "validation": {"performance": 0.85}},
+               {"kind": "static", "name": "Task Arithmetic", "validation": {"performance": 0.73}},
+               {"kind": "static", "name": "RegMean", "validation": {"performance": 0.8225}},
+               {"kind": "dynamic", "name": "Twin-Merging", "validation": {"performance": 0.87}}]
+    path = tmp_path / "baselines.json"
+    path.write_text(json.dumps({"methods": methods}))
+    monkeypatch.setattr(ttt, "references", lambda session, d: {"static_merge": {"validation": {"performance": 0.7}}})
+    p, what = ttt.static_p(path, tmp_path / "run", None)
+    assert p == 0.8225 and what.startswith("RegMean, the best static merge in")  # not MTL, not a dynamic method
+    p, what = ttt.static_p(tmp_path / "absent.json", tmp_path / "run", None)
+    assert p == 0.7 and what.startswith("the recipe's own merge")
