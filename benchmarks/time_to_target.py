@@ -31,12 +31,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, write_block  # noqa: E402
 
+from mergetool.core.errors import MergetoolError  # noqa: E402
 from mergetool.pipeline.rundir import read_json_record, write_json_atomic  # noqa: E402
-from mergetool.pipeline.session import MergeProblem, Session, references  # noqa: E402
+from mergetool.pipeline.session import MergeProblem, Session, best_merging_baseline, references  # noqa: E402
 from mergetool.recipe import load_recipe  # noqa: E402
 from mergetool.search import SearchSettings, run_search  # noqa: E402
 from mergetool.search.front import hypervolume, nondominated  # noqa: E402
@@ -67,17 +69,31 @@ class Clocked:
         return getattr(self.problem, name)
 
 
-def static_p(baselines_path: Path, run_dir: Path, session: Session) -> tuple[float, str]:
-    """(validation P, what it is) of the best static merge: the tuned best of a `mergetool baselines` result
-    when there is one (same zoo and validation inputs), else the recipe's own merge (all shared, fp32) from the
-    search's reference.json."""
-    baselines = read_json_record(baselines_path)
-    static = [m for m in (baselines or {}).get("methods", []) if m["kind"] == "static"]
-    if static:
-        best = max(static, key=lambda m: m["validation"]["performance"])
+def static_p(best: Optional[dict], baselines_path: Path, run_dir: Path, session: Session) -> tuple[float, str]:
+    """(validation P, what it is) of the best static merge: `best`, the tuned best of a `mergetool baselines`
+    result (same zoo and validation inputs), when there is one, else the recipe's own merge (all shared, fp32)
+    from the search's reference.json."""
+    if best is not None:
         return best["validation"]["performance"], f"{best['name']}, the best static merge in {baselines_path}"
     p = references(session, run_dir / "search")["static_merge"]["validation"]["performance"]
     return p, f"the recipe's own merge: no baselines at {baselines_path}"
+
+
+def best_static(path: Path) -> Optional[dict]:
+    """The tuned static merge with the best validation P in a `mergetool baselines` result, None if none."""
+    return best_merging_baseline(read_json_record(path), kinds=("static",))
+
+
+def explicit_baselines(ap: argparse.ArgumentParser, path: Path) -> dict:
+    """best_static of the file named by --baselines; exit 2 with one line when it has none or cannot be read."""
+    try:
+        best = best_static(path)
+    except MergetoolError as e:
+        ap.error(f"--baselines: {e} ({e.fix})")
+    if best is None:
+        ap.error(f"--baselines: {path} holds no static merge with a validation P (fix: pass the baselines.json "
+                 "that `mergetool baselines` wrote for this zoo)")
+    return best
 
 
 def run_dir(workdir: Path, name: str, seed: int) -> Path:
@@ -118,17 +134,17 @@ def point(record: dict, key: str) -> dict:
     return {k: record[k] for k in (key, "performance", "storage_cost")}
 
 
-def time_to(run: dict, point: tuple[float, float], target: float):
+def time_to(run: dict, hv_point: tuple[float, float], target: float):
     """(seconds until the front's HV first reaches target or None, final HV)."""
     done: list[dict] = []
     order = sorted(run["records"], key=lambda r: r["i"])  # completion order = plan order locally
     hit = None
     for rec, t in zip(order, run["times"]):
         done.append(rec)
-        if hit is None and hypervolume(done, point) >= target:
+        if hit is None and hypervolume(done, hv_point) >= target:
             hit = t
     final = hypervolume([{"performance": f["performance"], "storage_cost": f["storage_cost"]}
-                         for f in run["front"]], point)
+                         for f in run["front"]], hv_point)
     return hit, final
 
 
@@ -173,6 +189,7 @@ def main() -> int:
                     "merge sets the HV point (default: the recipe output's baselines/baselines.json)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    best = explicit_baselines(ap, args.baselines) if args.baselines else None  # refused before anything is written
     recipe = load_recipe(args.recipe)
     args.reference = args.reference or Path(__file__).parent / f"reference_front_{recipe.name}.json"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mergetool-ttt-"))
@@ -181,12 +198,13 @@ def main() -> int:
         args.evaluations = evaluations
         return make_reference(args, recipe, workdir)
     ref = json.loads(args.reference.read_text())
-    session = Session(recipe, device=args.device)
     baselines = args.baselines or Path(recipe.output) / "baselines" / "baselines.json"
-    static, static_name = static_p(baselines, Path(recipe.output), session)
-    point = (static, float(session.plan.T))
+    best = best or best_static(baselines)
+    session = Session(recipe, device=args.device)
+    static, static_name = static_p(best, baselines, Path(recipe.output), session)
+    hv_point = (static, float(session.plan.T))
     del session
-    target = args.share * hypervolume(ref["front"], point)
+    target = args.share * hypervolume(ref["front"], hv_point)
     names = [n for n in CONFIGS if any(n.startswith(c.strip()) for c in args.configs.split(","))]
     rows = ["| configuration | seed | time to target (s) | final HV / reference | full | partial | inputs run | "
             "wall (s) |", "|---|---|---|---|---|---|---|---|"]
@@ -195,14 +213,14 @@ def main() -> int:
         for seed in args.seeds:
             budget = min(args.plain_cap, evaluations) if name.startswith("(i)") else evaluations
             run = timed_run(recipe, name, seed, budget, workdir, args.device)
-            hit, final = time_to(run, point, target)
+            hit, final = time_to(run, hv_point, target)
             hits.setdefault(name, []).append((hit, run["wall"]))
             rows.append(f"| {name} | {seed} | {'not reached' if hit is None else f'{hit:.0f}'} | "
                         f"{final / (target / args.share):.3f} | {run['full']} | {run['partial']} | "
                         f"{run['examples']} | {run['wall']:.0f} |")
             print(rows[-1], flush=True)
-    body = "\n".join(rows + ["", _goal(hits), f"- HV point: P = {point[0]:.4f} (validation; {static_name}), "
-                             f"C = T = {point[1]:g}; target = {args.share:g} × the reference front's HV "
+    body = "\n".join(rows + ["", _goal(hits), f"- HV point: P = {hv_point[0]:.4f} (validation; {static_name}), "
+                             f"C = T = {hv_point[1]:g}; target = {args.share:g} × the reference front's HV "
                              f"({args.reference.name}: {'; '.join(ref['commands'])})"])
     print(body)
     if not args.no_write:

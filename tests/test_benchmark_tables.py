@@ -149,7 +149,26 @@ def test_time_to_target_hv_point_is_the_best_static_merge_of_the_named_baselines
     path = tmp_path / "baselines.json"
     path.write_text(json.dumps({"methods": methods}))
     monkeypatch.setattr(ttt, "references", lambda session, d: {"static_merge": {"validation": {"performance": 0.7}}})
-    p, what = ttt.static_p(path, tmp_path / "run", None)
+    p, what = ttt.static_p(ttt.best_static(path), path, tmp_path / "run", None)
     assert p == 0.8225 and what.startswith("RegMean, the best static merge in")  # not MTL, not a dynamic method
-    p, what = ttt.static_p(tmp_path / "absent.json", tmp_path / "run", None)
+    absent = tmp_path / "absent.json"
+    p, what = ttt.static_p(ttt.best_static(absent), absent, tmp_path / "run", None)
     assert p == 0.7 and what.startswith("the recipe's own merge")
+
+
+@pytest.mark.parametrize("content", [None, '{"methods": [{"kind": "dynamic", "name": "Twin-Merging", '
+                                     '"validation": {"performance": 0.87}}]}', "{not json"])
+def test_time_to_target_refuses_named_baselines_without_a_static_merge(tmp_path, monkeypatch, capsys, content):
+    ttt = pytest.importorskip("time_to_target")
+    named = tmp_path / "baselines.json"
+    if content is not None:
+        named.write_text(content)
+    monkeypatch.setattr(ttt, "load_recipe", lambda path: pytest.fail("read the recipe before refusing"))
+    monkeypatch.setattr(sys, "argv", ["time_to_target.py", "recipe.yaml", "--baselines", str(named),
+                                      "--workdir", str(tmp_path / "work")])
+    with pytest.raises(SystemExit) as exit_info:
+        ttt.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--baselines" in err and "fix" in err
+    assert not (tmp_path / "work").exists()

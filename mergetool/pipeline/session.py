@@ -223,9 +223,10 @@ def picked(front: list[dict], reference: dict, baselines: Optional[dict]) -> lis
     return list(out.values())
 
 
-def best_merging_baseline(baselines: Optional[dict]) -> Optional[dict]:
-    """The merging baseline (static or dynamic) with the best validation P: what G2 must beat."""
-    merging = [b for b in (baselines or {}).get("methods", []) if b.get("kind") in ("static", "dynamic")
+def best_merging_baseline(baselines: Optional[dict], kinds: tuple[str, ...] = ("static", "dynamic")) -> Optional[dict]:
+    """The merging baseline of `kinds` with the best validation P: by default (static or dynamic) what G2 must
+    beat."""
+    merging = [b for b in (baselines or {}).get("methods", []) if b.get("kind") in kinds
                and b.get("validation") is not None]
     return max(merging, key=lambda b: b["validation"]["performance"]) if merging else None
 
