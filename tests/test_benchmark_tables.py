@@ -172,3 +172,36 @@ def test_time_to_target_refuses_named_baselines_without_a_static_merge(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--baselines" in err and "fix" in err
     assert not (tmp_path / "work").exists()
+
+
+def test_time_to_target_run_folders_are_named_by_the_configuration_numeral(tmp_path):
+    ttt = pytest.importorskip("time_to_target")
+    names = [ttt.run_dir(tmp_path, name, 1).name for name in ttt.CONFIGS]
+    assert names == ["1-i", "1-ii", "1-iii", "1-iv"]
+
+
+def test_time_to_target_kept_only_tabulates_what_is_kept_and_runs_nothing(tmp_path, monkeypatch):
+    ttt = pytest.importorskip("time_to_target")
+    monkeypatch.setattr(ttt, "run_one", lambda *a: pytest.fail("--kept-only ran a search"))
+    plain, fast = "(i) plain NSGA-II", "(iv) + racing + bf16"
+    for name, seed, times in [(plain, 0, [10.0, 100.0]), (fast, 0, [5.0, 15.0]), (plain, 1, [10.0, 50.0])]:
+        ttt.write_json_atomic(ttt.run_dir(tmp_path, name, seed) / "result.json", {
+            "evaluations": 2, "times": times, "wall": times[-1] + 1, "full": 2, "partial": 0, "examples": 9,
+            "records": [{"i": 0, "performance": 0.6, "storage_cost": 1.0},
+                        {"i": 1, "performance": 0.9, "storage_cost": 1.0}],
+            "front": [{"grouping": None, "performance": 0.9, "storage_cost": 1.0}]})
+    args = SimpleNamespace(seeds=[0, 1], plain_cap=2, kept_only=True, share=0.95, device="cpu")
+    rows, hits = ttt.tabulate(args, None, [plain, fast], 2, tmp_path, (0.5, 4.0), 0.95 * 1.2)
+    assert rows[2].startswith("| (i) plain NSGA-II | 0 | 100 | 1.000 |")  # HV 1.2 first reached at the 2nd
+    assert rows[-1] == "| (iv) + racing + bf16 | 1 | not run | | | | | |"
+    assert hits == {plain: {0: (100.0, 101.0), 1: (50.0, 51.0)}, fast: {0: (15.0, 16.0)}}
+    goal = ttt._goal(hits)  # paired on the seed both ran: 15 / 100
+    assert "seeds [0]: [0.15], mean 0.150 → **met**" in goal
+
+
+def test_time_to_target_kept_only_needs_the_workdir(monkeypatch, capsys):
+    ttt = pytest.importorskip("time_to_target")
+    monkeypatch.setattr(sys, "argv", ["time_to_target.py", "recipe.yaml", "--kept-only"])
+    with pytest.raises(SystemExit) as exit_info:
+        ttt.main()
+    assert exit_info.value.code == 2 and "--workdir" in capsys.readouterr().err.strip().splitlines()[-1]
