@@ -296,60 +296,67 @@ def build_zoo(
     dev = resolve_device(device)
     folder.mkdir(parents=True, exist_ok=True)
 
+    split_settings = {"seed": seed, "max_train": max_train, "test_size": test_size,
+                      "validation_size": validation_size, "router_size": router_size}
     with locked(folder):
         manifest = read_manifest(folder)
         manifest.setdefault("tasks", {})
-        plans = {}
-        for task in tasks:
-            settings = {
-                "epochs": int(_per_task(epochs, DEFAULT_EPOCHS, task, "epochs")),
-                "lr": float(_per_task(lr, DEFAULT_LR, task, "lr")),
-                "seed": seed, "max_train": max_train, "test_size": test_size,
-                "validation_size": validation_size, "router_size": router_size,
-            }
-            digest = settings_hash(task, settings)
-            if force or not _is_cached(folder, task, manifest["tasks"].get(task), digest):
-                plans[task] = (settings, digest)
+        plans = _stale_tasks(folder, manifest, tasks, epochs, lr, split_settings, force)
         if not plans:
             return folder
-
         old_threads, own = torch.get_num_threads(), 0
         with progress_bar(progress) as bar, contextlib.ExitStack() as stack:
             stack.callback(torch.set_num_threads, old_threads)
             for task, (settings, digest) in plans.items():
-                start = time.time()
                 if dev.type == "cpu":
                     own = threads or auto_threads(own)
                     torch.set_num_threads(own)
-                tmp = folder / f".tmp-{task}-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                try:
-                    records = datasets.load_corpus(task)
-                    names = datasets.classes(records)
-                    splits = datasets.make_splits(
-                        records, seed=seed, test_size=test_size,
-                        validation_size=validation_size, router_size=router_size, max_train=max_train,
-                    )
-                    if not splits["train"]:
-                        raise MergetoolError(f"no training data left for {task}", key="max_train",
-                                             fix="raise max_train or lower the other split sizes")
-                    sizes = datasets.write_splits(splits, tmp / "data")
-                    metrics = _train_task(task, splits, names, tmp / "model", epochs=settings["epochs"],
-                                          lr=settings["lr"], seed=seed, device=dev, progress=bar)
-                    if manifest["tasks"].pop(task, None) is not None:  # stale until re-committed
-                        _write_manifest(folder, manifest)
-                    install_atomically(tmp / "data", folder / "data" / task)
-                    install_atomically(tmp / "model", folder / "models" / task)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                manifest["tasks"][task] = {
-                    "classes": names,
-                    "split_sizes": sizes, "epochs": settings["epochs"], "lr": settings["lr"],
-                    "seconds": round(time.time() - start, 1), "device": dev.type,
-                    "threads": own if dev.type == "cpu" else None,
-                    "settings_hash": digest, **metrics,
-                }
+                entry = _build_task(folder, manifest, task, settings, device=dev, bar=bar)
+                manifest["tasks"][task] = {**entry, "threads": own if dev.type == "cpu" else None,
+                                           "settings_hash": digest}
                 manifest.update({"format": ZOO_FORMAT, "base_model": BASE_MODEL, "seed": seed,
                                  "versions": _versions()})
                 _write_manifest(folder, manifest)  # commit point for this task
     return folder
+
+
+def _stale_tasks(folder: Path, manifest: dict, tasks: list[str], epochs: PerTask, lr: PerTask,
+                 split_settings: dict, force: bool) -> dict[str, tuple[dict, str]]:
+    """{task: (settings, settings hash)} for the tasks to (re)build: all of them with `force`, else those whose
+    cached entry is missing, incomplete or was built under other settings."""
+    plans = {}
+    for task in tasks:
+        settings = {"epochs": int(_per_task(epochs, DEFAULT_EPOCHS, task, "epochs")),
+                    "lr": float(_per_task(lr, DEFAULT_LR, task, "lr")), **split_settings}
+        digest = settings_hash(task, settings)
+        if force or not _is_cached(folder, task, manifest["tasks"].get(task), digest):
+            plans[task] = (settings, digest)
+    return plans
+
+
+def _build_task(folder: Path, manifest: dict, task: str, settings: dict, *, device, bar) -> dict:
+    """Write one task's splits and fine-tuned model under a temp folder, then install both atomically; the
+    task's old manifest entry is dropped first (stale until the caller commits the returned one)."""
+    start, seed = time.time(), settings["seed"]
+    tmp = folder / f".tmp-{task}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        records = datasets.load_corpus(task)
+        names = datasets.classes(records)
+        splits = datasets.make_splits(records, seed=seed, test_size=settings["test_size"],
+                                      validation_size=settings["validation_size"],
+                                      router_size=settings["router_size"], max_train=settings["max_train"])
+        if not splits["train"]:
+            raise MergetoolError(f"no training data left for {task}", key="max_train",
+                                 fix="raise max_train or lower the other split sizes")
+        sizes = datasets.write_splits(splits, tmp / "data")
+        metrics = _train_task(task, splits, names, tmp / "model", epochs=settings["epochs"], lr=settings["lr"],
+                              seed=seed, device=device, progress=bar)
+        if manifest["tasks"].pop(task, None) is not None:  # stale until re-committed
+            _write_manifest(folder, manifest)
+        install_atomically(tmp / "data", folder / "data" / task)
+        install_atomically(tmp / "model", folder / "models" / task)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"classes": names, "split_sizes": sizes, "epochs": settings["epochs"], "lr": settings["lr"],
+            "seconds": round(time.time() - start, 1), "device": device.type, **metrics}
