@@ -191,10 +191,11 @@ def test_time_to_target_kept_only_tabulates_what_is_kept_and_runs_nothing(tmp_pa
                         {"i": 1, "performance": 0.9, "storage_cost": 1.0}],
             "front": [{"grouping": None, "performance": 0.9, "storage_cost": 1.0}]})
     args = SimpleNamespace(seeds=[0, 1], plain_cap=2, kept_only=True, share=0.95, device="cpu")
-    rows, hits = ttt.tabulate(args, None, [plain, fast], 2, tmp_path, (0.5, 4.0), 0.95 * 1.2)
+    rows, hits, runs = ttt.tabulate(args, None, [plain, fast], 2, tmp_path, (0.5, 4.0), 0.95 * 1.2)
     assert rows[2].startswith("| (i) plain NSGA-II | 0 | 100 | 1.000 |")  # HV 1.2 first reached at the 2nd
     assert rows[-1] == "| (iv) + racing + bf16 | 1 | not run | | | | | |"
     assert hits == {plain: {0: (100.0, 101.0), 1: (50.0, 51.0)}, fast: {0: (15.0, 16.0)}}
+    assert sorted(runs) == [(plain, 0), (plain, 1), (fast, 0)]
     goal = ttt._goal(hits)  # paired on the seed both ran: 15 / 100
     assert "seeds [0]: [0.15], mean 0.150 → **met**" in goal
 
@@ -205,3 +206,18 @@ def test_time_to_target_kept_only_needs_the_workdir(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ttt.main()
     assert exit_info.value.code == 2 and "--workdir" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_time_to_target_parity_times_each_run_to_the_hv_plain_nsga_ended_with():
+    ttt = pytest.importorskip("time_to_target")
+    rec = lambda i, p: {"i": i, "performance": p, "storage_cost": 1.0}  # noqa: E731
+    plain = {"records": [rec(0, 0.6), rec(1, 0.8), rec(2, 0.7)], "times": [10.0, 40.0, 50.0],
+             "front": [{"grouping": None, "performance": 0.8, "storage_cost": 1.0}]}
+    fast = {"records": [rec(0, 0.85)], "times": [8.0], "front": []}
+    slow = {"records": [rec(0, 0.7)], "times": [5.0], "front": []}
+    runs = {(ttt.PLAIN, 0): plain, ("(iii) + racing", 0): fast, ("(iv) + racing + bf16", 0): slow,
+            ("(iii) + racing", 1): fast}
+    lines = ttt.plain_parity(runs, (0.5, 4.0), 1.8)  # (i) ended at HV (0.8 - 0.5) × 3 = 0.9 = half the reference
+    assert lines[3] == "| seed | (i)'s final HV / reference | (i) | (iii) | (iv) |"
+    assert lines[-1] == "| 0 | 0.500 | 40 (1.00) | 8 (0.20) | not reached |"  # seed 1 has no (i) run: no row
+    assert ttt.plain_parity({("(iii) + racing", 0): fast}, (0.5, 4.0), 1.8) == []
