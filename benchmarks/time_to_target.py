@@ -12,6 +12,10 @@
     # WORKDIR/<seed>-<config>/result.json and read back, so a last call with every configuration writes the block
     python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 --evaluations 150 \
         --workdir runs/ttt --configs '(i)' --no-write
+    # a configuration too slow here to run whole (bf16 emulated on a CPU without avx512_bf16): stopped at the
+    # goal's limit, 0.2 × (i)'s wall for that seed, and kept as a stopped run
+    python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 --evaluations 150 \
+        --workdir runs/ttt --configs '(iv)' --deadline 465 --no-write
     # the block from what is kept so far, running nothing (a configuration and seed not yet run is marked so)
     python benchmarks/time_to_target.py merge_recipes/demo-minilm-text4.yaml --seeds 0 1 --evaluations 150 \
         --workdir runs/ttt --baselines runs/table1-codecs/baselines-pass5.json --kept-only
@@ -46,6 +50,7 @@ from mergetool.pipeline.session import MergeProblem, Session, best_merging_basel
 from mergetool.recipe import load_recipe  # noqa: E402
 from mergetool.search import SearchSettings, run_search  # noqa: E402
 from mergetool.search.front import hypervolume, nondominated  # noqa: E402
+from mergetool.search.racing import PARTIAL_NAME  # noqa: E402
 from mergetool.search.types import RacingSettings  # noqa: E402
 
 CONFIGS = {  # name: (surrogate, caches, racing, precision)
@@ -58,21 +63,38 @@ CONFIGS = {  # name: (surrogate, caches, racing, precision)
 PLAIN = "(i) plain NSGA-II"
 
 
-class Clocked:
-    """The problem, with the wall time (from the run's start) at which each full evaluation finished."""
+class DeadlineReached(Exception):
+    """The run's wall clock passed --deadline: the search stops before its next evaluation."""
 
-    def __init__(self, problem: MergeProblem):
-        self.problem, self.T, self.L = problem, problem.T, problem.L
+
+class Clocked:
+    """The problem, with the wall time (from the run's start) at which each full evaluation finished; past
+    `deadline` seconds it refuses the next evaluation, full or on the racing subset."""
+
+    def __init__(self, problem: MergeProblem, deadline: Optional[float] = None):
+        self.problem, self.T, self.L, self.deadline = problem, problem.T, problem.L, deadline
         self.t0 = time.perf_counter()
         self.finished: list[float] = []
 
+    def _check_deadline(self) -> None:
+        if self.deadline is not None and time.perf_counter() - self.t0 > self.deadline:
+            raise DeadlineReached
+
     def evaluate(self, G):
+        self._check_deadline()
         res = self.problem.evaluate(G)
         self.finished.append(time.perf_counter() - self.t0)
         return res
 
     def __getattr__(self, name):  # storage_cost, task_vectors, racing and precision hooks
-        return getattr(self.problem, name)
+        attr = getattr(self.problem, name)
+        if name != "evaluate_subset":
+            return attr
+
+        def evaluate_subset(G):
+            self._check_deadline()
+            return attr(G)
+        return evaluate_subset
 
 
 def static_p(best: Optional[dict], baselines_path: Path, run_dir: Path, session: Session) -> tuple[float, str]:
@@ -107,40 +129,69 @@ def run_dir(workdir: Path, name: str, seed: int) -> Path:
     return workdir / f"{seed}-{name.split()[0].strip('()')}"
 
 
-def run_one(recipe, name: str, seed: int, evaluations: int, workdir: Path, device: str) -> dict:
+def run_one(recipe, name: str, seed: int, evaluations: int, workdir: Path, device: str,
+            deadline: Optional[float] = None) -> dict:
     surrogate, caches, racing, precision = CONFIGS[name]
-    clocked = Clocked(MergeProblem(Session(recipe, device=device), caches=caches))
+    clocked = Clocked(MergeProblem(Session(recipe, device=device), caches=caches), deadline)
     s = SearchSettings(population=recipe.search.population, evaluations=evaluations, surrogate=surrogate,
                        init=recipe.search.init, seed=seed, write_artifacts=False, precision=precision,
                        racing=RacingSettings() if racing else None)
-    res = run_search(clocked, s, run_dir(workdir, name, seed) / "evaluations.jsonl")
+    journal = run_dir(workdir, name, seed) / "evaluations.jsonl"
+    try:
+        res = run_search(clocked, s, journal)
+    except DeadlineReached:
+        return stopped_run(journal, clocked)
     return {"records": res.records, "times": clocked.finished, "front": res.front,
             "wall": time.perf_counter() - clocked.t0, "full": res.evaluations, "partial": res.partial,
             "examples": res.examples}
 
 
-def timed_run(recipe, name: str, seed: int, evaluations: int, workdir: Path, device: str) -> dict:
+def stopped_run(journal: Path, clocked: Clocked) -> dict:
+    """A run stopped at its deadline, from its journals: the full evaluations so far (with a bf16 run, their
+    screening scores: there is no fp32 re-scoring), the candidates scored on the racing subset only, and the
+    validation inputs both ran."""
+    def lines(path: Path) -> list[dict]:
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    full = sorted(lines(journal), key=lambda r: r["i"])
+    subset = lines(journal.with_name(PARTIAL_NAME))
+    done = {r["i"] for r in full}
+    return {"records": full, "times": clocked.finished, "front": nondominated(full),
+            "wall": time.perf_counter() - clocked.t0, "full": len(full),
+            "partial": sum(1 for r in subset if r["i"] not in done),
+            "examples": sum(int((r.get("cache") or {}).get("examples", 0)) for r in full + subset),
+            "deadline": clocked.deadline}
+
+
+def timed_run(recipe, name: str, seed: int, evaluations: int, workdir: Path, device: str,
+              deadline: Optional[float] = None) -> dict:
     """run_one, kept as result.json in its folder so the comparison can be run one configuration at a time over
     several sittings. A run killed before its result was written starts again from nothing: its clock would
-    not cover the evaluations its journal already holds."""
+    not cover the evaluations its journal already holds. A run stopped at a deadline is kept as such."""
     folder = run_dir(workdir, name, seed)
     done = folder / "result.json"
-    run = kept_run(workdir, name, seed, evaluations)
+    run = kept_run(workdir, name, seed, evaluations, deadline)
     if run:
         print(f"{name}, seed {seed}: measured earlier ({done})", flush=True)
         return run
     shutil.rmtree(folder, ignore_errors=True)
-    run = run_one(recipe, name, seed, evaluations, workdir, device)
+    run = run_one(recipe, name, seed, evaluations, workdir, device, deadline)
     run.update(evaluations=evaluations, records=[point(r, "i") for r in run["records"]],
                front=[point(f, "grouping") for f in run["front"]])  # what time_to reads, in plain JSON
     write_json_atomic(done, run)
     return run
 
 
-def kept_run(workdir: Path, name: str, seed: int, evaluations: int) -> Optional[dict]:
-    """The finished run kept for this configuration, seed and budget, None when there is none."""
+ANY_DEADLINE = "any"
+
+
+def kept_run(workdir: Path, name: str, seed: int, evaluations: int, deadline=None) -> Optional[dict]:
+    """The run kept for this configuration, seed and budget, None when there is none: a finished one, or one
+    stopped at `deadline` seconds (ANY_DEADLINE: at whatever deadline it was given)."""
     run = read_json_record(run_dir(workdir, name, seed) / "result.json")
-    return run if run and run.get("evaluations") == evaluations else None
+    if not run or run.get("evaluations") != evaluations:
+        return None
+    stopped = run.get("deadline")
+    return run if stopped is None or deadline in (ANY_DEADLINE, stopped) else None
 
 
 def point(record: dict, key: str) -> dict:
@@ -201,9 +252,14 @@ def main() -> int:
                     help="a `mergetool baselines` result on the same zoo and validation inputs, whose best static "
                     "merge sets the HV point (default: the recipe output's baselines/baselines.json)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="stop each run it starts once its wall clock passes this many seconds (a configuration "
+                    "too slow on this machine to run whole is still timed against the goal's 0.2 × (i))")
     ap.add_argument("--kept-only", action="store_true",
                     help="tabulate the runs kept under --workdir and run nothing; a missing one is marked not run")
     args = ap.parse_args()
+    if args.deadline is not None and not args.deadline > 0:
+        ap.error(f"--deadline must be a positive number of seconds, got {args.deadline:g} (fix: e.g. --deadline 465)")
     if args.kept_only and args.workdir is None:
         ap.error("--kept-only reads the runs kept under --workdir (fix: add --workdir runs/ttt)")
     best = explicit_baselines(ap, args.baselines) if args.baselines else None  # refused before anything is written
@@ -245,13 +301,17 @@ def tabulate(args, recipe, names: list[str], evaluations: int, workdir: Path, hv
     for name in names:
         for seed in args.seeds:
             budget = min(args.plain_cap, evaluations) if name.startswith("(i)") else evaluations
-            if args.kept_only and kept_run(workdir, name, seed, budget) is None:
+            kept = kept_run(workdir, name, seed, budget, ANY_DEADLINE) if args.kept_only else None
+            if args.kept_only and kept is None:
                 rows.append(f"| {name} | {seed} | not run | | | | | |")
                 continue
-            run = runs[name, seed] = timed_run(recipe, name, seed, budget, workdir, args.device)
+            run = runs[name, seed] = kept or timed_run(recipe, name, seed, budget, workdir, args.device,
+                                                       args.deadline)
             hit, final = time_to(run, hv_point, target)
             hits.setdefault(name, {})[seed] = (hit, run["wall"])
-            rows.append(f"| {name} | {seed} | {'not reached' if hit is None else f'{hit:.0f}'} | "
+            missed = "not reached" + (f" (stopped at its {run['deadline']:g} s deadline)" if run.get("deadline")
+                                      else "")
+            rows.append(f"| {name} | {seed} | {missed if hit is None else f'{hit:.0f}'} | "
                         f"{final / (target / args.share):.3f} | {run['full']} | {run['partial']} | "
                         f"{run['examples']} | {run['wall']:.0f} |")
             print(rows[-1], flush=True)

@@ -119,7 +119,7 @@ def test_time_to_target_keeps_finished_runs_and_restarts_killed_ones(tmp_path, m
     ttt = pytest.importorskip("time_to_target")
     calls = []
 
-    def fake_run(recipe, name, seed, evaluations, workdir, device):
+    def fake_run(recipe, name, seed, evaluations, workdir, device, deadline=None):
         calls.append((name, seed))
         folder = ttt.run_dir(workdir, name, seed)
         folder.mkdir(parents=True, exist_ok=True)
@@ -190,7 +190,7 @@ def test_time_to_target_kept_only_tabulates_what_is_kept_and_runs_nothing(tmp_pa
             "records": [{"i": 0, "performance": 0.6, "storage_cost": 1.0},
                         {"i": 1, "performance": 0.9, "storage_cost": 1.0}],
             "front": [{"grouping": None, "performance": 0.9, "storage_cost": 1.0}]})
-    args = SimpleNamespace(seeds=[0, 1], plain_cap=2, kept_only=True, share=0.95, device="cpu")
+    args = SimpleNamespace(seeds=[0, 1], plain_cap=2, kept_only=True, share=0.95, device="cpu", deadline=None)
     rows, hits, runs = ttt.tabulate(args, None, [plain, fast], 2, tmp_path, (0.5, 4.0), 0.95 * 1.2)
     assert rows[2].startswith("| (i) plain NSGA-II | 0 | 100 | 1.000 |")  # HV 1.2 first reached at the 2nd
     assert rows[-1] == "| (iv) + racing + bf16 | 1 | not run | | | | | |"
@@ -221,3 +221,45 @@ def test_time_to_target_parity_times_each_run_to_the_hv_plain_nsga_ended_with():
     assert lines[3] == "| seed | (i)'s final HV / reference | (i) | (iii) | (iv) |"
     assert lines[-1] == "| 0 | 0.500 | 40 (1.00) | 8 (0.20) | not reached |"  # seed 1 has no (i) run: no row
     assert ttt.plain_parity({("(iii) + racing", 0): fast}, (0.5, 4.0), 1.8) == []
+
+
+def test_time_to_target_deadline_stops_a_run_and_keeps_what_its_journals_hold(tmp_path):
+    ttt = pytest.importorskip("time_to_target")
+    problem = SimpleNamespace(T=2, L=3, evaluate=lambda G: "full", evaluate_subset=lambda G: "subset", storage_cost=7)
+    open_ended = ttt.Clocked(problem)
+    assert open_ended.evaluate(None) == "full" and open_ended.evaluate_subset(None) == "subset"
+    assert open_ended.storage_cost == 7 and len(open_ended.finished) == 1
+    late = ttt.Clocked(problem, deadline=1e-9)
+    for call in (late.evaluate, late.evaluate_subset):
+        with pytest.raises(ttt.DeadlineReached):
+            call(None)
+    journal = tmp_path / "evaluations.jsonl"
+    full = [{"i": 1, "grouping": [[0]], "performance": 0.8, "storage_cost": 1.0, "cache": {"examples": 800}},
+            {"i": 0, "grouping": [[1]], "performance": 0.7, "storage_cost": 2.0, "cache": {"examples": 800}}]
+    subset = [{"i": 1, "cache": {"examples": 200}, "continued": True}, {"i": 2, "cache": {"examples": 200}}]
+    journal.write_text("".join(json.dumps(r) + "\n" for r in full))
+    journal.with_name(ttt.PARTIAL_NAME).write_text("".join(json.dumps(r) + "\n" for r in subset))
+    run = ttt.stopped_run(journal, late)
+    assert [r["i"] for r in run["records"]] == [0, 1] and [f["i"] for f in run["front"]] == [1]
+    assert (run["full"], run["partial"], run["examples"], run["deadline"]) == (2, 1, 2000, 1e-9)
+
+
+def test_time_to_target_a_run_stopped_at_a_deadline_is_kept_as_such(tmp_path):
+    ttt = pytest.importorskip("time_to_target")
+    name = "(iv) + racing + bf16"
+    ttt.write_json_atomic(ttt.run_dir(tmp_path, name, 0) / "result.json", {"evaluations": 150, "deadline": 465.0})
+    assert ttt.kept_run(tmp_path, name, 0, 150) is None  # a whole run is asked for: run it again
+    assert ttt.kept_run(tmp_path, name, 0, 150, 465.0)["deadline"] == 465.0
+    assert ttt.kept_run(tmp_path, name, 0, 150, 300.0) is None
+    assert ttt.kept_run(tmp_path, name, 0, 150, ttt.ANY_DEADLINE) is not None  # --kept-only reads it
+    assert ttt.kept_run(tmp_path, name, 0, 100, ttt.ANY_DEADLINE) is None
+
+
+def test_time_to_target_refuses_a_deadline_that_is_not_positive(monkeypatch, capsys, tmp_path):
+    ttt = pytest.importorskip("time_to_target")
+    monkeypatch.setattr(sys, "argv", ["time_to_target.py", "recipe.yaml", "--deadline", "0",
+                                      "--workdir", str(tmp_path / "work")])
+    with pytest.raises(SystemExit) as exit_info:
+        ttt.main()
+    assert exit_info.value.code == 2 and "--deadline" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "work").exists()
