@@ -50,6 +50,7 @@ from mergetool.pipeline.session import MergeProblem, Session, best_merging_basel
 from mergetool.recipe import load_recipe  # noqa: E402
 from mergetool.search import SearchSettings, run_search  # noqa: E402
 from mergetool.search.front import hypervolume, nondominated  # noqa: E402
+from mergetool.search.journal import read_journal  # noqa: E402
 from mergetool.search.racing import PARTIAL_NAME  # noqa: E402
 from mergetool.search.types import RacingSettings  # noqa: E402
 
@@ -150,10 +151,7 @@ def stopped_run(journal: Path, clocked: Clocked) -> dict:
     """A run stopped at its deadline, from its journals: the full evaluations so far (with a bf16 run, their
     screening scores: there is no fp32 re-scoring), the candidates scored on the racing subset only, and the
     validation inputs both ran."""
-    def lines(path: Path) -> list[dict]:
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    full = sorted(lines(journal), key=lambda r: r["i"])
-    subset = lines(journal.with_name(PARTIAL_NAME))
+    full, subset = read_journal(journal), read_journal(journal.with_name(PARTIAL_NAME))
     done = {r["i"] for r in full}
     return {"records": full, "times": clocked.finished, "front": nondominated(full),
             "wall": time.perf_counter() - clocked.t0, "full": len(full),

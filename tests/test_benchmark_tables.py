@@ -234,9 +234,11 @@ def test_time_to_target_deadline_stops_a_run_and_keeps_what_its_journals_hold(tm
         with pytest.raises(ttt.DeadlineReached):
             call(None)
     journal = tmp_path / "evaluations.jsonl"
-    full = [{"i": 1, "grouping": [[0]], "performance": 0.8, "storage_cost": 1.0, "cache": {"examples": 800}},
-            {"i": 0, "grouping": [[1]], "performance": 0.7, "storage_cost": 2.0, "cache": {"examples": 800}}]
-    subset = [{"i": 1, "cache": {"examples": 200}, "continued": True}, {"i": 2, "cache": {"examples": 200}}]
+    rec = lambda i, p, c, n: {"i": i, "grouping": [[i]], "per_task": {"a": p}, "performance": p,  # noqa: E731
+                              "storage_cost": c, "cache": {"examples": n}, "predicted_performance": None,
+                              "seconds": 1.0, "generation": 0}
+    full = [rec(1, 0.8, 1.0, 800), rec(0, 0.7, 2.0, 800)]
+    subset = [dict(rec(1, 0.8, 1.0, 200), continued=True), dict(rec(2, 0.6, 1.5, 200), continued=False)]
     journal.write_text("".join(json.dumps(r) + "\n" for r in full))
     journal.with_name(ttt.PARTIAL_NAME).write_text("".join(json.dumps(r) + "\n" for r in subset))
     run = ttt.stopped_run(journal, late)
