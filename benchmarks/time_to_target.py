@@ -54,15 +54,13 @@ from mergetool.search.journal import read_journal  # noqa: E402
 from mergetool.search.racing import PARTIAL_NAME  # noqa: E402
 from mergetool.search.types import RacingSettings  # noqa: E402
 
+PLAIN = "(i) plain NSGA-II"
 CONFIGS = {  # name: (surrogate, caches, racing, precision)
-    "(i) plain NSGA-II": ("none", False, False, "fp32"),
+    PLAIN: ("none", False, False, "fp32"),
     "(ii) surrogate + caches (default before racing)": ("random_forest", True, False, "fp32"),
     "(iii) + racing": ("random_forest", True, True, "fp32"),
     "(iv) + racing + bf16": ("random_forest", True, True, "bf16"),
 }
-
-PLAIN = "(i) plain NSGA-II"
-
 
 class DeadlineReached(Exception):
     """The run's wall clock passed --deadline: the search stops before its next evaluation."""
@@ -298,7 +296,7 @@ def tabulate(args, recipe, names: list[str], evaluations: int, workdir: Path, hv
     runs: dict[tuple[str, int], dict] = {}
     for name in names:
         for seed in args.seeds:
-            budget = min(args.plain_cap, evaluations) if name.startswith("(i)") else evaluations
+            budget = min(args.plain_cap, evaluations) if name == PLAIN else evaluations
             kept = kept_run(workdir, name, seed, budget, ANY_DEADLINE) if args.kept_only else None
             if args.kept_only and kept is None:
                 rows.append(f"| {name} | {seed} | not run | | | | | |")
